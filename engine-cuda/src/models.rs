@@ -1,0 +1,254 @@
+//! The supported architectures (one file each under `models/`) behind one trait, and the loader
+//! that turns checkpoint files into a model.
+
+pub mod llama;
+pub mod qwen3;
+pub mod qwen3_moe;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::layers::tensor_bytes;
+use crate::weights::{GgufFile, Weights};
+use crate::{EngineError, ErrorKind, describe};
+
+/// A decoder-only language model that owns its KV cache.
+pub trait CausalLm: Send {
+    /// Runs `tokens` at positions `cache_len()..cache_len()+tokens.len()`, appending them to the
+    /// KV cache. Returns f32 logits of shape `(tokens.len(), vocab)` when `all_rows`, else
+    /// `(1, vocab)` for the last position.
+    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor>;
+    /// Keeps only the first `len` cached positions.
+    fn truncate(&mut self, len: usize);
+    /// Number of cached positions.
+    fn cache_len(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Positions the model can address (the allocated context length).
+    fn max_positions(&self) -> usize;
+    fn weight_bytes(&self) -> usize;
+    fn cache_bytes(&self) -> usize;
+}
+
+/// Token embedding lookup (always dense: GGUF embeddings are dequantized once at load).
+pub struct Embedding {
+    table: Tensor,
+}
+
+impl Embedding {
+    pub fn load(vb: &Weights, name: &str, vocab: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            table: vb.get_shaped(name, &[vocab, hidden])?,
+        })
+    }
+
+    /// `(1, len, hidden)` embeddings of `tokens`.
+    pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_slice(tokens, tokens.len(), self.table.device())?;
+        self.table.index_select(&ids, 0)?.unsqueeze(0)
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        tensor_bytes(&self.table)
+    }
+}
+
+/// The architectures this engine implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Qwen3,
+    Llama,
+    Qwen3Moe,
+}
+
+impl Architecture {
+    /// Accepts the transformers class name (`config.json` `architectures[0]`) or the GGUF
+    /// `general.architecture` value.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "Qwen3ForCausalLM" | "qwen3" => Some(Self::Qwen3),
+            "LlamaForCausalLM" | "llama" => Some(Self::Llama),
+            "Qwen3MoeForCausalLM" | "qwen3moe" | "qwen3_moe" => Some(Self::Qwen3Moe),
+            _ => None,
+        }
+    }
+
+    fn gguf_name(self) -> &'static str {
+        match self {
+            Self::Qwen3 => "qwen3",
+            Self::Llama => "llama",
+            Self::Qwen3Moe => "qwen3moe",
+        }
+    }
+}
+
+/// What to load; built by the engine from a `LoadSpec`.
+pub struct LoadRequest<'a> {
+    pub architecture: &'a str,
+    pub config: Option<&'a Path>,
+    pub safetensors: &'a [PathBuf],
+    pub gguf: Option<&'a Path>,
+    pub dtype: DType,
+    pub device: &'a Device,
+    pub context_length: Option<usize>,
+}
+
+/// A freshly loaded model and what the caller reports about it.
+pub struct Loaded {
+    pub model: Box<dyn CausalLm>,
+    /// `"none"` for dense checkpoints, else the GGUF file type (`"q4_k_m"`, …).
+    pub quant: String,
+}
+
+fn bad(message: String) -> EngineError {
+    EngineError::new(ErrorKind::BadInput, message)
+}
+
+fn must_exist(path: &Path, what: &str) -> std::result::Result<(), EngineError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(EngineError::new(
+            ErrorKind::NotFound,
+            format!("{what} not found: {}", path.display()),
+        ))
+    }
+}
+
+/// llama.cpp's `general.file_type` values (`enum llama_ftype`).
+fn gguf_file_type(code: u32) -> String {
+    match code {
+        0 => "f32",
+        1 => "f16",
+        2 => "q4_0",
+        3 => "q4_1",
+        7 => "q8_0",
+        8 => "q5_0",
+        9 => "q5_1",
+        10 => "q2_k",
+        11 => "q3_k_s",
+        12 => "q3_k_m",
+        13 => "q3_k_l",
+        14 => "q4_k_s",
+        15 => "q4_k_m",
+        16 => "q5_k_s",
+        17 => "q5_k_m",
+        18 => "q6_k",
+        32 => "bf16",
+        _ => return format!("gguf_ftype_{code}"),
+    }
+    .to_owned()
+}
+
+/// Validates the request and builds the model. Errors name the offending file or tensor.
+pub fn load(req: &LoadRequest<'_>) -> std::result::Result<Loaded, EngineError> {
+    let arch = Architecture::parse(req.architecture).ok_or_else(|| {
+        EngineError::new(
+            ErrorKind::Unsupported,
+            format!(
+                "unsupported architecture {:?} (supported: Qwen3ForCausalLM, LlamaForCausalLM, Qwen3MoeForCausalLM)",
+                req.architecture
+            ),
+        )
+    })?;
+    let built = if let Some(path) = req.gguf {
+        must_exist(path, "gguf file")?;
+        let g =
+            GgufFile::open(path).map_err(|e| bad(format!("cannot read gguf: {}", describe(&e))))?;
+        let file_arch = g
+            .architecture()
+            .map_err(|e| bad(format!("{}: {}", path.display(), describe(&e))))?;
+        if file_arch != arch.gguf_name() {
+            return Err(bad(format!(
+                "{} is a {file_arch:?} gguf, but the architecture {:?} was requested",
+                path.display(),
+                req.architecture
+            )));
+        }
+        let quant = g
+            .meta("general.file_type")
+            .and_then(gguf_file::value_u32)
+            .map_or_else(|_| "unknown".to_owned(), gguf_file_type);
+        let ctx = |e: candle_core::Error| bad(format!("{}: {}", path.display(), describe(&e)));
+        let model: Box<dyn CausalLm> = match arch {
+            Architecture::Qwen3 => {
+                let mut cfg = qwen3::Config::from_gguf(&g).map_err(ctx)?;
+                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
+                let vb = Weights::from_gguf(g, req.dtype, req.device);
+                Box::new(qwen3::Model::new(&cfg, &vb).map_err(ctx)?)
+            }
+            Architecture::Llama => {
+                let mut cfg = llama::Config::from_gguf(&g).map_err(ctx)?;
+                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
+                let vb = Weights::from_gguf(g, req.dtype, req.device);
+                Box::new(llama::Model::new(&cfg, &vb).map_err(ctx)?)
+            }
+            Architecture::Qwen3Moe => {
+                let mut cfg = qwen3_moe::Config::from_gguf(&g).map_err(ctx)?;
+                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
+                let vb = Weights::from_gguf(g, req.dtype, req.device);
+                Box::new(qwen3_moe::Model::new(&cfg, &vb).map_err(ctx)?)
+            }
+        };
+        Loaded { model, quant }
+    } else {
+        let config = req
+            .config
+            .ok_or_else(|| bad("safetensors models need files.config (config.json)".to_owned()))?;
+        must_exist(config, "config file")?;
+        if req.safetensors.is_empty() {
+            return Err(bad(
+                "no model files: give files.safetensors or files.gguf".to_owned()
+            ));
+        }
+        for f in req.safetensors {
+            must_exist(f, "safetensors file")?;
+        }
+        let text = std::fs::read_to_string(config)
+            .map_err(|e| bad(format!("{}: {e}", config.display())))?;
+        let cfg_err = |e: serde_json::Error| bad(format!("{}: {e}", config.display()));
+        let vb = Weights::from_safetensors(req.safetensors, req.dtype, req.device)
+            .map_err(|e| bad(describe(&e)))?;
+        let ctx = |e: candle_core::Error| bad(format!("{}: {}", config.display(), describe(&e)));
+        let model: Box<dyn CausalLm> = match arch {
+            Architecture::Qwen3 => {
+                let mut cfg: qwen3::Config = serde_json::from_str(&text).map_err(cfg_err)?;
+                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
+                Box::new(qwen3::Model::new(&cfg, &vb).map_err(ctx)?)
+            }
+            Architecture::Llama => {
+                let mut cfg: llama::Config = serde_json::from_str(&text).map_err(cfg_err)?;
+                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
+                Box::new(llama::Model::new(&cfg, &vb).map_err(ctx)?)
+            }
+            Architecture::Qwen3Moe => {
+                let mut cfg: qwen3_moe::Config = serde_json::from_str(&text).map_err(cfg_err)?;
+                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
+                Box::new(qwen3_moe::Model::new(&cfg, &vb).map_err(ctx)?)
+            }
+        };
+        Loaded {
+            model,
+            quant: "none".to_owned(),
+        }
+    };
+    Ok(built)
+}
+
+/// The context length to allocate: the request's, capped at what the model was trained for.
+fn context(req: &LoadRequest<'_>, model_max: usize) -> usize {
+    req.context_length
+        .map_or(model_max, |c| c.min(model_max))
+        .max(1)
+}
+
+/// Small helpers over candle's GGUF metadata values.
+mod gguf_file {
+    use candle_core::quantized::gguf_file::Value;
+
+    pub fn value_u32(v: &Value) -> candle_core::Result<u32> {
+        v.to_u32()
+            .or_else(|_| v.to_i32().map(|x| x.unsigned_abs()))
+            .or_else(|_| v.to_u64().map(|x| u32::try_from(x).unwrap_or(u32::MAX)))
+    }
+}

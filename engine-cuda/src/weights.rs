@@ -1,0 +1,336 @@
+//! Where a model's weights come from: Hugging Face safetensors (dense, any float dtype) or a GGUF
+//! file (llama.cpp's tensor names and block quantizations). Model code asks for tensors by their
+//! Hugging Face checkpoint names; the GGUF side maps them to llama.cpp's names.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::layers::{Linear, RmsNorm};
+
+/// A GGUF file opened for loading: its parsed header plus a reader for tensor data.
+pub struct GgufFile {
+    pub path: PathBuf,
+    pub content: gguf_file::Content,
+    reader: RefCell<BufReader<File>>,
+}
+
+impl GgufFile {
+    /// Parses the header of `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path)
+            .map_err(|e| candle_core::Error::msg(format!("{}: {e}", path.display())))?;
+        let mut reader = BufReader::new(file);
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| {
+            candle_core::Error::msg(format!("{}: {}", path.display(), crate::describe(&e)))
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader: RefCell::new(reader),
+        })
+    }
+
+    /// `general.architecture`, e.g. `llama`, `qwen3`, `qwen3moe`.
+    pub fn architecture(&self) -> Result<String> {
+        Ok(self.meta("general.architecture")?.to_string()?.clone())
+    }
+
+    /// A metadata value, with the key named in the error.
+    pub fn meta(&self, key: &str) -> Result<&gguf_file::Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| candle_core::Error::msg(format!("GGUF metadata key `{key}` missing")))
+    }
+
+    pub fn meta_usize(&self, key: &str) -> Result<usize> {
+        let v = self.meta(key)?;
+        let n = v.to_u64().or_else(|_| v.to_u32().map(u64::from))?;
+        usize::try_from(n).map_err(candle_core::Error::wrap)
+    }
+
+    pub fn meta_f64(&self, key: &str) -> Result<f64> {
+        let v = self.meta(key)?;
+        v.to_f32().map(f64::from).or_else(|_| v.to_f64())
+    }
+
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Reads one tensor in its stored (possibly quantized) form.
+    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
+        let mut reader = self.reader.borrow_mut();
+        self.content.tensor(&mut *reader, name, device)
+    }
+
+    /// The dimensions of a tensor, candle order (outermost first).
+    pub fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.content
+            .tensor_infos
+            .get(name)
+            .map(|i| i.shape.dims().to_vec())
+    }
+}
+
+enum Source {
+    Safetensors(HashMap<String, Tensor>),
+    Gguf(GgufFile),
+}
+
+/// Weight lookup for model construction, converting dense tensors to the compute dtype.
+pub struct Weights {
+    source: Source,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Weights {
+    /// Loads every tensor of the given safetensors files (read, not memory-mapped: the engine
+    /// crate has no `unsafe`).
+    pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let mut map = HashMap::new();
+        for f in files {
+            let tensors = candle_core::safetensors::load(f, &Device::Cpu).map_err(|e| {
+                candle_core::Error::msg(format!("{}: {}", f.display(), crate::describe(&e)))
+            })?;
+            map.extend(tensors);
+        }
+        Ok(Self {
+            source: Source::Safetensors(map),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    pub fn from_gguf(file: GgufFile, dtype: DType, device: &Device) -> Self {
+        Self {
+            source: Source::Gguf(file),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.source, Source::Gguf(_))
+    }
+
+    pub fn gguf(&self) -> Option<&GgufFile> {
+        match &self.source {
+            Source::Gguf(g) => Some(g),
+            Source::Safetensors(_) => None,
+        }
+    }
+
+    /// Whether a tensor with this checkpoint name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        match &self.source {
+            Source::Safetensors(m) => m.contains_key(name),
+            Source::Gguf(g) => gguf_name(name).is_some_and(|n| g.has_tensor(&n)),
+        }
+    }
+
+    /// A dense tensor in the compute dtype on the compute device.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        match &self.source {
+            Source::Safetensors(m) => m
+                .get(name)
+                .ok_or_else(|| missing(name))?
+                .to_device(&self.device)?
+                .to_dtype(self.dtype),
+            Source::Gguf(g) => {
+                let n = gguf_name(name).ok_or_else(|| missing(name))?;
+                if !g.has_tensor(&n) {
+                    return Err(missing(&format!("{n} (for {name})")));
+                }
+                g.qtensor(&n, &self.device)?
+                    .dequantize(&self.device)?
+                    .to_dtype(self.dtype)
+            }
+        }
+    }
+
+    /// A dense tensor, checked against an expected shape.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.dims() != shape {
+            candle_core::bail!("tensor {name} has shape {:?}, expected {shape:?}", t.dims());
+        }
+        Ok(t)
+    }
+
+    pub fn rms_norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
+        Ok(RmsNorm::new(self.get_shaped(name, &[size])?, eps))
+    }
+
+    /// A linear layer `<prefix>.weight` of shape `(out, in)` (and `<prefix>.bias` if present).
+    pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
+        let wname = format!("{prefix}.weight");
+        let bname = format!("{prefix}.bias");
+        let bias = if self.contains(&bname) {
+            Some(self.get_shaped(&bname, &[out])?)
+        } else {
+            None
+        };
+        let weight = match &self.source {
+            Source::Safetensors(_) => QMatMul::Tensor(self.get_shaped(&wname, &[out, inp])?),
+            Source::Gguf(g) => {
+                let n = gguf_name(&wname).ok_or_else(|| missing(&wname))?;
+                if !g.has_tensor(&n) {
+                    return Err(missing(&format!("{n} (for {wname})")));
+                }
+                let q = g.qtensor(&n, &self.device)?;
+                if q.shape().dims() != [out, inp] {
+                    candle_core::bail!(
+                        "tensor {n} has shape {:?}, expected {:?}",
+                        q.shape(),
+                        [out, inp]
+                    );
+                }
+                self.qmatmul(q)?
+            }
+        };
+        Ok(Linear::new(weight, bias))
+    }
+
+    /// The expert projections `<prefix>.experts.{e}.<proj>` of a mixture-of-experts block. GGUF
+    /// stores them stacked as one 3-D tensor (`blk.N.ffn_<proj>_exps`), which is split per expert
+    /// (quantization blocks never straddle rows, so each expert is a contiguous byte range).
+    pub fn experts(
+        &self,
+        prefix: &str,
+        proj: &str,
+        n: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<Linear>> {
+        match &self.source {
+            Source::Safetensors(_) => (0..n)
+                .map(|e| self.linear(&format!("{prefix}.experts.{e}.{proj}"), out, inp))
+                .collect(),
+            Source::Gguf(g) => {
+                let stacked = format!("{prefix}.experts.{proj}.weight");
+                let name = gguf_name(&stacked).ok_or_else(|| missing(&stacked))?;
+                if !g.has_tensor(&name) {
+                    return Err(missing(&name));
+                }
+                let q = g.qtensor(&name, &Device::Cpu)?;
+                if q.shape().dims() != [n, out, inp] {
+                    candle_core::bail!(
+                        "tensor {name} has shape {:?}, expected {:?}",
+                        q.shape(),
+                        [n, out, inp]
+                    );
+                }
+                let data = q.data()?;
+                let per = data.len() / n;
+                (0..n)
+                    .map(|e| {
+                        let qe = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                            q.dtype(),
+                            &data[e * per..(e + 1) * per],
+                            vec![out, inp],
+                            &self.device,
+                        )?;
+                        Ok(Linear::new(self.qmatmul(qe)?, None))
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Wraps a GGUF tensor for matrix products: float types become dense tensors in the compute
+    /// dtype, block-quantized types stay quantized.
+    fn qmatmul(&self, q: QTensor) -> Result<QMatMul> {
+        match q.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(QMatMul::Tensor(
+                q.dequantize(&self.device)?.to_dtype(self.dtype)?,
+            )),
+            _ => QMatMul::from_qtensor(q),
+        }
+    }
+
+    /// The quantization of the weights, for reporting: `"none"` for safetensors, else the GGUF
+    /// dtype of the first attention projection (e.g. `Q4K`).
+    pub fn quant_label(&self) -> String {
+        match &self.source {
+            Source::Safetensors(_) => "none".to_owned(),
+            Source::Gguf(g) => g
+                .content
+                .tensor_infos
+                .get("blk.0.attn_q.weight")
+                .map_or_else(|| "unknown".to_owned(), |i| format!("{:?}", i.ggml_dtype)),
+        }
+    }
+}
+
+fn missing(name: &str) -> candle_core::Error {
+    candle_core::Error::msg(format!("weight `{name}` not found"))
+}
+
+/// Maps a Hugging Face checkpoint tensor name to llama.cpp's GGUF name.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_owned());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (module, suffix) = rest.rsplit_once('.')?; // suffix: weight | bias
+    let mapped = match module {
+        "input_layernorm" => "attn_norm",
+        "post_attention_layernorm" => "ffn_norm",
+        "self_attn.q_proj" => "attn_q",
+        "self_attn.k_proj" => "attn_k",
+        "self_attn.v_proj" => "attn_v",
+        "self_attn.o_proj" => "attn_output",
+        "self_attn.q_norm" => "attn_q_norm",
+        "self_attn.k_norm" => "attn_k_norm",
+        "mlp.gate_proj" => "ffn_gate",
+        "mlp.up_proj" => "ffn_up",
+        "mlp.down_proj" => "ffn_down",
+        "mlp.gate" => "ffn_gate_inp",
+        "mlp.experts.gate_proj" => "ffn_gate_exps",
+        "mlp.experts.up_proj" => "ffn_up_exps",
+        "mlp.experts.down_proj" => "ffn_down_exps",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{mapped}.{suffix}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gguf_name;
+
+    #[test]
+    fn maps_checkpoint_names_to_llama_cpp() {
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.weight").as_deref(),
+            Some("blk.3.attn_q.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.mlp.experts.down_proj.weight").as_deref(),
+            Some("blk.0.ffn_down_exps.weight")
+        );
+        assert_eq!(
+            gguf_name("model.embed_tokens.weight").as_deref(),
+            Some("token_embd.weight")
+        );
+        assert_eq!(
+            gguf_name("model.layers.1.mlp.gate.weight").as_deref(),
+            Some("blk.1.ffn_gate_inp.weight")
+        );
+        assert_eq!(gguf_name("model.rotary.inv_freq"), None);
+    }
+}

@@ -1,0 +1,588 @@
+//! The HTTP API through `oneshot`, on the in-process fake engine with the real tiny-qwen3
+//! tokenizer and template, and scripted outputs taken from the fixture's greedy continuations.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use helexa_node::config::Admission;
+use helexa_node::fake::FakeBackend;
+use helexa_node::state::AppState;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::{fixtures, read_json};
+
+fn reference() -> Value {
+    read_json(&fixtures().join("tiny-qwen3/reference.json"))
+}
+
+fn ids(value: &Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}
+
+/// A fake engine answering each reference prompt with the model's real greedy continuation.
+fn scripted() -> FakeBackend {
+    let reference = reference();
+    let table: Vec<(Vec<u32>, Vec<u32>)> = ["chat", "think", "tools"]
+        .iter()
+        .map(|name| {
+            let p = &reference["prompts"][name];
+            (ids(&p["token_ids"]), ids(&p["greedy_token_ids"]))
+        })
+        .collect();
+    let fallback = ids(&reference["prompts"]["chat"]["greedy_token_ids"]);
+    FakeBackend::new(Box::new(move |prompt: &[u32]| {
+        table
+            .iter()
+            .find(|(p, _)| p == prompt)
+            .map(|(_, out)| out.clone())
+            .unwrap_or_else(|| fallback.clone())
+    }))
+}
+
+async fn app_with(backend: FakeBackend, admission: Admission) -> Router {
+    let state = AppState::new(Arc::new(backend), admission, None).expect("state");
+    let app = helexa_node::app(state);
+    let (status, body) = post(
+        &app,
+        "/models/load",
+        json!({"id": "tiny", "source": fixtures().join("tiny-qwen3")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    app
+}
+
+async fn app() -> Router {
+    app_with(scripted(), Admission::default()).await
+}
+
+async fn send(app: &Router, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        headers,
+        String::from_utf8(bytes.to_vec()).expect("utf-8"),
+    )
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let request = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let (status, _, text) = send(app, request).await;
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn get(app: &Router, path: &str) -> (StatusCode, String) {
+    let (status, _, text) = send(
+        app,
+        Request::get(path).body(Body::empty()).expect("request"),
+    )
+    .await;
+    (status, text)
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn tools_request(stream: bool) -> Value {
+    let prompt = &reference()["prompts"]["tools"];
+    json!({"model": "tiny", "messages": prompt["messages"], "tools": prompt["tools"],
+           "temperature": 0, "stream": stream, "stream_options": {"include_usage": true}})
+}
+
+fn assert_weather_call(call: &Value) {
+    assert!(
+        call["id"].as_str().expect("id").starts_with("call_"),
+        "{call}"
+    );
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("string"))
+        .expect("json");
+    assert_eq!(args, json!({"city": "Oslo"}));
+}
+
+#[tokio::test]
+async fn chat_tool_call_non_streaming() {
+    let app = app().await;
+    let (status, body) = post(&app, "/v1/chat/completions", tools_request(false)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls");
+    assert_eq!(choice["message"]["content"], Value::Null);
+    let calls = choice["message"]["tool_calls"].as_array().expect("calls");
+    assert_eq!(calls.len(), 1);
+    assert_weather_call(&calls[0]);
+    // 258 = the reference prompt's token count (template + tokenizer agree with transformers);
+    // 38 greedy tokens including the final <|im_end|>.
+    assert_eq!(body["usage"]["prompt_tokens"], 258);
+    assert_eq!(body["usage"]["completion_tokens"], 38);
+    assert_eq!(body["usage"]["total_tokens"], 296);
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+}
+
+#[tokio::test]
+async fn chat_tool_call_streaming() {
+    let app = app().await;
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(tools_request(true).to_string()))
+        .expect("request");
+    let (status, headers, text) = send(&app, request).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        headers[header::CONTENT_TYPE]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/event-stream")
+    );
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk json"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    for chunk in &chunks {
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        assert!(chunk["id"].as_str().expect("id").starts_with("chatcmpl-"));
+        // No tool-call markup ever leaks into content.
+        if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
+            assert!(
+                !content.contains("tool_call") && !content.contains("get_weather"),
+                "{content}"
+            );
+        }
+    }
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+        .collect();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["index"], 0);
+    assert_weather_call(calls[0]);
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(finish["usage"], Value::Null);
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["prompt_tokens"], 258);
+    assert_eq!(usage["usage"]["completion_tokens"], 38);
+}
+
+#[tokio::test]
+async fn chat_reasoning_split_and_accounting() {
+    let app = app().await;
+    let prompt = &reference()["prompts"]["think"];
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": prompt["messages"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let message = &body["choices"][0]["message"];
+    // Greedy output: "<think>\n\n</think>\n\nThe Rust language is a language, …" (48 tokens, no eos).
+    let greedy = prompt["greedy_text"].as_str().expect("text");
+    let answer = greedy
+        .split("</think>")
+        .nth(1)
+        .expect("after think")
+        .trim_start();
+    assert_eq!(message["content"], answer);
+    assert_eq!(
+        message.get("reasoning_content"),
+        None,
+        "empty reasoning is omitted"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    // <think>, \n, \n, </think> are the reasoning tokens.
+    assert_eq!(
+        body["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        4
+    );
+}
+
+#[tokio::test]
+async fn completions_stop_strings_and_length() {
+    let app = app().await;
+    let prompt = &reference()["prompts"]["chat"];
+    let (status, body) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": prompt["text"], "stop": ["language,"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["text"], "The Rust language is a ");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+
+    let (status, body) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": ids(&prompt["token_ids"]), "max_tokens": 3}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["choices"][0]["text"], "The Rust language");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 3);
+    assert_eq!(body["usage"]["prompt_tokens"], 43);
+
+    // Streaming: the pieces concatenate to the one-shot text, and the stop string never shows.
+    let request = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"model": "tiny", "prompt": prompt["text"], "stream": true, "stop": "default"})
+                .to_string(),
+        ))
+        .expect("request");
+    let (_, _, text) = send(&app, request).await;
+    let data = sse_data(&text);
+    let mut joined = String::new();
+    for d in &data[..data.len() - 1] {
+        let chunk: Value = serde_json::from_str(d).expect("json");
+        joined.push_str(chunk["choices"][0]["text"].as_str().expect("text"));
+    }
+    assert_eq!(
+        joined,
+        "The Rust language is a language, which is a language. There’s a good "
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_envelopes() {
+    let app = app().await;
+    let cases = [
+        (
+            json!({"model": "tiny"}),
+            StatusCode::BAD_REQUEST,
+            "messages",
+        ),
+        (
+            json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}),
+            StatusCode::NOT_FOUND,
+            "not loaded",
+        ),
+        (
+            json!({"model": "tiny", "messages": []}),
+            StatusCode::BAD_REQUEST,
+            "must not be empty",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}),
+            StatusCode::BAD_REQUEST,
+            "wizard",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 5}),
+            StatusCode::BAD_REQUEST,
+            "temperature",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "n": 2}),
+            StatusCode::BAD_REQUEST,
+            "n: 1",
+        ),
+        (
+            json!({"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}]}),
+            StatusCode::BAD_REQUEST,
+            "only allowed first",
+        ),
+        (
+            json!({"model": "tiny", "messages": "hello"}),
+            StatusCode::BAD_REQUEST,
+            "messages",
+        ),
+    ];
+    for (body, expected_status, needle) in cases {
+        let (status, answer) = post(&app, "/v1/chat/completions", body.clone()).await;
+        assert_eq!(status, expected_status, "{body} → {answer}");
+        let message = answer["error"]["message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("envelope: {answer}"));
+        assert!(message.contains(needle), "{body}: {message}");
+        assert!(answer["error"]["type"].is_string());
+    }
+    // Not JSON at all.
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{not json"))
+        .expect("request");
+    let (status, _, text) = send(&app, request).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let answer: Value = serde_json::from_str(&text).expect("envelope");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("not valid JSON")
+    );
+    // Unknown route.
+    let (status, text) = get(&app, "/v2/nothing").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(text.contains("\"error\""));
+}
+
+#[tokio::test]
+async fn load_preflight_errors_are_typed() {
+    let state = AppState::new(Arc::new(scripted()), Admission::default(), None).expect("state");
+    let app = helexa_node::app(state);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (status, body) = post(
+        &app,
+        "/models/load",
+        json!({"id": "x", "source": tmp.path()}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "missing_files");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("msg")
+            .contains("config.json")
+    );
+
+    let (status, body) = post(
+        &app,
+        "/models/load",
+        json!({"id": "x", "source": fixtures().join("tiny-qwen3"), "quant": "Q2_K"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "quant_not_found");
+    let message = body["error"]["message"].as_str().expect("msg");
+    for quant in ["BF16", "Q4_K_M", "Q6_K", "Q8_0"] {
+        assert!(message.contains(quant), "{message}");
+    }
+
+    // An architecture the engine lacks.
+    let llama = fixtures().join("tiny-llama");
+    let (status, body) = post(&app, "/models/load", json!({"id": "x", "source": llama})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_architecture");
+
+    let mut small = scripted();
+    small.total_mb = 1;
+    let app = helexa_node::app(
+        AppState::new(Arc::new(small), Admission::default(), None).expect("state"),
+    );
+    let (status, body) = post(
+        &app,
+        "/models/load",
+        json!({"id": "x", "source": fixtures().join("tiny-qwen3")}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE, "{body}");
+    assert_eq!(body["error"]["code"], "insufficient_memory");
+    let (_, models) = get(&app, "/models").await;
+    assert!(
+        !models.contains("\"x\""),
+        "a refused load leaves nothing behind: {models}"
+    );
+}
+
+#[tokio::test]
+async fn gguf_source_and_unload() {
+    let app = app().await;
+    let (status, body) = post(
+        &app,
+        "/models/load",
+        json!({"id": "q8", "source": fixtures().join("tiny-qwen3"), "quant": "q8_0"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["model"]["architecture"], "qwen3");
+    assert_eq!(body["model"]["state"], "ready");
+    assert_eq!(body["model"]["tool_calls"], true);
+    assert_eq!(body["model"]["reasoning"], true);
+    let (status, body) = post(&app, "/models/unload", json!({"id": "q8"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = post(&app, "/tokenize", json!({"model": "q8", "prompt": "x"})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "model_not_found");
+}
+
+#[tokio::test]
+async fn tokenize_detokenize_apply_template() {
+    let app = app().await;
+    let reference = reference();
+    for name in ["chat", "tools"] {
+        let p = &reference["prompts"][name];
+        let expected = ids(&p["token_ids"]);
+        let (status, body) = post(
+            &app,
+            "/tokenize",
+            json!({"model": "tiny", "prompt": p["text"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["count"], expected.len());
+        let mut request = json!({"model": "tiny", "messages": p["messages"],
+                                 "chat_template_kwargs": p["chat_template_kwargs"]});
+        if let Some(tools) = p.get("tools") {
+            request["tools"] = tools.clone();
+        }
+        let (_, body) = post(&app, "/tokenize", request.clone()).await;
+        assert_eq!(ids(&body["tokens"]), expected, "{name}");
+        let (_, body) = post(&app, "/apply-template", request).await;
+        assert_eq!(body["prompt"], p["text"]);
+        let (_, body) = post(
+            &app,
+            "/detokenize",
+            json!({"model": "tiny", "tokens": expected}),
+        )
+        .await;
+        assert_eq!(body["text"], p["text"]);
+    }
+    let (status, body) = post(
+        &app,
+        "/detokenize",
+        json!({"model": "tiny", "tokens": [999999]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+}
+
+#[tokio::test]
+async fn health_discovery_models_metrics() {
+    let app = app().await;
+    let (status, text) = get(&app, "/health").await;
+    assert_eq!(status, StatusCode::OK);
+    let health: helexa_node_api::Health = serde_json::from_str(&text).expect("Health");
+    assert_eq!(health.status, helexa_node_api::NodeStatus::Ok);
+    assert_eq!(health.models.len(), 1);
+    assert_eq!(health.devices[0].vram_total_mb, 1024);
+    let (_, text) = get(&app, "/discovery").await;
+    let discovery: helexa_node_api::Discovery = serde_json::from_str(&text).expect("Discovery");
+    assert_eq!(discovery.engine.abi_version, "1.0");
+    let (_, text) = get(&app, "/models").await;
+    let models: helexa_node_api::ModelList = serde_json::from_str(&text).expect("ModelList");
+    assert_eq!(models.data[0].id, "tiny");
+    assert_eq!(models.data[0].architecture, "Qwen3ForCausalLM");
+    assert_eq!(models.data[0].context_length, 4096);
+    let _ = post(&app, "/v1/chat/completions", tools_request(false)).await;
+    let (status, text) = get(&app, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        text.contains(
+            "helexa_node_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("helexa_node_generated_tokens_total{model=\"tiny\"} 38"),
+        "{text}"
+    );
+    assert!(
+        text.contains("helexa_node_prompt_tokens_total{model=\"tiny\"} 258"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn admission_queue_full_is_429_with_retry_after() {
+    let mut backend = scripted();
+    backend.token_delay = Some(Duration::from_millis(20));
+    let admission = Admission {
+        max_in_flight: 1,
+        max_queue: 0,
+        queue_timeout: Duration::from_secs(5),
+    };
+    let app = app_with(backend, admission).await;
+    let busy = {
+        let app = app.clone();
+        tokio::spawn(async move { post(&app, "/v1/chat/completions", tools_request(false)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(tools_request(false).to_string()))
+        .expect("request");
+    let (status, headers, text) = send(&app, request).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+    assert!(text.contains("\"overloaded\""), "{text}");
+    let (status, _) = busy.await.expect("join");
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_generation() {
+    let mut backend = scripted();
+    backend.token_delay = Some(Duration::from_millis(100));
+    let admission = Admission {
+        max_in_flight: 1,
+        max_queue: 1,
+        queue_timeout: Duration::from_millis(1500),
+    };
+    let app = app_with(backend, admission).await;
+    let prompt = &reference()["prompts"]["chat"];
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(
+            json!({"model": "tiny", "messages": prompt["messages"], "stream": true,
+                   "chat_template_kwargs": prompt["chat_template_kwargs"]})
+            .to_string(),
+        ))
+        .expect("request");
+    let response = app.clone().oneshot(request).await.expect("infallible");
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut body = response.into_body();
+    let first = body.frame().await.expect("a frame").expect("ok");
+    assert!(first.data_ref().is_some());
+    // The client goes away after the first chunk; 43 tokens at 100 ms would hold the only slot
+    // for 4.3 s, far beyond the 1.5 s queue limit of the next request.
+    drop(body);
+    let started = std::time::Instant::now();
+    let (status, answer) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": prompt["messages"], "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let (_, metrics) = get(&app, "/metrics").await;
+    let generated: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("helexa_node_generated_tokens_total{model=\"tiny\"} "))
+        .expect("counter")
+        .parse()
+        .expect("number");
+    assert!(
+        generated < 43,
+        "the cancelled generation stopped early: {generated}"
+    );
+}

@@ -1,0 +1,25 @@
+//! Integration tests of helexa-node (one binary, DESIGN.md §8).
+//!
+//! Fixtures come from `fixtures/` at the repository root (copied from the lead's
+//! `shared/fixtures`: tiny trained models with transformers references, and chat-template
+//! renderings by transformers' jinja2).
+
+mod api;
+mod config;
+mod detok;
+mod e2e;
+mod templates;
+
+use std::path::PathBuf;
+
+/// `fixtures/` at the workspace root.
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+/// A parsed JSON fixture file.
+pub fn read_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
