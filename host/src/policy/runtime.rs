@@ -1,0 +1,180 @@
+//! The production [`Policies`]: the WASM policies of `helexa-policy-runtime`, behind its
+//! hot-swappable [`PolicyHandle`] (each call loads the current set; in-flight streams
+//! keep the instance they started with).
+
+use std::sync::Arc;
+
+use helexa_policy_runtime::{
+    PolicyHandle, PolicyKind, PolicyRuntime, PolicySet, ResponseStream, RuntimeConfig, embedded,
+};
+
+use super::{
+    Catalogue, CatalogueEntry, Decision, EventStream, Fleet, Node, Policies, RequestInfo, SseEvent,
+    Surface, TranslateError,
+};
+use crate::config::{PoliciesConfig, PolicyConfig};
+
+/// Why the policies could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyLoadError {
+    /// The runtime or a plugin failed.
+    #[error(transparent)]
+    Runtime(#[from] helexa_policy_runtime::Error),
+    /// A plugin file could not be read.
+    #[error("reading the {kind} plugin {path}: {source}")]
+    Read {
+        /// Which policy.
+        kind: PolicyKind,
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The runtime's policy set as the gateway's [`Policies`].
+#[derive(Clone)]
+pub struct RuntimePolicies {
+    /// The hot-swap point (a plugin reload stores a new set here).
+    pub handle: PolicyHandle,
+    /// The runtime, for loading replacement plugins.
+    pub runtime: PolicyRuntime,
+}
+
+/// Start the runtime (metrics into `registry`) and build the configured set: the
+/// embedded defaults, with each configured plugin (or the default re-configured with
+/// non-empty settings) swapped in. Blocking: compiles components.
+pub fn load(
+    config: &PoliciesConfig,
+    registry: &prometheus::Registry,
+) -> Result<RuntimePolicies, PolicyLoadError> {
+    let runtime = PolicyRuntime::new(RuntimeConfig::default(), registry)?;
+    let mut set = runtime.default_set()?;
+    for (kind, policy, default_bytes) in [
+        (PolicyKind::Router, &config.router, embedded::ROUTER),
+        (PolicyKind::Evictor, &config.evictor, embedded::EVICTOR),
+        (
+            PolicyKind::Translator,
+            &config.translator,
+            embedded::TRANSLATOR,
+        ),
+    ] {
+        if let Some(plugin) = load_one(&runtime, kind, policy, default_bytes)? {
+            set = set.with(plugin);
+        }
+    }
+    Ok(RuntimePolicies {
+        handle: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
+        runtime,
+    })
+}
+
+fn load_one(
+    runtime: &PolicyRuntime,
+    kind: PolicyKind,
+    policy: &PolicyConfig,
+    default_bytes: &[u8],
+) -> Result<Option<helexa_policy_runtime::Plugin>, PolicyLoadError> {
+    match &policy.plugin {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|source| PolicyLoadError::Read {
+                kind,
+                path: path.display().to_string(),
+                source,
+            })?;
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("plugin");
+            Ok(Some(runtime.load_plugin(
+                kind,
+                name,
+                &policy.version,
+                &bytes,
+                &policy.settings_json,
+            )?))
+        }
+        None if policy.settings_json != "{}" => Ok(Some(runtime.load_plugin(
+            kind,
+            "default",
+            &policy.version,
+            default_bytes,
+            &policy.settings_json,
+        )?)),
+        None => Ok(None),
+    }
+}
+
+impl RuntimePolicies {
+    /// Wrap an existing set (tests).
+    pub fn from_set(runtime: PolicyRuntime, set: PolicySet) -> Self {
+        RuntimePolicies {
+            handle: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
+            runtime,
+        }
+    }
+}
+
+impl Policies for RuntimePolicies {
+    fn route(
+        &self,
+        request: &RequestInfo,
+        catalogue: &Arc<Catalogue>,
+        fleet: &Arc<Fleet>,
+    ) -> Decision {
+        self.handle.load().route(request, catalogue, fleet)
+    }
+
+    fn choose_victims(&self, on: &Node, need_mb: u64, incoming: &CatalogueEntry) -> Vec<String> {
+        self.handle.load().choose_victims(on, need_mb, incoming)
+    }
+
+    fn request_to_chat(&self, from: Surface, body: &str) -> Result<String, TranslateError> {
+        self.handle.load().request_to_chat(from, body)
+    }
+
+    fn response_from_chat(
+        &self,
+        to: Surface,
+        request: &str,
+        body: &str,
+    ) -> Result<String, TranslateError> {
+        self.handle.load().response_from_chat(to, request, body)
+    }
+
+    fn response_stream(
+        &self,
+        to: Surface,
+        request: &str,
+        response_id: &str,
+    ) -> Result<Box<dyn EventStream>, TranslateError> {
+        Ok(Box::new(self.handle.load().response_stream(
+            to,
+            request,
+            response_id,
+        )?))
+    }
+
+    fn describe(&self) -> serde_json::Value {
+        serde_json::to_value(self.handle.load().describe()).unwrap_or_default()
+    }
+}
+
+impl EventStream for ResponseStream {
+    fn push(&mut self, chunk: &str) -> Result<Vec<SseEvent>, TranslateError> {
+        ResponseStream::push(self, chunk)
+    }
+
+    fn keepalive(&mut self) -> Vec<SseEvent> {
+        ResponseStream::keepalive(self)
+    }
+
+    fn finish(&mut self) -> Result<Vec<SseEvent>, TranslateError> {
+        ResponseStream::finish(self)
+    }
+
+    fn fail(&mut self, message: &str) -> Vec<SseEvent> {
+        ResponseStream::fail(self, message)
+    }
+}

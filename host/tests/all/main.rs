@@ -1,0 +1,10 @@
+//! Integration tests of the gateway: real HTTP on loopback between the client, the
+//! gateway (`helexa::api::app`) and in-process stand-in nodes.
+
+mod config_files;
+mod harness;
+mod openai;
+mod routing;
+mod stand_in;
+mod surfaces;
+mod translated;

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Start the whole stack on this machine: one helexa-node with the CPU engine serving the bundled
+# tiny-qwen3 model (fixtures/tiny-qwen3: a 5.8 MB Qwen3-architecture model trained on Rust-book
+# prose and synthetic chats; it chats, thinks and calls tools, but knows little), and the helexa
+# gateway in front of it. Ctrl-C stops both.
+#
+#   ./scripts/up.sh                 # gateway on 127.0.0.1:31313, node on 127.0.0.1:13131
+#   HELEXA_MODEL=/path/to/model ./scripts/up.sh   # another model directory or .gguf file
+#
+# (`helexa up` replaces this script once the CLI grows it.)
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+model="${HELEXA_MODEL:-$root/fixtures/tiny-qwen3}"
+model_id="${HELEXA_MODEL_ID:-tiny-qwen3}"
+listen="${HELEXA_LISTEN:-127.0.0.1:31313}"
+node_listen="${HELEXA_NODE_LISTEN:-127.0.0.1:13131}"
+
+echo "building (release) ..."
+cargo build --release --locked -p helexa -p helexa-node -p helexa-engine-cuda
+target="${CARGO_TARGET_DIR:-$root/target}/release"
+
+run_dir="$(mktemp -d "${TMPDIR:-/tmp}/helexa-up.XXXXXX")"
+cat > "$run_dir/node.toml" <<TOML
+listen = "$node_listen"
+engine = "$target/libhelexa_engine_cuda.so"
+
+[[models]]
+id = "$model_id"
+source = "$model"
+TOML
+cat > "$run_dir/models.toml" <<TOML
+[[models]]
+id = "$model_id"
+source = "$model"
+vram_mb = 64
+aliases = ["claude-sonnet-4-5", "claude-haiku-4-5", "gpt-4o-mini"]
+capabilities = ["chat", "tools", "reasoning"]
+context_length = 4096
+TOML
+cat > "$run_dir/gateway.toml" <<TOML
+listen = "$listen"
+models = "models.toml"
+
+[[nodes]]
+name = "local"
+endpoint = "http://$node_listen"
+TOML
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$run_dir"; }
+trap cleanup EXIT INT TERM
+
+"$target/helexa-node" --config "$run_dir/node.toml" &
+pids+=($!)
+"$target/helexa" serve --config "$run_dir/gateway.toml" &
+pids+=($!)
+
+for _ in $(seq 1 100); do
+  curl -fsS "http://$listen/v1/models" 2>/dev/null | grep -q "\"$model_id\"" && break
+  sleep 0.2
+done
+cat <<TXT
+
+helexa is up (model: $model_id).
+  OpenAI clients:    OPENAI_BASE_URL=http://$listen/v1  OPENAI_API_KEY=anything
+  Anthropic clients: ANTHROPIC_BASE_URL=http://$listen  ANTHROPIC_API_KEY=anything
+  curl http://$listen/v1/chat/completions -H 'content-type: application/json' \\
+    -d '{"model":"$model_id","messages":[{"role":"user","content":"What is Rust?"}],"max_tokens":64}'
+Ctrl-C stops everything.
+TXT
+wait -n "${pids[@]}"
