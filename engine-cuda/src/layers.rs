@@ -440,7 +440,8 @@ impl Mlp {
     }
 }
 
-/// Selects rows of the final hidden state and projects them to vocabulary logits (f32).
+/// The rows of the final hidden state `(1, len, hidden)` to project to logits: every position
+/// (`all_rows`), else only the last; returned as `(rows, hidden)`.
 pub fn last_rows(hidden: &Tensor, all_rows: bool) -> Result<Tensor> {
     let (_, len, _) = hidden.dims3()?;
     let h = hidden.squeeze(0)?;

@@ -1,6 +1,7 @@
 //! The supported architectures (one file each under `models/`) behind one trait, and the loader
 //! that turns checkpoint files into a model.
 
+pub mod decoder;
 pub mod llama;
 pub mod qwen3;
 pub mod qwen3_moe;
@@ -8,8 +9,10 @@ pub mod qwen3_moe;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Result, Tensor};
+use serde::de::DeserializeOwned;
 
 use crate::layers::tensor_bytes;
+use crate::models::decoder::DecoderConfig;
 use crate::weights::{GgufFile, Weights};
 use crate::{EngineError, ErrorKind, describe};
 
@@ -28,6 +31,17 @@ pub trait CausalLm: Send {
     fn max_positions(&self) -> usize;
     fn weight_bytes(&self) -> usize;
     fn cache_bytes(&self) -> usize;
+}
+
+/// What the loader needs from an architecture: its config (from `config.json` through
+/// `Deserialize`, or from GGUF metadata) and the model it describes.
+pub trait ModelConfig: DeserializeOwned {
+    /// The config from GGUF metadata (`<general.architecture>.*` keys and tensor shapes).
+    fn from_gguf(g: &GgufFile) -> Result<Self>;
+    /// The hyper-parameters of the shared decoder, where the loader caps the context length.
+    fn decoder_mut(&mut self) -> &mut DecoderConfig;
+    /// Builds the model from the checkpoint's tensors.
+    fn build(&self, vb: &Weights) -> Result<Box<dyn CausalLm>>;
 }
 
 /// Token embedding lookup (always dense: GGUF embeddings are dequantized once at load).
@@ -169,27 +183,12 @@ pub fn load(req: &LoadRequest<'_>) -> std::result::Result<Loaded, EngineError> {
             .meta("general.file_type")
             .and_then(gguf_file::value_u32)
             .map_or_else(|_| "unknown".to_owned(), gguf_file_type);
-        let ctx = |e: candle_core::Error| bad(format!("{}: {}", path.display(), describe(&e)));
-        let model: Box<dyn CausalLm> = match arch {
-            Architecture::Qwen3 => {
-                let mut cfg = qwen3::Config::from_gguf(&g).map_err(ctx)?;
-                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
-                let vb = Weights::from_gguf(g, req.dtype, req.device);
-                Box::new(qwen3::Model::new(&cfg, &vb).map_err(ctx)?)
-            }
-            Architecture::Llama => {
-                let mut cfg = llama::Config::from_gguf(&g).map_err(ctx)?;
-                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
-                let vb = Weights::from_gguf(g, req.dtype, req.device);
-                Box::new(llama::Model::new(&cfg, &vb).map_err(ctx)?)
-            }
-            Architecture::Qwen3Moe => {
-                let mut cfg = qwen3_moe::Config::from_gguf(&g).map_err(ctx)?;
-                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
-                let vb = Weights::from_gguf(g, req.dtype, req.device);
-                Box::new(qwen3_moe::Model::new(&cfg, &vb).map_err(ctx)?)
-            }
-        };
+        let model = match arch {
+            Architecture::Qwen3 => from_gguf::<qwen3::Config>(g, req),
+            Architecture::Llama => from_gguf::<llama::Config>(g, req),
+            Architecture::Qwen3Moe => from_gguf::<qwen3_moe::Config>(g, req),
+        }
+        .map_err(|e| bad(format!("{}: {}", path.display(), describe(&e))))?;
         Loaded { model, quant }
     } else {
         let config = req
@@ -206,27 +205,13 @@ pub fn load(req: &LoadRequest<'_>) -> std::result::Result<Loaded, EngineError> {
         }
         let text = std::fs::read_to_string(config)
             .map_err(|e| bad(format!("{}: {e}", config.display())))?;
-        let cfg_err = |e: serde_json::Error| bad(format!("{}: {e}", config.display()));
         let vb = Weights::from_safetensors(req.safetensors, req.dtype, req.device)
             .map_err(|e| bad(describe(&e)))?;
-        let ctx = |e: candle_core::Error| bad(format!("{}: {}", config.display(), describe(&e)));
-        let model: Box<dyn CausalLm> = match arch {
-            Architecture::Qwen3 => {
-                let mut cfg: qwen3::Config = serde_json::from_str(&text).map_err(cfg_err)?;
-                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
-                Box::new(qwen3::Model::new(&cfg, &vb).map_err(ctx)?)
-            }
-            Architecture::Llama => {
-                let mut cfg: llama::Config = serde_json::from_str(&text).map_err(cfg_err)?;
-                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
-                Box::new(llama::Model::new(&cfg, &vb).map_err(ctx)?)
-            }
-            Architecture::Qwen3Moe => {
-                let mut cfg: qwen3_moe::Config = serde_json::from_str(&text).map_err(cfg_err)?;
-                cfg.max_position_embeddings = context(req, cfg.max_position_embeddings);
-                Box::new(qwen3_moe::Model::new(&cfg, &vb).map_err(ctx)?)
-            }
-        };
+        let model = match arch {
+            Architecture::Qwen3 => from_json::<qwen3::Config>(&text, config, &vb, req),
+            Architecture::Llama => from_json::<llama::Config>(&text, config, &vb, req),
+            Architecture::Qwen3Moe => from_json::<qwen3_moe::Config>(&text, config, &vb, req),
+        }?;
         Loaded {
             model,
             quant: "none".to_owned(),
@@ -235,11 +220,34 @@ pub fn load(req: &LoadRequest<'_>) -> std::result::Result<Loaded, EngineError> {
     Ok(built)
 }
 
-/// The context length to allocate: the request's, capped at what the model was trained for.
-fn context(req: &LoadRequest<'_>, model_max: usize) -> usize {
-    req.context_length
+/// Builds a `C` model from a GGUF file (config from its metadata, tensors from the file).
+fn from_gguf<C: ModelConfig>(g: GgufFile, req: &LoadRequest<'_>) -> Result<Box<dyn CausalLm>> {
+    let mut cfg = C::from_gguf(&g)?;
+    cap_context(req, cfg.decoder_mut());
+    cfg.build(&Weights::from_gguf(g, req.dtype, req.device))
+}
+
+/// Builds a `C` model from `config.json` (`text`, read from `path`) and safetensors weights.
+fn from_json<C: ModelConfig>(
+    text: &str,
+    path: &Path,
+    vb: &Weights,
+    req: &LoadRequest<'_>,
+) -> std::result::Result<Box<dyn CausalLm>, EngineError> {
+    let mut cfg: C =
+        serde_json::from_str(text).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    cap_context(req, cfg.decoder_mut());
+    cfg.build(vb)
+        .map_err(|e| bad(format!("{}: {}", path.display(), describe(&e))))
+}
+
+/// Allocates the request's context length, capped at what the model was trained for.
+fn cap_context(req: &LoadRequest<'_>, cfg: &mut DecoderConfig) {
+    let model_max = cfg.max_position_embeddings;
+    cfg.max_position_embeddings = req
+        .context_length
         .map_or(model_max, |c| c.min(model_max))
-        .max(1)
+        .max(1);
 }
 
 /// Small helpers over candle's GGUF metadata values.

@@ -103,6 +103,7 @@ struct RawNode {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPolicies {
+    cache_dir: Option<PathBuf>,
     router: Option<RawPolicy>,
     evictor: Option<RawPolicy>,
     translator: Option<RawPolicy>,
@@ -192,6 +193,9 @@ pub struct NodeConfig {
 /// The policy of each kind.
 #[derive(Debug, Clone, Default)]
 pub struct PoliciesConfig {
+    /// Where compiled policy components are cached (absolute); `None` = the user's cache
+    /// directory (`$XDG_CACHE_HOME/helexa/policies` or `~/.cache/helexa/policies`).
+    pub cache_dir: Option<PathBuf>,
     /// Router.
     pub router: PolicyConfig,
     /// Evictor.
@@ -367,6 +371,7 @@ impl Config {
         }
 
         let policies = PoliciesConfig {
+            cache_dir: raw.policies.cache_dir.map(|dir| base_dir.join(dir)),
             router: policy(raw.policies.router, "router", base_dir).map_err(invalid)?,
             evictor: policy(raw.policies.evictor, "evictor", base_dir).map_err(invalid)?,
             translator: policy(raw.policies.translator, "translator", base_dir).map_err(invalid)?,

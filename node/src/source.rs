@@ -3,9 +3,15 @@
 //!
 //! Local sources never touch the network. A hub id is looked up in the Hugging Face cache
 //! (`HF_HUB_CACHE`, else `HF_HOME/hub`, else `~/.cache/huggingface/hub`, or the node's
-//! `cache_dir`) and only downloaded (from `HF_ENDPOINT`, with a progress bar) when absent.
+//! `cache_dir`) and only downloaded (from `HF_ENDPOINT`, with a progress bar on a terminal and
+//! `tracing` progress lines per file) when absent. [`HubOptions`] carries the endpoint, cache and
+//! timeouts explicitly so tests can point a resolve at a stand-in hub without touching the
+//! process environment.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use helexa_engine_abi::json::ModelFiles;
 use serde_json::Value as Json;
@@ -75,11 +81,82 @@ pub struct GenerationDefaults {
     pub repetition_penalty: Option<f32>,
 }
 
-/// Resolve a source. `cache_dir` overrides the Hugging Face cache location for downloads.
+/// Where hub ids are cached and downloaded from.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Hub base URL, e.g. `https://huggingface.co` (no trailing slash needed).
+    pub endpoint: String,
+    /// Hub cache directory (the one holding `models--org--name/`).
+    pub cache_dir: PathBuf,
+    /// Bearer token; `None` uses the token file next to the cache (`huggingface-cli login`).
+    pub token: Option<String>,
+    /// Never download: a hub id must already be cached (`HF_HUB_OFFLINE=1`).
+    pub offline: bool,
+    /// Longest wait for the repo listing, and longest stretch without a downloaded byte before a
+    /// file download is abandoned. hf-hub's HTTP client has no timeouts of its own, so without
+    /// this an endpoint that accepts connections but never answers would hang a load forever.
+    pub timeout: Duration,
+    /// Bytes per ranged request; files larger than this are fetched in several ranges.
+    pub chunk_size: usize,
+    /// Ranged requests in flight at once per file.
+    pub parallel: usize,
+    /// Draw an indicatif progress bar (it stays hidden when stderr is not a terminal).
+    pub progress_bar: bool,
+}
+
+impl HubOptions {
+    /// The public hub's defaults for `endpoint`, with the cache at `cache_dir`; no environment
+    /// is read.
+    pub fn new(endpoint: impl Into<String>, cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            cache_dir: cache_dir.into(),
+            token: None,
+            offline: false,
+            timeout: Duration::from_secs(30),
+            chunk_size: 10_000_000,
+            parallel: 4,
+            progress_bar: true,
+        }
+    }
+
+    /// From the environment, as `huggingface_hub` reads it: `HF_ENDPOINT`, `HF_TOKEN`,
+    /// `HF_HUB_OFFLINE`, and the cache from [`hub_cache_dir`] unless `cache_dir` overrides it.
+    pub fn from_env(cache_dir: Option<&Path>) -> Self {
+        let endpoint = std::env::var("HF_ENDPOINT")
+            .ok()
+            .filter(|e| !e.trim().is_empty())
+            .unwrap_or_else(|| "https://huggingface.co".into());
+        let cache = cache_dir
+            .map(Path::to_path_buf)
+            .unwrap_or_else(hub_cache_dir);
+        let mut options = Self::new(endpoint, cache);
+        options.token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+        options.offline = std::env::var("HF_HUB_OFFLINE")
+            .is_ok_and(|v| ["1", "true", "yes", "on"].contains(&v.to_ascii_lowercase().as_str()));
+        options
+    }
+
+    fn endpoint(&self) -> &str {
+        self.endpoint.trim_end_matches('/')
+    }
+}
+
+/// Resolve a source. `cache_dir` overrides the Hugging Face cache location for downloads; the
+/// rest of the hub settings come from the environment ([`HubOptions::from_env`]).
 pub async fn resolve(
     source: &str,
     quant: Option<&str>,
     cache_dir: Option<&Path>,
+) -> Result<ResolvedModel, SourceError> {
+    resolve_with(source, quant, &HubOptions::from_env(cache_dir)).await
+}
+
+/// Resolve a source with explicit hub settings.
+pub async fn resolve_with(
+    source: &str,
+    quant: Option<&str>,
+    hub: &HubOptions,
 ) -> Result<ResolvedModel, SourceError> {
     let path = expand_home(source);
     if path.is_file() {
@@ -99,15 +176,22 @@ pub async fn resolve(
             "source {source:?} is neither an existing path nor a Hugging Face repo id (org/name)"
         )));
     }
-    let hub = cache_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(hub_cache_dir);
-    if let Some(snapshot) = cached_snapshot(&hub, source)
-        && let Ok(resolved) = resolve_dir(&snapshot, quant)
-    {
-        return Ok(resolved);
+    let cached = cached_snapshot(&hub.cache_dir, source);
+    let cache_error = match cached.as_deref().map(|s| resolve_dir(s, quant)) {
+        Some(Ok(resolved)) => return Ok(resolved),
+        Some(Err(e)) => Some(e),
+        None => None,
+    };
+    if hub.offline {
+        return Err(match cache_error {
+            Some(e) => e,
+            None => SourceError::Unavailable(format!(
+                "{source} is not in the hub cache {} and downloads are off (HF_HUB_OFFLINE)",
+                hub.cache_dir.display()
+            )),
+        });
     }
-    let snapshot = download(source, quant, &hub).await?;
+    let snapshot = download(source, quant, hub).await?;
     resolve_dir(&snapshot, quant)
 }
 
@@ -170,17 +254,60 @@ pub fn cached_snapshot(hub: &Path, repo: &str) -> Option<PathBuf> {
 }
 
 /// Download what a model needs into the hub cache; returns the snapshot directory.
-async fn download(repo: &str, quant: Option<&str>, hub: &Path) -> Result<PathBuf, SourceError> {
-    let unavailable = |e: hf_hub::api::tokio::ApiError| {
-        SourceError::Unavailable(format!("cannot download {repo}: {e}"))
+///
+/// hf-hub's `download` always re-fetches, so files already in the snapshot of the commit the
+/// hub reports are skipped (a quant requested after the safetensors fetches only its GGUF).
+async fn download(
+    repo: &str,
+    quant: Option<&str>,
+    hub: &HubOptions,
+) -> Result<PathBuf, SourceError> {
+    let endpoint = hub.endpoint();
+    let failed = |what: &str, e: &dyn std::error::Error| {
+        SourceError::Unavailable(format!(
+            "cannot download {repo} from {endpoint}: {what}: {}",
+            error_chain(e)
+        ))
     };
-    let api = hf_hub::api::tokio::ApiBuilder::from_env()
-        .with_cache_dir(hub.to_path_buf())
-        .with_progress(true)
-        .build()
-        .map_err(unavailable)?;
+    let mut builder =
+        hf_hub::api::tokio::ApiBuilder::from_cache(hf_hub::Cache::new(hub.cache_dir.clone()))
+            .with_endpoint(endpoint.to_owned())
+            .with_progress(false)
+            .with_chunk_size(Some(hub.chunk_size.max(1)))
+            .with_max_files(hub.parallel.max(1));
+    if hub.token.is_some() {
+        builder = builder.with_token(hub.token.clone());
+    }
+    let api = builder.build().map_err(|e| failed("client setup", &e))?;
     let remote = api.model(repo.to_owned());
-    let info = remote.info().await.map_err(unavailable)?;
+    let listing = async {
+        let response = remote
+            .info_request()
+            .send()
+            .await
+            .map_err(|e| failed("cannot reach the hub", &e))?;
+        let status = response.status();
+        if matches!(status.as_u16(), 401 | 403 | 404) {
+            return Err(SourceError::Unavailable(format!(
+                "{repo} not found at {endpoint} (HTTP {status}); a private or gated repo needs \
+                 HF_TOKEN"
+            )));
+        }
+        response
+            .error_for_status()
+            .map_err(|e| failed("repo listing", &e))?
+            .json::<hf_hub::api::RepoInfo>()
+            .await
+            .map_err(|e| failed("bad repo listing", &e))
+    };
+    let info = tokio::time::timeout(hub.timeout, listing)
+        .await
+        .map_err(|_| {
+            SourceError::Unavailable(format!(
+                "cannot download {repo} from {endpoint}: no answer within {:?}",
+                hub.timeout
+            ))
+        })??;
     let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let wanted = files_to_download(&names, quant).map_err(|e| match e {
         SourceError::QuantNotFound {
@@ -194,15 +321,151 @@ async fn download(repo: &str, quant: Option<&str>, hub: &Path) -> Result<PathBuf
         },
         other => other,
     })?;
+    let repo_dir = hub
+        .cache_dir
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let listed_snapshot = repo_dir.join("snapshots").join(&info.sha);
     let mut snapshot = None;
     for name in wanted {
-        tracing::info!(repo, file = %name, "downloading");
-        let path = remote.download(&name).await.map_err(unavailable)?;
+        if listed_snapshot.join(&name).is_file() {
+            tracing::debug!(repo, file = %name, "already cached");
+            continue;
+        }
+        let progress = DownloadProgress::new(repo, &name, hub.progress_bar);
+        let path = download_file(&remote, &name, progress, hub.timeout)
+            .await
+            .map_err(|e| match e {
+                FileError::Api(e) => failed(&format!("file {name}"), &e),
+                FileError::Stalled => SourceError::Unavailable(format!(
+                    "cannot download {repo} from {endpoint}: file {name}: no data for {:?}",
+                    hub.timeout
+                )),
+            })?;
         // The snapshot dir is the file's path minus its (possibly nested) repo-relative name.
         let depth = name.split('/').count();
         snapshot = path.ancestors().nth(depth).map(Path::to_path_buf);
     }
-    snapshot.ok_or_else(|| SourceError::Unavailable(format!("{repo} has no files")))
+    if let Some(snapshot) = snapshot {
+        return Ok(snapshot);
+    }
+    // Everything was cached already, but the snapshot did not resolve under `refs/main` before
+    // (an older ref): point the ref at the listed commit so the next resolve finds it offline.
+    std::fs::create_dir_all(repo_dir.join("refs"))
+        .and_then(|()| std::fs::write(repo_dir.join("refs/main"), &info.sha))
+        .map_err(|e| failed("cannot write the cache ref", &e))?;
+    Ok(listed_snapshot)
+}
+
+enum FileError {
+    Api(hf_hub::api::tokio::ApiError),
+    Stalled,
+}
+
+/// One file through hf-hub, abandoned when no byte arrives for `stall` (hf-hub's client has no
+/// timeouts; a half-open connection would otherwise hang the load forever).
+async fn download_file(
+    remote: &hf_hub::api::tokio::ApiRepo,
+    name: &str,
+    progress: DownloadProgress,
+    stall: Duration,
+) -> Result<PathBuf, FileError> {
+    let counter = progress.0.clone();
+    let work = remote.download_with_progress(name, progress);
+    tokio::pin!(work);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            result = &mut work => return result.map_err(FileError::Api),
+            () = tokio::time::sleep(stall) => {
+                let now = counter.done.load(Ordering::Relaxed);
+                if now == seen {
+                    counter.bar.abandon();
+                    return Err(FileError::Stalled);
+                }
+                seen = now;
+            }
+        }
+    }
+}
+
+/// `error: cause: cause`, since reqwest's own message omits why a request failed.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Download progress of one file: an indicatif bar for terminals, and `tracing` lines (start,
+/// every tenth, done) for daemons whose stderr is a log.
+#[derive(Clone)]
+struct DownloadProgress(Arc<ProgressState>);
+
+struct ProgressState {
+    repo: String,
+    file: String,
+    total: AtomicU64,
+    done: AtomicU64,
+    /// Tenths already logged.
+    logged: AtomicU64,
+    bar: indicatif::ProgressBar,
+}
+
+impl DownloadProgress {
+    fn new(repo: &str, file: &str, bar: bool) -> Self {
+        let bar = if bar {
+            indicatif::ProgressBar::new(0)
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        Self(Arc::new(ProgressState {
+            repo: repo.to_owned(),
+            file: file.to_owned(),
+            total: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            logged: AtomicU64::new(0),
+            bar,
+        }))
+    }
+}
+
+impl hf_hub::api::tokio::Progress for DownloadProgress {
+    async fn init(&mut self, size: usize, filename: &str) {
+        let s = &self.0;
+        s.total.store(size as u64, Ordering::Relaxed);
+        tracing::info!(repo = %s.repo, file = %s.file, bytes = size, "downloading");
+        let mut bar = s.bar.clone();
+        hf_hub::api::tokio::Progress::init(&mut bar, size, filename).await;
+    }
+
+    async fn update(&mut self, size: usize) {
+        let s = &self.0;
+        let done = s.done.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
+        s.bar.inc(size as u64);
+        let total = s.total.load(Ordering::Relaxed).max(1);
+        let tenth = (done * 10 / total).min(10);
+        if tenth < 10 && s.logged.fetch_max(tenth, Ordering::Relaxed) < tenth {
+            tracing::info!(repo = %s.repo, file = %s.file, done, total, "download progress");
+        }
+    }
+
+    async fn finish(&mut self) {
+        let s = &self.0;
+        s.bar.finish_and_clear();
+        tracing::info!(
+            repo = %s.repo,
+            file = %s.file,
+            bytes = s.done.load(Ordering::Relaxed),
+            "downloaded"
+        );
+    }
 }
 
 /// Which repo files a model needs: metadata, plus either the safetensors shards or one GGUF.

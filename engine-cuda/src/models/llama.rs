@@ -1,33 +1,24 @@
 //! Llama (`LlamaForCausalLM`, Llama 2/3): pre-norm decoder with grouped-query attention, SwiGLU
 //! MLP, optional Llama 3 rope scaling and, usually, an untied LM head.
+//!
+//! What is Llama-specific is how GGUF files differ from the Hugging Face checkpoint: llama.cpp's
+//! converter permutes the Q/K rows into the interleaved rotary layout and stores Llama 3 scaling
+//! as per-frequency divisors, so both are read from the file and handed to the shared decoder.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Device, Result};
 use serde::Deserialize;
 
-use crate::layers::{
-    Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
-    causal_mask, last_rows,
-};
-use crate::models::{CausalLm, Embedding};
+use crate::layers::RopeStyle;
+use crate::models::decoder::{Decoder, DecoderConfig, DecoderOptions, load_mlp};
+use crate::models::{CausalLm, ModelConfig};
 use crate::weights::{GgufFile, Weights};
 
 /// The fields of a Hugging Face `config.json` this architecture uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
+    #[serde(flatten)]
+    pub decoder: DecoderConfig,
     pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub head_dim: Option<usize>,
-    pub rms_norm_eps: f64,
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    pub rope_theta: Option<f64>,
-    pub rope_scaling: Option<RopeParameters>,
-    pub rope_parameters: Option<RopeParameters>,
     /// GGUF only: llama.cpp's converter stores Llama 3 scaling as per-frequency divisors
     /// (`rope_freqs.weight`) instead of the config parameters.
     #[serde(skip)]
@@ -37,219 +28,43 @@ pub struct Config {
     pub interleaved_rope: bool,
 }
 
-impl Config {
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
-    }
-
+impl ModelConfig for Config {
     /// Hyper-parameters from GGUF metadata (`llama.*`).
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let a = "llama";
+    fn from_gguf(g: &GgufFile) -> Result<Self> {
         let rope_freq_factors = if g.has_tensor("rope_freqs.weight") {
-            let t = g.qtensor("rope_freqs.weight", &candle_core::Device::Cpu)?;
+            let t = g.qtensor("rope_freqs.weight", &Device::Cpu)?;
             Some(
-                t.dequantize(&candle_core::Device::Cpu)?
-                    .to_dtype(candle_core::DType::F32)?
+                t.dequantize(&Device::Cpu)?
+                    .to_dtype(DType::F32)?
                     .to_vec1::<f32>()?,
             )
         } else {
             None
         };
-        let heads = g.meta_usize(&format!("{a}.attention.head_count"))?;
-        let hidden = g.meta_usize(&format!("{a}.embedding_length"))?;
         Ok(Self {
-            vocab_size: g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]),
-            hidden_size: hidden,
-            intermediate_size: g.meta_usize(&format!("{a}.feed_forward_length"))?,
-            num_hidden_layers: g.meta_usize(&format!("{a}.block_count"))?,
-            num_attention_heads: heads,
-            num_key_value_heads: g.meta_usize(&format!("{a}.attention.head_count_kv"))?,
-            head_dim: g.meta_usize(&format!("{a}.attention.key_length")).ok(),
-            rms_norm_eps: g.meta_f64(&format!("{a}.attention.layer_norm_rms_epsilon"))?,
-            max_position_embeddings: g.meta_usize(&format!("{a}.context_length"))?,
-            tie_word_embeddings: !g.has_tensor("output.weight"),
-            rope_theta: Some(g.meta_f64(&format!("{a}.rope.freq_base"))?),
-            rope_scaling: None,
-            rope_parameters: None,
+            decoder: DecoderConfig::from_gguf(g, "llama")?,
+            intermediate_size: g.meta_usize("llama.feed_forward_length")?,
             rope_freq_factors,
             interleaved_rope: true,
         })
     }
-}
 
-struct Layer {
-    input_norm: RmsNorm,
-    attn: Attention,
-    post_norm: RmsNorm,
-    mlp: Mlp,
-}
+    fn decoder_mut(&mut self) -> &mut DecoderConfig {
+        &mut self.decoder
+    }
 
-/// A Llama model with its KV cache.
-pub struct Model {
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: Rope,
-    vocab_size: usize,
-    weight_bytes: usize,
-}
-
-impl Model {
-    pub fn new(cfg: &Config, vb: &Weights) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        if nkv == 0 || nh % nkv != 0 {
-            candle_core::bail!(
-                "num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}"
-            );
-        }
-        let (theta, mut scaling) = RopeScaling::from_hf(
-            cfg.rope_theta,
-            cfg.rope_scaling.as_ref(),
-            cfg.rope_parameters.as_ref(),
-        )
-        .map_err(candle_core::Error::msg)?;
-        if let Some(f) = &cfg.rope_freq_factors {
-            scaling = RopeScaling::FreqFactors(f.clone());
-        }
-        let style = if cfg.interleaved_rope {
-            RopeStyle::Interleaved
-        } else {
-            RopeStyle::Half
+    fn build(&self, vb: &Weights) -> Result<Box<dyn CausalLm>> {
+        let opts = DecoderOptions {
+            qk_norm: false,
+            rope_style: if self.interleaved_rope {
+                RopeStyle::Interleaved
+            } else {
+                RopeStyle::Half
+            },
+            rope_freq_factors: self.rope_freq_factors.as_deref(),
         };
-        let rope = Rope::new(
-            hd,
-            theta,
-            &scaling,
-            style,
-            cfg.max_position_embeddings,
-            &vb.device,
-        )?;
-        let embed = Embedding::load(vb, "model.embed_tokens.weight", cfg.vocab_size, h)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let attn = Attention {
-                q_proj: vb.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                k_proj: vb.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                v_proj: vb.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
-                o_proj: vb.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                q_norm: None,
-                k_norm: None,
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: hd,
-                cache: KvCache::default(),
-            };
-            layers.push(Layer {
-                input_norm: vb.rms_norm(
-                    &format!("{p}.input_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                attn,
-                post_norm: vb.rms_norm(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                mlp: Mlp {
-                    gate_proj: vb.linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        cfg.intermediate_size,
-                        h,
-                    )?,
-                    up_proj: vb.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
-                    down_proj: vb.linear(
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        cfg.intermediate_size,
-                    )?,
-                },
-            });
-        }
-        let norm = vb.rms_norm("model.norm.weight", h, cfg.rms_norm_eps)?;
-        let lm_head = if !cfg.tie_word_embeddings || vb.contains("lm_head.weight") {
-            vb.linear("lm_head", cfg.vocab_size, h)?
-        } else {
-            // Tied: the embedding matrix doubles as the output projection (in GGUF, the quantized
-            // `token_embd` is used for the product, as llama.cpp does).
-            vb.linear("model.embed_tokens", cfg.vocab_size, h)?
-        };
-        let weight_bytes = embed.size_in_bytes()
-            + norm.size_in_bytes()
-            + lm_head.size_in_bytes()
-            + layers
-                .iter()
-                .map(|l| {
-                    l.input_norm.size_in_bytes()
-                        + l.attn.size_in_bytes()
-                        + l.post_norm.size_in_bytes()
-                        + l.mlp.size_in_bytes()
-                })
-                .sum::<usize>();
-        Ok(Self {
-            embed,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            vocab_size: cfg.vocab_size,
-            weight_bytes,
-        })
-    }
-}
-
-impl CausalLm for Model {
-    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor> {
-        let offset = self.cache_len();
-        let mut x = self.embed.forward(tokens)?;
-        let mask = if tokens.len() > 1 {
-            Some(causal_mask(tokens.len(), offset, x.dtype(), x.device())?)
-        } else {
-            None
-        };
-        for l in &mut self.layers {
-            let r = x.clone();
-            x = (l
-                .attn
-                .forward(&l.input_norm.forward(&x)?, &self.rope, mask.as_ref())?
-                + r)?;
-            let r = x.clone();
-            x = (l.mlp.forward(&l.post_norm.forward(&x)?)? + r)?;
-        }
-        let x = self.norm.forward(&last_rows(&x, all_rows)?)?;
-        self.lm_head.forward(&x)?.to_dtype(candle_core::DType::F32)
-    }
-
-    fn truncate(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.attn.cache.truncate(len);
-        }
-    }
-
-    fn cache_len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.attn.cache.len())
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-
-    fn max_positions(&self) -> usize {
-        self.rope.max_positions()
-    }
-
-    fn weight_bytes(&self) -> usize {
-        self.weight_bytes
-    }
-
-    fn cache_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.attn.cache.size_in_bytes())
-            .sum()
+        let (h, i) = (self.decoder.hidden_size, self.intermediate_size);
+        let model = Decoder::load(&self.decoder, &opts, vb, |_, p| load_mlp(vb, p, h, i))?;
+        Ok(Box::new(model))
     }
 }

@@ -2,14 +2,12 @@
 //! a router choosing the top-k of N SwiGLU experts per token, weights optionally renormalised
 //! over the chosen k (`norm_topk_prob`).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use crate::layers::{
-    Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
-    causal_mask, last_rows, softmax_f32,
-};
-use crate::models::{CausalLm, Embedding};
+use crate::layers::{Linear, Mlp, RopeStyle, softmax_f32};
+use crate::models::decoder::{Decoder, DecoderConfig, DecoderOptions, FeedForward, load_mlp};
+use crate::models::{CausalLm, ModelConfig};
 use crate::weights::{GgufFile, Weights};
 
 fn one() -> usize {
@@ -23,8 +21,8 @@ fn yes() -> bool {
 /// The fields of a Hugging Face `config.json` this architecture uses.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
+    #[serde(flatten)]
+    pub decoder: DecoderConfig,
     /// Width of the dense MLP in `mlp_only_layers`.
     pub intermediate_size: usize,
     pub moe_intermediate_size: usize,
@@ -37,25 +35,9 @@ pub struct Config {
     pub decoder_sparse_step: usize,
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: usize,
-    pub head_dim: Option<usize>,
-    pub rms_norm_eps: f64,
-    pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
-    pub rope_theta: Option<f64>,
-    pub rope_scaling: Option<RopeParameters>,
-    pub rope_parameters: Option<RopeParameters>,
 }
 
 impl Config {
-    pub fn head_dim(&self) -> usize {
-        self.head_dim
-            .unwrap_or(self.hidden_size / self.num_attention_heads)
-    }
-
     fn is_sparse(&self, layer: usize) -> bool {
         !self.mlp_only_layers.contains(&layer)
             && self.num_experts > 0
@@ -63,14 +45,42 @@ impl Config {
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
+    /// The router and experts `<prefix>.{gate, experts.*}` of a sparse layer.
+    fn load_moe(&self, vb: &Weights, prefix: &str) -> Result<SparseMoe> {
+        let (h, mi, n) = (
+            self.decoder.hidden_size,
+            self.moe_intermediate_size,
+            self.num_experts,
+        );
+        let gates = vb.experts(prefix, "gate_proj", n, mi, h)?;
+        let ups = vb.experts(prefix, "up_proj", n, mi, h)?;
+        let downs = vb.experts(prefix, "down_proj", n, h, mi)?;
+        let experts = gates
+            .into_iter()
+            .zip(ups)
+            .zip(downs)
+            .map(|((gate_proj, up_proj), down_proj)| Mlp {
+                gate_proj,
+                up_proj,
+                down_proj,
+            })
+            .collect();
+        Ok(SparseMoe {
+            gate: vb.linear(&format!("{prefix}.gate"), n, h)?,
+            experts,
+            top_k: self.num_experts_per_tok,
+            norm_topk_prob: self.norm_topk_prob,
+        })
+    }
+}
+
+impl ModelConfig for Config {
     /// Hyper-parameters from GGUF metadata (`qwen3moe.*`). llama.cpp always renormalises the
     /// top-k weights for this architecture unless `expert_weights_norm` says otherwise.
-    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
-        let a = "qwen3moe";
-        let k = |s: &str| format!("{a}.{s}");
+    fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let k = |s: &str| format!("qwen3moe.{s}");
         Ok(Self {
-            vocab_size: g.tensor_dims("token_embd.weight").map_or(0, |d| d[0]),
-            hidden_size: g.meta_usize(&k("embedding_length"))?,
+            decoder: DecoderConfig::from_gguf(g, "qwen3moe")?,
             intermediate_size: g.meta_usize(&k("feed_forward_length")).unwrap_or(0),
             moe_intermediate_size: g.meta_usize(&k("expert_feed_forward_length"))?,
             num_experts: g.meta_usize(&k("expert_count"))?,
@@ -81,17 +91,35 @@ impl Config {
                 .unwrap_or(true),
             decoder_sparse_step: 1,
             mlp_only_layers: Vec::new(),
-            num_hidden_layers: g.meta_usize(&k("block_count"))?,
-            num_attention_heads: g.meta_usize(&k("attention.head_count"))?,
-            num_key_value_heads: g.meta_usize(&k("attention.head_count_kv"))?,
-            head_dim: g.meta_usize(&k("attention.key_length")).ok(),
-            rms_norm_eps: g.meta_f64(&k("attention.layer_norm_rms_epsilon"))?,
-            max_position_embeddings: g.meta_usize(&k("context_length"))?,
-            tie_word_embeddings: !g.has_tensor("output.weight"),
-            rope_theta: Some(g.meta_f64(&k("rope.freq_base"))?),
-            rope_scaling: None,
-            rope_parameters: None,
         })
+    }
+
+    fn decoder_mut(&mut self) -> &mut DecoderConfig {
+        &mut self.decoder
+    }
+
+    fn build(&self, vb: &Weights) -> Result<Box<dyn CausalLm>> {
+        if self.num_experts_per_tok == 0 || self.num_experts_per_tok > self.num_experts {
+            candle_core::bail!(
+                "num_experts_per_tok {} out of range for {} experts",
+                self.num_experts_per_tok,
+                self.num_experts
+            );
+        }
+        let opts = DecoderOptions {
+            qk_norm: true,
+            rope_style: RopeStyle::Half,
+            rope_freq_factors: None,
+        };
+        let (h, i) = (self.decoder.hidden_size, self.intermediate_size);
+        let model = Decoder::load(&self.decoder, &opts, vb, |layer, p| {
+            Ok(if self.is_sparse(layer) {
+                Ffn::Sparse(self.load_moe(vb, p)?)
+            } else {
+                Ffn::Dense(load_mlp(vb, p, h, i)?)
+            })
+        })?;
+        Ok(Box::new(model))
     }
 }
 
@@ -149,12 +177,14 @@ impl SparseMoe {
     }
 }
 
+/// A layer's feed-forward block: dense in `mlp_only_layers` (and off the sparse step), else
+/// routed.
 enum Ffn {
     Dense(Mlp),
     Sparse(SparseMoe),
 }
 
-impl Ffn {
+impl FeedForward for Ffn {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             Ffn::Dense(m) => m.forward(x),
@@ -167,211 +197,5 @@ impl Ffn {
             Ffn::Dense(m) => m.size_in_bytes(),
             Ffn::Sparse(m) => m.size_in_bytes(),
         }
-    }
-}
-
-struct Layer {
-    input_norm: RmsNorm,
-    attn: Attention,
-    post_norm: RmsNorm,
-    ffn: Ffn,
-}
-
-/// A Qwen3-MoE model with its KV cache.
-pub struct Model {
-    embed: Embedding,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: Rope,
-    vocab_size: usize,
-    weight_bytes: usize,
-}
-
-impl Model {
-    pub fn new(cfg: &Config, vb: &Weights) -> Result<Self> {
-        let (h, hd) = (cfg.hidden_size, cfg.head_dim());
-        let (nh, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        if nkv == 0 || nh % nkv != 0 {
-            candle_core::bail!(
-                "num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}"
-            );
-        }
-        if cfg.num_experts_per_tok == 0 || cfg.num_experts_per_tok > cfg.num_experts {
-            candle_core::bail!(
-                "num_experts_per_tok {} out of range for {} experts",
-                cfg.num_experts_per_tok,
-                cfg.num_experts
-            );
-        }
-        let (theta, scaling) = RopeScaling::from_hf(
-            cfg.rope_theta,
-            cfg.rope_scaling.as_ref(),
-            cfg.rope_parameters.as_ref(),
-        )
-        .map_err(candle_core::Error::msg)?;
-        let rope = Rope::new(
-            hd,
-            theta,
-            &scaling,
-            RopeStyle::Half,
-            cfg.max_position_embeddings,
-            &vb.device,
-        )?;
-        let embed = Embedding::load(vb, "model.embed_tokens.weight", cfg.vocab_size, h)?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{i}");
-            let attn = Attention {
-                q_proj: vb.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                k_proj: vb.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                v_proj: vb.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
-                o_proj: vb.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                q_norm: Some(vb.rms_norm(
-                    &format!("{p}.self_attn.q_norm.weight"),
-                    hd,
-                    cfg.rms_norm_eps,
-                )?),
-                k_norm: Some(vb.rms_norm(
-                    &format!("{p}.self_attn.k_norm.weight"),
-                    hd,
-                    cfg.rms_norm_eps,
-                )?),
-                num_heads: nh,
-                num_kv_heads: nkv,
-                head_dim: hd,
-                cache: KvCache::default(),
-            };
-            let ffn = if cfg.is_sparse(i) {
-                let mi = cfg.moe_intermediate_size;
-                let n = cfg.num_experts;
-                let gates = vb.experts(&format!("{p}.mlp"), "gate_proj", n, mi, h)?;
-                let ups = vb.experts(&format!("{p}.mlp"), "up_proj", n, mi, h)?;
-                let downs = vb.experts(&format!("{p}.mlp"), "down_proj", n, h, mi)?;
-                let experts = gates
-                    .into_iter()
-                    .zip(ups)
-                    .zip(downs)
-                    .map(|((gate_proj, up_proj), down_proj)| Mlp {
-                        gate_proj,
-                        up_proj,
-                        down_proj,
-                    })
-                    .collect();
-                Ffn::Sparse(SparseMoe {
-                    gate: vb.linear(&format!("{p}.mlp.gate"), n, h)?,
-                    experts,
-                    top_k: cfg.num_experts_per_tok,
-                    norm_topk_prob: cfg.norm_topk_prob,
-                })
-            } else {
-                Ffn::Dense(Mlp {
-                    gate_proj: vb.linear(
-                        &format!("{p}.mlp.gate_proj"),
-                        cfg.intermediate_size,
-                        h,
-                    )?,
-                    up_proj: vb.linear(&format!("{p}.mlp.up_proj"), cfg.intermediate_size, h)?,
-                    down_proj: vb.linear(
-                        &format!("{p}.mlp.down_proj"),
-                        h,
-                        cfg.intermediate_size,
-                    )?,
-                })
-            };
-            layers.push(Layer {
-                input_norm: vb.rms_norm(
-                    &format!("{p}.input_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                attn,
-                post_norm: vb.rms_norm(
-                    &format!("{p}.post_attention_layernorm.weight"),
-                    h,
-                    cfg.rms_norm_eps,
-                )?,
-                ffn,
-            });
-        }
-        let norm = vb.rms_norm("model.norm.weight", h, cfg.rms_norm_eps)?;
-        let lm_head = if !cfg.tie_word_embeddings || vb.contains("lm_head.weight") {
-            vb.linear("lm_head", cfg.vocab_size, h)?
-        } else {
-            vb.linear("model.embed_tokens", cfg.vocab_size, h)?
-        };
-        let weight_bytes = embed.size_in_bytes()
-            + norm.size_in_bytes()
-            + lm_head.size_in_bytes()
-            + layers
-                .iter()
-                .map(|l| {
-                    l.input_norm.size_in_bytes()
-                        + l.attn.size_in_bytes()
-                        + l.post_norm.size_in_bytes()
-                        + l.ffn.size_in_bytes()
-                })
-                .sum::<usize>();
-        Ok(Self {
-            embed,
-            layers,
-            norm,
-            lm_head,
-            rope,
-            vocab_size: cfg.vocab_size,
-            weight_bytes,
-        })
-    }
-}
-
-impl CausalLm for Model {
-    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor> {
-        let offset = self.cache_len();
-        let mut x = self.embed.forward(tokens)?;
-        let mask = if tokens.len() > 1 {
-            Some(causal_mask(tokens.len(), offset, x.dtype(), x.device())?)
-        } else {
-            None
-        };
-        for l in &mut self.layers {
-            let r = x.clone();
-            x = (l
-                .attn
-                .forward(&l.input_norm.forward(&x)?, &self.rope, mask.as_ref())?
-                + r)?;
-            let r = x.clone();
-            x = (l.ffn.forward(&l.post_norm.forward(&x)?)? + r)?;
-        }
-        let x = self.norm.forward(&last_rows(&x, all_rows)?)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
-    }
-
-    fn truncate(&mut self, len: usize) {
-        for l in &mut self.layers {
-            l.attn.cache.truncate(len);
-        }
-    }
-
-    fn cache_len(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.attn.cache.len())
-    }
-
-    fn vocab_size(&self) -> usize {
-        self.vocab_size
-    }
-
-    fn max_positions(&self) -> usize {
-        self.rope.max_positions()
-    }
-
-    fn weight_bytes(&self) -> usize {
-        self.weight_bytes
-    }
-
-    fn cache_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .map(|l| l.attn.cache.size_in_bytes())
-            .sum()
     }
 }

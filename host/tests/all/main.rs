@@ -3,6 +3,7 @@
 
 mod config_files;
 mod harness;
+mod hostile_policies;
 mod openai;
 mod routing;
 mod stand_in;

@@ -8,6 +8,7 @@ mod api;
 mod config;
 mod detok;
 mod e2e;
+mod hub;
 mod templates;
 
 use std::path::PathBuf;

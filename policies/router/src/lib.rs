@@ -14,10 +14,11 @@
 //!    model fits in free VRAM before nodes that need evictions, and those only if
 //!    evictable residents can free enough; ties go to the least-loaded node, then the
 //!    name. The load plan carries the shortfall as `free_mb_needed`.
-//! 5. Otherwise **reject**: 404 when no node could ever host the model (the message
-//!    says why, node by node), 503 with `retry_after_ms` when a feasible node is only
-//!    unreachable or degraded, 503 when every feasible node is full of residents that
-//!    may not be evicted.
+//! 5. Otherwise **reject**: 404 when every node is known to be unable to host the
+//!    model (the message says why, node by node), 503 with `retry_after_ms` when a
+//!    feasible node is only unreachable or degraded — or unreachable without reported
+//!    devices, whose capacity is unknown rather than absent — 503 when every feasible
+//!    node is full of residents that may not be evicted.
 //!
 //! The logic is plain functions over the SDK's plain types, tested natively against
 //! the data-driven cases in `tests/cases/`; [`DefaultRouter`] is exported as the

@@ -6,6 +6,12 @@
 //! the model. Feasibility does not depend on what is loaded; a model no node is
 //! feasible for is a 404.
 //!
+//! An *unreachable* node that has reported no devices is *possibly feasible* (unless
+//! `pinned_on` excludes it): its capacity is unknown, not absent. When no healthy node
+//! can take the model, a possibly-feasible node, or a feasible one that is unreachable
+//! or degraded, makes the answer a 503 with `retry_after_ms`; only when every node is
+//! known to be infeasible (or excluded) is it a 404.
+//!
 //! On a feasible *healthy* node the router takes the `min_devices` eligible devices
 //! with the most free memory. If their free memory covers the model it fits; else the
 //! shortfall must be freed by evicting residents, which is only planned when the
@@ -159,9 +165,16 @@ pub fn place(settings: &Settings, entry: &CatalogueEntry, fleet: &Fleet) -> Deci
     let mut candidates: Vec<Candidate> = Vec::new();
     for node in &fleet.nodes {
         match feasibility(entry, node) {
-            Err(why) => infeasible.push((node, why)),
             Ok(()) if node.health == Health::Healthy => candidates.push(candidate(entry, node)),
             Ok(()) => unavailable.push(node),
+            // The poller never reached this node (or lost it before it reported its
+            // devices): its capacity is unknown, not absent, so it may well host the
+            // model once it answers. `pinned_on` is checked first, so an excluded node
+            // never gets here.
+            Err(Infeasible::NoDevices) if node.health == Health::Unreachable => {
+                unavailable.push(node);
+            }
+            Err(why) => infeasible.push((node, why)),
         }
     }
 
