@@ -6,6 +6,7 @@
 #
 #   ./scripts/up.sh                 # gateway on 127.0.0.1:31313, node on 127.0.0.1:13131
 #   HELEXA_MODEL=/path/to/model ./scripts/up.sh   # another model directory or .gguf file
+#   HELEXA_PROFILE=dev ./scripts/up.sh             # debug build (quicker to build; default release)
 #
 # (`helexa up` replaces this script once the CLI grows it.)
 set -euo pipefail
@@ -16,9 +17,15 @@ model_id="${HELEXA_MODEL_ID:-tiny-qwen3}"
 listen="${HELEXA_LISTEN:-127.0.0.1:31313}"
 node_listen="${HELEXA_NODE_LISTEN:-127.0.0.1:13131}"
 
-echo "building (release) ..."
-cargo build --release --locked -p helexa -p helexa-node -p helexa-engine-cuda
-target="${CARGO_TARGET_DIR:-$root/target}/release"
+profile="${HELEXA_PROFILE:-release}"
+case "$profile" in
+  release) profile_dir=release ;;
+  dev | debug) profile=dev; profile_dir=debug ;;
+  *) echo "HELEXA_PROFILE must be release or dev, not '$profile'" >&2; exit 2 ;;
+esac
+echo "building ($profile) ..."
+cargo build --profile "$profile" --locked -p helexa -p helexa-node -p helexa-engine-cuda
+target="${CARGO_TARGET_DIR:-$root/target}/$profile_dir"
 
 run_dir="$(mktemp -d "${TMPDIR:-/tmp}/helexa-up.XXXXXX")"
 cat > "$run_dir/node.toml" <<TOML
@@ -56,10 +63,24 @@ pids+=($!)
 "$target/helexa" serve --config "$run_dir/gateway.toml" &
 pids+=($!)
 
-for _ in $(seq 1 100); do
-  curl -fsS "http://$listen/v1/models" 2>/dev/null | grep -q "\"$model_id\"" && break
+# Ready = the gateway lists the model as loaded on a node (it is in the catalogue, and so in
+# /v1/models, from the start; "loaded" turns true once a node reports it ready).
+ready=
+for _ in $(seq 1 300); do
+  if curl -fsS "http://$listen/v1/models" 2>/dev/null | tr -d ' \n' \
+      | grep -q "\"id\":\"$model_id\",[^}]*\"loaded\":true"; then
+    ready=1
+    break
+  fi
+  for pid in "${pids[@]}"; do
+    kill -0 "$pid" 2>/dev/null || { echo "a helexa process exited during start-up" >&2; exit 1; }
+  done
   sleep 0.2
 done
+if [ -z "$ready" ]; then
+  echo "$model_id was not loaded after 60 s; see the logs above" >&2
+  exit 1
+fi
 cat <<TXT
 
 helexa is up (model: $model_id).

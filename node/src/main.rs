@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use clap::Parser;
 use helexa_node::config::RawConfig;
 use helexa_node::engine::EngineHandle;
@@ -81,6 +82,13 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, "helexa-node serving");
+    // Token streams are many small writes: without TCP_NODELAY, Nagle's algorithm and the
+    // peer's delayed ACKs hold chunks back for up to ~40 ms each.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+    });
     let drain_state = state.clone();
     axum::serve(listener, helexa_node::app(state))
         .with_graceful_shutdown(async move {

@@ -276,8 +276,10 @@ impl OutputParser {
     }
 
     /// End of generation: flush everything held back. An unterminated tool call is still parsed
-    /// (generation may stop on the closing token); if it does not parse it becomes content, so
-    /// no output is lost.
+    /// (generation may stop on the closing token); if it does not parse, it was cut off (by
+    /// `max_tokens`) and is dropped: half a call is useless as a call and must not leak into
+    /// `content`, where clients would show it. A *closed* call that does not parse is kept as
+    /// content: the model finished it, and the text is all there is to show.
     pub fn finish(&mut self) -> Vec<Event> {
         let mut events = Vec::new();
         let rest = std::mem::take(&mut self.buffer);
@@ -310,14 +312,15 @@ impl OutputParser {
                     });
                     self.tool_calls += 1;
                     self.trim_next = true;
-                } else {
+                } else if closed {
                     let start = self.markers.tool_start.clone().unwrap_or_default();
-                    let end = if closed {
-                        self.markers.tool_end.clone().unwrap_or_default()
-                    } else {
-                        String::new()
-                    };
+                    let end = self.markers.tool_end.clone().unwrap_or_default();
                     self.emit_text(format!("{start}{text}{end}"), events);
+                } else {
+                    tracing::debug!(
+                        bytes = text.len(),
+                        "dropping a tool call cut off before its end"
+                    );
                 }
             }
             _ => {
@@ -635,6 +638,15 @@ mod tests {
             "<tool_call>{\"name\": \"f\", \"arguments\": {}}",
             false,
             &[call(0, "f", "{}")],
+        );
+    }
+
+    #[test]
+    fn tool_call_cut_off_by_the_length_limit_is_not_content() {
+        check_all_splits(
+            "Let me check. <tool_call>{\"name\": \"get_wea",
+            false,
+            &[Event::Content("Let me check.".into())],
         );
     }
 
