@@ -130,7 +130,8 @@ pub struct ChatChunk {
     pub created: u64,
     /// Usually one; empty in the final usage-only chunk.
     pub choices: Vec<ChunkChoice>,
-    /// Present in the final chunk when `stream_options.include_usage` was set.
+    /// Present in the final chunk when `stream_options.include_usage` was set, and in every
+    /// chunk with vLLM's `continuous_usage_stats` (running counts).
     pub usage: Option<Usage>,
 }
 

@@ -43,7 +43,12 @@ pub fn to_chat(body: &str) -> Result<String, PolicyError> {
     }
     if json::optional_bool(&request, "stream")? == Some(true) {
         chat.insert("stream".into(), true.into());
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
+        // Continuous usage stats (vLLM's extension, served by helexa nodes) put the prompt size
+        // in the first chunk, in time for `message_start`; other servers ignore the key.
+        chat.insert(
+            "stream_options".into(),
+            json!({"include_usage": true, "continuous_usage_stats": true}),
+        );
     }
     tools(&request, &mut chat)?;
     tool_choice(&request, &mut chat)?;

@@ -126,15 +126,13 @@ impl MessagesStream {
             .model
             .clone()
             .unwrap_or_else(|| self.request_model.clone());
-        // Chat streams report usage only at the end; a node with continuous usage stats may
-        // already have sent the prompt count in the first chunk.
-        let input_tokens = self.assembler.usage.map_or(0, |u| {
-            u.prompt_tokens - u.cached_tokens().min(u.prompt_tokens)
-        });
-        let cached = self
-            .assembler
-            .usage
-            .map_or(0, |u| u.cached_tokens().min(u.prompt_tokens));
+        // Chat streams report usage only at the end, but a node with continuous usage stats
+        // (which `request` asks for) already sends the prompt count in the first chunk: split it
+        // as `message_delta` does. Without it (older node, or a keepalive forced the start) every
+        // count is 0.
+        let mut start_usage = usage(self.assembler.usage.unwrap_or_default());
+        // Nothing is generated yet; the final count comes with `message_delta`.
+        start_usage["output_tokens"] = 0.into();
         events.push(event(json!({
             "type": "message_start",
             "message": {
@@ -145,12 +143,7 @@ impl MessagesStream {
                 "content": [],
                 "stop_reason": null,
                 "stop_sequence": null,
-                "usage": {
-                    "input_tokens": input_tokens,
-                    "output_tokens": 0,
-                    "cache_creation_input_tokens": 0,
-                    "cache_read_input_tokens": cached,
-                },
+                "usage": start_usage,
             },
         })));
     }

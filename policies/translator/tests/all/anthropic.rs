@@ -99,7 +99,7 @@ fn request_with_every_feature() {
         "top_k": 40,
         "stop": ["\n\nHuman:"],
         "stream": true,
-        "stream_options": {"include_usage": true},
+        "stream_options": {"include_usage": true, "continuous_usage_stats": true},
         "tools": [{"type": "function", "function": {
             "name": "get_weather", "description": "Current weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
@@ -406,6 +406,99 @@ fn stream_text_only() {
             "delta": {"stop_reason": "end_turn", "stop_sequence": null},
             "usage": {"input_tokens": 12, "output_tokens": 4, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 8}
         })
+    );
+}
+
+#[test]
+fn stream_message_start_without_usage_claims_nothing() {
+    // A node without continuous usage stats: the prompt size is unknown at the start.
+    let events = run_stream(
+        Surface::AnthropicMessages,
+        REQUEST,
+        "msg_h1",
+        "stream_text.jsonl",
+    );
+    assert_eq!(
+        events[0].1["message"]["usage"],
+        json!({"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+    );
+}
+
+/// `stream_text.jsonl` as a node with `continuous_usage_stats` sends it: running counts on
+/// every chunk (the cache hit only known at the end), then the usage-only chunk.
+fn continuous_usage_chunks() -> Vec<String> {
+    let mut chunks: Vec<Value> = crate::fixture("stream_text.jsonl")
+        .iter()
+        .map(|c| serde_json::from_str(c).expect("fixture chunk"))
+        .collect();
+    let last = chunks.len() - 1;
+    for (generated, chunk) in chunks[..last].iter_mut().enumerate() {
+        let generated = generated.min(4);
+        chunk["usage"] = json!({"prompt_tokens": 20, "completion_tokens": generated,
+                                "total_tokens": 20 + generated});
+    }
+    chunks[last - 1]["usage"] = chunks[last]["usage"].clone();
+    chunks.iter().map(Value::to_string).collect()
+}
+
+#[test]
+fn stream_message_start_with_continuous_usage() {
+    let translator = DefaultTranslator::configure("{}").expect("settings");
+    let mut stream = translator.new_stream(Surface::AnthropicMessages, REQUEST, "msg_u");
+    let mut events = Vec::new();
+    for chunk in continuous_usage_chunks() {
+        events.extend(stream.push(&chunk).expect("chunk translates"));
+    }
+    events.extend(stream.finish().expect("finish"));
+    let events = parse_events(&events);
+    assert_eq!(
+        shape(&events),
+        vec![
+            ev("message_start", -1, ""),
+            ev("content_block_start", 0, "text"),
+            ev("content_block_delta", 0, "text_delta"),
+            ev("content_block_delta", 0, "text_delta"),
+            ev("content_block_delta", 0, "text_delta"),
+            ev("content_block_stop", 0, ""),
+            ev("message_delta", -1, "end_turn"),
+            ev("message_stop", -1, ""),
+        ]
+    );
+    // The first chunk's prompt count, nothing cached known yet.
+    assert_eq!(
+        events[0].1["message"]["usage"],
+        json!({"input_tokens": 20, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0})
+    );
+    // message_delta keeps the final counts (cached tokens split out of the input).
+    assert_eq!(
+        events[6].1["usage"],
+        json!({"input_tokens": 12, "output_tokens": 4, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 8})
+    );
+}
+
+#[test]
+fn stream_message_start_splits_cached_tokens() {
+    let translator = DefaultTranslator::configure("{}").expect("settings");
+    let mut stream = translator.new_stream(Surface::AnthropicMessages, REQUEST, "msg_c");
+    let first = r#"{"id":"chatcmpl-c","object":"chat.completion.chunk","created":1700000000,"model":"qwen3-8b","choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"usage":{"prompt_tokens":300,"completion_tokens":0,"total_tokens":300,"prompt_tokens_details":{"cached_tokens":256}}}"#;
+    let events = parse_events(&stream.push(first).expect("first chunk"));
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].0, "message_start");
+    assert_eq!(events[0].1["message"]["model"], "qwen3-8b");
+    assert_eq!(
+        events[0].1["message"]["usage"],
+        json!({"input_tokens": 44, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 256})
+    );
+
+    // message_start forced by a keepalive before any chunk: the count is unknown, as before.
+    let mut stream = translator.new_stream(Surface::AnthropicMessages, REQUEST, "msg_k");
+    let events = parse_events(&stream.keepalive());
+    assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 0);
+    assert!(
+        parse_events(&stream.push(first).expect("first chunk"))
+            .iter()
+            .all(|(name, _)| name != "message_start"),
+        "message_start is not repeated"
     );
 }
 
