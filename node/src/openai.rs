@@ -37,6 +37,23 @@ pub struct StreamOptions {
     /// Send a final chunk with `usage`.
     #[serde(default)]
     pub include_usage: Option<bool>,
+    /// vLLM's extension: every chunk carries `usage` with the running counts, so a client
+    /// knows the prompt size from the first chunk on (the Anthropic translator needs it for
+    /// `message_start`).
+    #[serde(default)]
+    pub continuous_usage_stats: Option<bool>,
+}
+
+impl StreamOptions {
+    /// `(include_usage, continuous_usage_stats)` of a request's options.
+    fn flags(options: Option<&Self>) -> (bool, bool) {
+        options.map_or((false, false), |o| {
+            (
+                o.include_usage.unwrap_or(false),
+                o.continuous_usage_stats.unwrap_or(false),
+            )
+        })
+    }
 }
 
 /// Fields shared by both generation routes. Unknown fields are ignored, as OpenAI clients send
@@ -162,6 +179,8 @@ struct Prepared {
     parse: Parse,
     stream: bool,
     include_usage: bool,
+    /// Every streamed chunk carries the running usage.
+    continuous_usage: bool,
 }
 
 fn validate_common(common: &CommonParams) -> Result<(), ApiError> {
@@ -420,15 +439,13 @@ async fn prepare_chat(state: &AppState, request: ChatRequest) -> Result<Prepared
         tools.as_deref().unwrap_or_default(),
         starts_in_reasoning,
     );
+    let (include_usage, continuous_usage) =
+        StreamOptions::flags(request.common.stream_options.as_ref());
     Ok(Prepared {
         stops: stops_of(&request.common),
         stream: request.common.stream.unwrap_or(false),
-        include_usage: request
-            .common
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage,
+        continuous_usage,
         model,
         prompt,
         params,
@@ -474,15 +491,13 @@ async fn prepare_completion(
         return Err(ApiError::bad_param("prompt", "`prompt` must not be empty"));
     }
     let params = params(&request.common, &model, prompt.len())?;
+    let (include_usage, continuous_usage) =
+        StreamOptions::flags(request.common.stream_options.as_ref());
     Ok(Prepared {
         stops: stops_of(&request.common),
         stream: request.common.stream.unwrap_or(false),
-        include_usage: request
-            .common
-            .stream_options
-            .as_ref()
-            .and_then(|o| o.include_usage)
-            .unwrap_or(false),
+        include_usage,
+        continuous_usage,
         model,
         prompt,
         params,
@@ -497,7 +512,8 @@ enum EngineMessage {
 
 /// What the driver reports to its sink.
 enum Output {
-    Event(Event),
+    /// A parsed event, with the number of tokens generated so far.
+    Event(Event, u32),
 }
 
 /// How a generation ended.
@@ -566,14 +582,14 @@ async fn drive(
     .map(|ids| ids[0])
     .collect();
 
-    let mut deliver = |text: &str, parse: &mut Parse, client_gone: &mut bool| {
+    let mut deliver = |text: &str, generated: u32, parse: &mut Parse, client_gone: &mut bool| {
         let events = match parse {
             Parse::Chat(parser) => parser.push(text),
             Parse::Raw if text.is_empty() => Vec::new(),
             Parse::Raw => vec![Event::Content(text.to_owned())],
         };
         for event in events {
-            if !*client_gone && !sink(Output::Event(event)) {
+            if !*client_gone && !sink(Output::Event(event, generated)) {
                 *client_gone = true;
             }
         }
@@ -594,7 +610,7 @@ async fn drive(
                 }
                 let text = detok.push(token)?;
                 let safe = stop.push(&text);
-                deliver(&safe, &mut parse, &mut client_gone);
+                deliver(&safe, received, &mut parse, &mut client_gone);
                 if let Parse::Chat(parser) = &parse
                     && (parser.in_reasoning() || think_ids.contains(&token))
                 {
@@ -628,12 +644,17 @@ async fn drive(
         } else {
             text.push_str(&stop.finish());
         }
-        deliver(&text, &mut parse, &mut client_gone);
+        deliver(
+            &text,
+            summary.generated_tokens,
+            &mut parse,
+            &mut client_gone,
+        );
     }
     let mut tool_calls = 0;
     if let Parse::Chat(parser) = &mut parse {
         for event in parser.finish() {
-            if !client_gone && !sink(Output::Event(event)) {
+            if !client_gone && !sink(Output::Event(event, summary.generated_tokens)) {
                 client_gone = true;
             }
         }
@@ -719,7 +740,7 @@ async fn serve(
         let mut content = String::new();
         let mut reasoning = String::new();
         let mut calls = Vec::new();
-        let outcome = drive(&state, prepared, permit, |Output::Event(event)| {
+        let outcome = drive(&state, prepared, permit, |Output::Event(event, _)| {
             match event {
                 Event::Content(text) => content.push_str(&text),
                 Event::Reasoning(text) => reasoning.push_str(&text),
@@ -760,13 +781,18 @@ async fn serve(
     }
 
     let include_usage = prepared.include_usage;
-    let (tx, rx) = mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
-    let usage_field = move |chunk: &mut Json| {
-        if include_usage {
-            chunk["usage"] = Json::Null;
-        }
+    let continuous_usage = prepared.continuous_usage;
+    let prompt_tokens = prepared.prompt.len() as u32;
+    // The running counts (vLLM's continuous usage stats): the prefix-cache hit is only known
+    // once the engine reports, so `prompt_tokens_details` waits for the final counts.
+    let running_usage = move |generated: u32| {
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": generated,
+               "total_tokens": prompt_tokens + generated})
     };
-    let chunk = move |choice: Json| {
+    let (tx, rx) = mpsc::unbounded_channel::<Result<SseEvent, Infallible>>();
+    // `usage` is the chunk's counts under continuous usage stats; otherwise OpenAI's `null`
+    // (with `include_usage`) or no field at all.
+    let chunk = move |choice: Json, usage: Json| {
         let mut chunk = match surface {
             Surface::Chat => {
                 json!({"id": id, "object": "chat.completion.chunk", "created": created,
@@ -777,7 +803,11 @@ async fn serve(
                                           "model": model_id, "choices": [choice]})
             }
         };
-        usage_field(&mut chunk);
+        if continuous_usage {
+            chunk["usage"] = usage;
+        } else if include_usage {
+            chunk["usage"] = Json::Null;
+        }
         chunk
     };
     let send = {
@@ -793,13 +823,15 @@ async fn serve(
             send(chunk(
                 json!({"index": 0, "delta": {"role": "assistant", "content": ""},
                               "logprobs": null, "finish_reason": null}),
+                running_usage(0),
             ));
         }
-        let result = drive(&task_state, prepared, permit, |Output::Event(event)| {
+        let result = drive(&task_state, prepared, permit, |Output::Event(event, generated)| {
             let delta = match (surface, event) {
                 (Surface::Completion, Event::Content(text)) => {
                     return send(chunk(
                         json!({"index": 0, "text": text, "logprobs": null, "finish_reason": null}),
+                        running_usage(generated),
                     ));
                 }
                 (Surface::Completion, _) => return true,
@@ -812,6 +844,7 @@ async fn serve(
             };
             send(chunk(
                 json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}),
+                running_usage(generated),
             ))
         })
         .await;
@@ -823,9 +856,9 @@ async fn serve(
                     Surface::Completion => json!({"index": 0, "text": "", "logprobs": null,
                                                   "finish_reason": outcome.finish_reason}),
                 };
-                send(chunk(last));
+                send(chunk(last, outcome.usage.to_json()));
                 if include_usage {
-                    let mut usage_chunk = chunk(Json::Null);
+                    let mut usage_chunk = chunk(Json::Null, Json::Null);
                     usage_chunk["choices"] = json!([]);
                     usage_chunk["usage"] = outcome.usage.to_json();
                     send(usage_chunk);

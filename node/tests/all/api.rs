@@ -199,6 +199,109 @@ async fn chat_tool_call_streaming() {
     assert_eq!(usage["usage"]["completion_tokens"], 38);
 }
 
+/// The JSON chunks of a streamed response (the final `[DONE]` checked and dropped).
+async fn stream_chunks(app: &Router, path: &str, body: Value) -> Vec<Value> {
+    let request = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request");
+    let (status, _, text) = send(app, request).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).expect("chunk json"))
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_streaming_continuous_usage_stats() {
+    let mut backend = scripted();
+    backend.reused_prompt_tokens = 200;
+    let app = app_with(backend, Admission::default()).await;
+    let mut request = tools_request(true);
+    // As the Anthropic translator sends it; an unknown option is still accepted.
+    request["stream_options"] =
+        json!({"include_usage": true, "continuous_usage_stats": true, "future_option": 1});
+    let chunks = stream_chunks(&app, "/v1/chat/completions", request).await;
+
+    // The role chunk already carries the prompt size (vLLM's shape: nothing generated yet).
+    let first = &chunks[0];
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(first["usage"]["prompt_tokens"], 258);
+    assert_eq!(first["usage"]["completion_tokens"], 0);
+    assert_eq!(first["usage"]["total_tokens"], 258);
+
+    // Every chunk with a choice has running counts that never go down.
+    let mut previous = 0;
+    for chunk in &chunks[..chunks.len() - 1] {
+        let usage = &chunk["usage"];
+        assert_eq!(usage["prompt_tokens"], 258, "{chunk}");
+        let completion = usage["completion_tokens"].as_u64().expect("completion");
+        assert!(completion >= previous, "{chunk}");
+        assert!(completion <= 38, "{chunk}");
+        assert_eq!(usage["total_tokens"], 258 + completion, "{chunk}");
+        previous = completion;
+    }
+
+    // The finish chunk has the final counts, the cache hit included; the usage-only chunk
+    // of `include_usage` still follows.
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(finish["usage"]["completion_tokens"], 38);
+    assert_eq!(
+        finish["usage"]["prompt_tokens_details"]["cached_tokens"],
+        200
+    );
+    let last = &chunks[chunks.len() - 1];
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(last["usage"]["prompt_tokens"], 258);
+    assert_eq!(last["usage"]["completion_tokens"], 38);
+    assert_eq!(last["usage"]["total_tokens"], 296);
+    assert_eq!(last["usage"]["prompt_tokens_details"]["cached_tokens"], 200);
+}
+
+#[tokio::test]
+async fn streaming_usage_options_off_and_completions() {
+    let app = app().await;
+    let prompt = &reference()["prompts"]["chat"];
+
+    // Without `stream_options` (standard OpenAI): no `usage` field at all.
+    let chunks = stream_chunks(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": prompt["messages"], "stream": true,
+               "max_tokens": 4, "stream_options": {"unknown_key": true}}),
+    )
+    .await;
+    assert!(
+        chunks.iter().all(|c| c.get("usage").is_none()),
+        "{chunks:?}"
+    );
+
+    // `continuous_usage_stats` on the completions surface: counts on every chunk, no
+    // usage-only chunk without `include_usage`.
+    let chunks = stream_chunks(
+        &app,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": prompt["text"], "stream": true, "max_tokens": 3,
+               "stream_options": {"continuous_usage_stats": true}}),
+    )
+    .await;
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["choices"].as_array().is_some_and(|a| a.len() == 1))
+    );
+    assert_eq!(chunks[0]["usage"]["prompt_tokens"], 43);
+    assert_eq!(chunks[0]["usage"]["completion_tokens"], 1);
+    let last = chunks.last().expect("chunks");
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    assert_eq!(last["usage"]["completion_tokens"], 3);
+    assert_eq!(last["usage"]["total_tokens"], 46);
+}
+
 #[tokio::test]
 async fn chat_reasoning_split_and_accounting() {
     let app = app().await;
