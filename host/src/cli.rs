@@ -1,5 +1,6 @@
 //! The `helexa` command line. `main.rs` only calls [`run`]; each subcommand lives in
-//! its own module under `cli/` (`serve` now; `up`, `status`, `plugin …` later).
+//! its own module under `cli/` (only `serve` exists;
+//! `up`, `status` and `plugin …` are planned, not implemented).
 
 pub mod serve;
 

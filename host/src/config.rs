@@ -254,8 +254,9 @@ pub struct ApiKey {
 pub struct ProxyConfig {
     /// TCP connect timeout to a node.
     pub connect_timeout: Duration,
-    /// Longest silence between two chunks of a node's response before it counts as
-    /// stalled (a read timeout, not a cap on the whole response).
+    /// Longest silence between two chunks of a node's streamed response before it
+    /// counts as stalled (a read timeout, not a cap on the whole response). Non-streamed
+    /// requests are not cut by it: the node sends nothing until the answer is complete.
     pub stall_timeout: Duration,
     /// Longest a `POST /models/load` may take (downloads can be slow).
     pub load_timeout: Duration,

@@ -43,7 +43,8 @@ pub enum GatewayError {
         /// When to retry, ms.
         retry_after_ms: u32,
     },
-    /// A node answered with an error (its status is kept for 4xx; 5xx become 502).
+    /// A node answered with an error, or never answered (its status is kept for 4xx,
+    /// 503 and 504; other 5xx become 502).
     #[error("{message}")]
     Upstream {
         /// The node's status.
@@ -84,6 +85,7 @@ impl GatewayError {
             GatewayError::Upstream { status, .. } => match StatusCode::from_u16(*status) {
                 Ok(s) if s.is_client_error() => s,
                 Ok(StatusCode::SERVICE_UNAVAILABLE) => StatusCode::SERVICE_UNAVAILABLE,
+                Ok(StatusCode::GATEWAY_TIMEOUT) => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             },
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -150,7 +152,10 @@ impl GatewayError {
     /// Build the response with `body` as JSON, the status and `Retry-After`; logs 5xx.
     pub(crate) fn respond(&self, body: serde_json::Value) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        if matches!(self, GatewayError::Unavailable { .. }) {
+            // Expected under load (a full queue, a full translator pool): not a fault.
+            tracing::warn!(status = status.as_u16(), error = %self, "request deferred");
+        } else if status.is_server_error() {
             // Client input never reaches error level: 5xx are gateway or node failures.
             tracing::error!(status = status.as_u16(), error = %self, "request failed");
         } else {

@@ -4,7 +4,8 @@
 //! surfaces parse the node's SSE, feed each `data:` payload to the translator's stream
 //! and write the events it returns. Either way a node that dies or stalls mid-stream
 //! (the stall timeout is a per-read timeout of the HTTP client, so it bounds silence,
-//! not the response's length) ends the client's stream with a terminal error event —
+//! not the response's length; it applies to streamed requests only — a non-streamed
+//! generation is silent until it is complete, and the node's own limits bound it) ends the client's stream with a terminal error event —
 //! never a hang — and a client that goes away drops the node request, which makes the
 //! node cancel generation.
 
@@ -27,9 +28,13 @@ use crate::policy::{EventStream, SseEvent};
 /// The HTTP clients towards nodes.
 #[derive(Debug)]
 pub struct Proxy {
-    /// Generation and tokenize calls: no total timeout (streams are long), a read
-    /// timeout as stall detector.
+    /// Streamed generation: no total timeout (streams are long), a read timeout as
+    /// stall detector.
     data: reqwest::Client,
+    /// Non-streamed generation and tokenize: no read timeout, since the node sends
+    /// nothing until the whole answer is ready (which may take minutes); the node's
+    /// `max_tokens` and context limits bound how long that is.
+    unary: reqwest::Client,
     /// Load and unload: a total timeout sized for downloads.
     control: reqwest::Client,
 }
@@ -44,22 +49,35 @@ impl Proxy {
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.stall_timeout)
             .build()?;
+        let unary = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .connect_timeout(config.connect_timeout)
+            .build()?;
         let control = reqwest::Client::builder()
             .tcp_nodelay(true)
             .connect_timeout(config.connect_timeout)
             .timeout(config.load_timeout)
             .build()?;
-        Ok(Proxy { data, control })
+        Ok(Proxy {
+            data,
+            unary,
+            control,
+        })
     }
 
     /// `POST {endpoint}{path}` with a JSON body; resolves when the node's headers arrive.
+    /// `stream` picks the client: only streamed answers are cut by the stall timeout.
     pub async fn forward(
         &self,
         endpoint: &str,
         path: &str,
         body: Bytes,
+        stream: bool,
     ) -> reqwest::Result<reqwest::Response> {
-        self.data
+        let client = if stream { &self.data } else { &self.unary };
+        client
             .post(format!("{endpoint}{path}"))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body)

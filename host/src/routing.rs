@@ -1,8 +1,12 @@
 //! The routing path: turn a request into a [`RequestInfo`], ask the router, and carry out
 //! its [`Decision`] until a node has answered with a response the client can get.
 //!
-//! - `Serve`: send to the node; on a connect failure or a 5xx before the first byte, try
-//!   the plan's fallbacks in order.
+//! - `Serve`: send to the node; when it could not take the request — connect failure,
+//!   429, 5xx (a 503 `model_failed` means that replica is out) — try the plan's
+//!   fallbacks in order. A request the node received and then failed (timeout, reset)
+//!   is never re-sent: generation may have run, and a second node would repeat it.
+//!   Only when every replica answered a plain 503 (busy, loading) does the router get
+//!   asked again, within the queue budget.
 //! - `Load`: free memory if asked (the evictor picks victims, each is unloaded), load
 //!   the model — one load per (node, model) however many requests wait for it — then send.
 //! - `RetryAfter(ms)`: wait and ask again, within the queue budget; then 503.
@@ -86,11 +90,24 @@ pub struct Routed {
 
 enum Attempt {
     Done(Box<Routed>),
-    /// The node failed before the first byte; `unavailable` = it said 503 (busy/loading).
+    /// The node did not serve the request; `next` says what may be tried after it.
     Failed {
         error: GatewayError,
-        unavailable: bool,
+        next: Next,
     },
+}
+
+/// What a failed attempt allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// A plain 503 (busy, loading): other replicas, then the router again (it may be
+    /// ready soon).
+    Busy,
+    /// The node refused or never got the request (connect failure, 429, 5xx,
+    /// `model_failed`): other replicas, but no waiting on this one.
+    Fallback,
+    /// The node got the request and then failed (timeout, reset): never re-send.
+    Stop,
 }
 
 impl Gateway {
@@ -121,13 +138,20 @@ impl Gateway {
             let attempt = match decision {
                 Decision::Serve(plan) => {
                     let mut last = None;
-                    let mut all_unavailable = true;
+                    let mut all_busy = true;
                     for node in std::iter::once(&plan.node).chain(&plan.fallbacks) {
-                        match self.send(node, path, body.clone(), &model).await {
+                        match self
+                            .send(node, path, body.clone(), &model, info.stream)
+                            .await
+                        {
                             Attempt::Done(routed) => return Ok(*routed),
-                            Attempt::Failed { error, unavailable } => {
+                            Attempt::Failed {
+                                error,
+                                next: Next::Stop,
+                            } => return Err(error),
+                            Attempt::Failed { error, next } => {
                                 tracing::warn!(%node, model = %model, %error, "node failed before the first byte");
-                                all_unavailable &= unavailable;
+                                all_busy &= next == Next::Busy;
                                 last = Some(error);
                             }
                         }
@@ -135,7 +159,7 @@ impl Gateway {
                     Attempt::Failed {
                         error: last
                             .unwrap_or_else(|| GatewayError::Internal("empty serve plan".into())),
-                        unavailable: all_unavailable,
+                        next: if all_busy { Next::Busy } else { Next::Fallback },
                     }
                 }
                 Decision::Load(plan) => {
@@ -143,7 +167,8 @@ impl Gateway {
                         return Err(not_in_catalogue(&info.model));
                     };
                     self.ensure_loaded(&plan, spec).await?;
-                    self.send(&plan.node, path, body.clone(), &model).await
+                    self.send(&plan.node, path, body.clone(), &model, info.stream)
+                        .await
                 }
                 Decision::RetryAfter(ms) => {
                     let wait = Duration::from_millis(u64::from(ms.max(10)));
@@ -175,7 +200,7 @@ impl Gateway {
                 Attempt::Done(routed) => return Ok(*routed),
                 // A busy or loading node may be ready soon: ask the router again.
                 Attempt::Failed {
-                    unavailable: true, ..
+                    next: Next::Busy, ..
                 } if started.elapsed() + Duration::from_millis(500) < budget => {
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
@@ -184,40 +209,106 @@ impl Gateway {
         }
     }
 
-    /// Send once to `node`; a 4xx is a final answer (relayed), a 5xx or connect failure
-    /// is a failed attempt.
-    async fn send(&self, node: &str, path: &str, body: Bytes, model: &str) -> Attempt {
+    /// Send once to `node`. A 4xx other than 429 is a final answer (relayed); 429, 5xx
+    /// and connect failures let the caller try another replica; a failure after the
+    /// node got the request does not.
+    async fn send(
+        &self,
+        node: &str,
+        path: &str,
+        body: Bytes,
+        model: &str,
+        stream: bool,
+    ) -> Attempt {
         let Some(handle) = self.fleet.node(node) else {
             return Attempt::Failed {
                 error: GatewayError::Internal(format!("router chose unknown node \"{node}\"")),
-                unavailable: false,
+                next: Next::Fallback,
             };
         };
         match self
             .proxy
-            .forward(&handle.config.endpoint, path, body)
+            .forward(&handle.config.endpoint, path, body, stream)
             .await
         {
-            Ok(response) if response.status().is_server_error() => {
+            Ok(response)
+                if response.status().is_server_error()
+                    || response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS =>
+            {
                 let error = upstream_error(node, response).await;
-                let unavailable = error.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE;
-                Attempt::Failed { error, unavailable }
+                let next = match &error {
+                    GatewayError::Upstream {
+                        status: 503, code, ..
+                    } if code.as_deref() == Some(api::error_code::MODEL_FAILED) => {
+                        // The model is poisoned on that node (a device fault): waiting
+                        // will not help. Refresh the fleet view so the router sees it.
+                        self.refresh_soon(node);
+                        Next::Fallback
+                    }
+                    GatewayError::Upstream { status: 503, .. } => Next::Busy,
+                    _ => Next::Fallback,
+                };
+                Attempt::Failed {
+                    error: replica_out(node, error),
+                    next,
+                }
             }
             Ok(response) => Attempt::Done(Box::new(Routed {
                 node: node.to_owned(),
                 response,
                 model: model.to_owned(),
             })),
-            Err(e) => Attempt::Failed {
+            // The request never reached the node: safe to send elsewhere.
+            Err(e) if e.is_connect() => Attempt::Failed {
                 error: GatewayError::Upstream {
                     status: 502,
                     message: format!("node \"{node}\" is unreachable: {e}"),
                     code: Some("node_unreachable".to_owned()),
                     retry_after_ms: None,
                 },
-                unavailable: false,
+                next: Next::Fallback,
+            },
+            // The node may be generating (or have generated) already: re-sending would
+            // run the request twice, so the client gets the failure.
+            Err(e) => Attempt::Failed {
+                error: GatewayError::Upstream {
+                    status: if e.is_timeout() { 504 } else { 502 },
+                    message: format!("node \"{node}\" failed after receiving the request: {e}"),
+                    code: Some(
+                        if e.is_timeout() {
+                            "node_timeout"
+                        } else {
+                            "node_failed"
+                        }
+                        .to_owned(),
+                    ),
+                    retry_after_ms: None,
+                },
+                next: Next::Stop,
             },
         }
+    }
+
+    /// Send once to `node`, outside any routing plan (no fallbacks): the node's answer
+    /// if it took the request (any status below 500 except 429), else the error.
+    pub(crate) async fn send_once(
+        &self,
+        node: &str,
+        path: &str,
+        body: Bytes,
+        model: &str,
+    ) -> Result<Routed, GatewayError> {
+        match self.send(node, path, body, model, false).await {
+            Attempt::Done(routed) => Ok(*routed),
+            Attempt::Failed { error, .. } => Err(error),
+        }
+    }
+
+    /// Re-poll `node` in the background.
+    fn refresh_soon(&self, node: &str) {
+        let fleet = Arc::clone(&self.fleet);
+        let node = node.to_owned();
+        tokio::spawn(async move { fleet.refresh(&node).await });
     }
 
     /// Load `spec` on `plan.node` (evicting first if the plan says so), sharing one load
@@ -345,6 +436,26 @@ impl Gateway {
         };
         self.fleet.refresh(&plan.node).await;
         result
+    }
+}
+
+/// A node's `model_failed` becomes a 503 naming the node and its reason, with a
+/// `Retry-After` (an operator must reload the model there, or another replica serves);
+/// other errors are unchanged.
+fn replica_out(node: &str, error: GatewayError) -> GatewayError {
+    match error {
+        GatewayError::Upstream {
+            status: 503,
+            message,
+            code,
+            retry_after_ms,
+        } if code.as_deref() == Some(api::error_code::MODEL_FAILED) => GatewayError::Upstream {
+            status: 503,
+            message: format!("node \"{node}\" cannot serve this model: {message}"),
+            code,
+            retry_after_ms: Some(retry_after_ms.unwrap_or(5000)),
+        },
+        other => other,
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::policy::{ModelState, RequestInfo, Surface, TranslateError};
+use crate::policy::{Health, ModelState, RequestInfo, Surface, TranslateError};
 use crate::proxy::{self, Observer};
 use crate::routing::{RequestHead, Routed, upstream_error};
 
@@ -91,6 +91,11 @@ impl Gateway {
             .headers()
             .get(reqwest::header::CONTENT_TYPE)
             .cloned();
+        let retry_after = routed
+            .response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .cloned();
         let sse = content_type
             .as_ref()
             .and_then(|v| v.to_str().ok())
@@ -103,6 +108,10 @@ impl Gateway {
             header::CONTENT_TYPE,
             content_type.unwrap_or(HeaderValue::from_static("application/json")),
         );
+        // A relayed 4xx may say when to come back.
+        if let Some(retry_after) = retry_after {
+            headers.insert(header::RETRY_AFTER, retry_after);
+        }
         if sse {
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
         }
@@ -175,6 +184,21 @@ impl Gateway {
             _ => "resp_",
         };
         let id = format!("{prefix}{}", uuid::Uuid::new_v4().simple());
+        // The translator stream first: when none can be had (the instance pool is full
+        // under many concurrent streams) the node must not be asked to generate for a
+        // response nobody could translate.
+        let translator = self
+            .policies
+            .response_stream(surface, client_body, &id)
+            .map_err(|e| match e {
+                TranslateError::InvalidInput(message) => GatewayError::bad_request(message),
+                TranslateError::Failed(message) => GatewayError::Unavailable {
+                    message: format!(
+                        "the gateway cannot start another translated stream now ({message}); retry shortly"
+                    ),
+                    retry_after_ms: 1000,
+                },
+            })?;
         let gateway = Arc::clone(self);
         let mut route = Box::pin(async move {
             let routed = gateway
@@ -193,10 +217,6 @@ impl Gateway {
                 route.await.map_err(|e: GatewayError| e.client_message())
             })),
         };
-        let translator = self
-            .policies
-            .response_stream(surface, client_body, &id)
-            .map_err(translate_error)?;
         let body = proxy::translate(
             upstream,
             translator,
@@ -215,7 +235,9 @@ impl Gateway {
     }
 
     /// `POST /v1/messages/count_tokens`: translate, then ask a node to tokenize the
-    /// rendered chat (messages + tools, through the model's template).
+    /// rendered chat (messages + tools, through the model's template). Only a node
+    /// where the model is already ready is asked: counting tokens is not worth a cold
+    /// load (and the evictions it may cause), so the router is not consulted.
     pub async fn count_tokens(
         self: &Arc<Self>,
         request: ClientRequest,
@@ -238,7 +260,7 @@ impl Gateway {
             .find(&request.info.model)
             .map_or_else(|| request.info.model.clone(), |m| m.id.clone());
         let tokenize = api::TokenizeRequest {
-            model,
+            model: model.clone(),
             prompt: None,
             messages: chat.get("messages").and_then(Value::as_array).cloned(),
             tools: chat.get("tools").and_then(Value::as_array).cloned(),
@@ -251,7 +273,7 @@ impl Gateway {
         let payload = serde_json::to_vec(&tokenize)
             .map_err(|e| GatewayError::Internal(format!("encoding /tokenize: {e}")))?;
         let routed = self
-            .dispatch(&request.info, "/tokenize", Bytes::from(payload))
+            .tokenize_where_ready(&model, Bytes::from(payload))
             .await?;
         if !routed.response.status().is_success() {
             return Err(upstream_error(&routed.node, routed.response).await);
@@ -268,6 +290,41 @@ impl Gateway {
                     retry_after_ms: None,
                 })?;
         Ok(json!({ "input_tokens": answer.count }))
+    }
+
+    /// Send a `/tokenize` body to the reachable nodes where `model` is ready, in turn,
+    /// until one answers (tokenizing twice is harmless).
+    async fn tokenize_where_ready(
+        &self,
+        model: &str,
+        payload: Bytes,
+    ) -> Result<Routed, GatewayError> {
+        let fleet = self.fleet.view();
+        let ready = fleet.nodes.iter().filter(|n| {
+            n.health != Health::Unreachable
+                && n.models
+                    .iter()
+                    .any(|m| m.id == model && m.state == ModelState::Ready)
+        });
+        let mut last = None;
+        for node in ready {
+            match self
+                .send_once(&node.name, "/tokenize", payload.clone(), model)
+                .await
+            {
+                Ok(routed) => return Ok(routed),
+                Err(error) => {
+                    tracing::warn!(node = %node.name, %model, %error, "tokenize failed");
+                    last = Some(error);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| GatewayError::Unavailable {
+            message: format!(
+                "model \"{model}\" is not loaded on any node, so its tokens cannot be counted now; send a request that uses it, then retry"
+            ),
+            retry_after_ms: 5000,
+        }))
     }
 
     /// `GET /v1/models`: the catalogue joined with where each model is loaded and which
@@ -293,16 +350,7 @@ impl Gateway {
                     .nodes
                     .iter()
                     .filter(|n| spec.pinned_on.is_empty() || spec.pinned_on.contains(&n.name))
-                    .filter(|n| {
-                        let big_enough = n
-                            .devices
-                            .iter()
-                            .filter(|d| d.vram_total_mb >= spec.min_device_vram_mb)
-                            .collect::<Vec<_>>();
-                        big_enough.len() >= spec.min_devices as usize
-                            && big_enough.iter().map(|d| d.vram_total_mb).sum::<u64>()
-                                >= spec.vram_mb
-                    })
+                    .filter(|n| feasible(spec, n))
                     .map(|n| n.name.as_str())
                     .collect();
                 json!({
@@ -341,6 +389,26 @@ impl Gateway {
             "policies": self.policies.describe(),
         })
     }
+}
+
+/// Whether `node` could ever host `spec` — the router's rule, so `/v1/models` never
+/// advertises a node the router would not load on (keep in step with `feasibility` in
+/// `policies/router/src/placement.rs`): the model must fit in the total memory of its
+/// `min_devices.max(1)` largest devices of at least `min_device_vram_mb` each (it is
+/// split over exactly that many devices, not over every device of the node).
+fn feasible(spec: &crate::catalogue::ModelSpec, node: &crate::policy::Node) -> bool {
+    let needed = usize::try_from(spec.min_devices.max(1)).unwrap_or(usize::MAX);
+    let mut eligible: Vec<u64> = node
+        .devices
+        .iter()
+        .map(|d| d.vram_total_mb)
+        .filter(|&total| total >= spec.min_device_vram_mb)
+        .collect();
+    if eligible.len() < needed {
+        return false;
+    }
+    eligible.sort_unstable_by(|a, b| b.cmp(a));
+    eligible.iter().take(needed).sum::<u64>() >= spec.vram_mb
 }
 
 fn translate_error(e: TranslateError) -> GatewayError {

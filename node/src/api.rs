@@ -222,8 +222,13 @@ async fn tokenize(
     State(state): State<AppState>,
     Json(request): Json<TokenizeRequest>,
 ) -> Result<Json<TokenizeResponse>, ApiError> {
-    let (model, text) = request_text(&state, &request)?;
-    let tokens = model.tokenizer.encode(&text)?;
+    // Rendering and tokenization are CPU-bound: keep them off the async workers.
+    let tokens = tokio::task::spawn_blocking(move || {
+        let (model, text) = request_text(&state, &request)?;
+        Ok::<_, ApiError>(model.tokenizer.encode(&text)?)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     Ok(Json(TokenizeResponse {
         count: tokens.len(),
         tokens,
@@ -254,7 +259,9 @@ async fn apply_template(
     if request.messages.is_none() {
         return Err(ApiError::bad_param("messages", "`messages` is required"));
     }
-    let (_, prompt) = request_text(&state, &request)?;
+    let (_, prompt) = tokio::task::spawn_blocking(move || request_text(&state, &request))
+        .await
+        .map_err(ApiError::internal)??;
     Ok(Json(ApplyTemplateResponse { prompt }))
 }
 

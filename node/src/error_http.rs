@@ -128,6 +128,7 @@ impl From<SourceError> for ApiError {
                 error_code::UNKNOWN_ARCHITECTURE,
                 message,
             ),
+            SourceError::InvalidSource(_) => ApiError::bad_param("source", message),
             SourceError::Unavailable(_) => {
                 let mut e = ApiError::bad_param("source", message);
                 e.status = StatusCode::BAD_GATEWAY;

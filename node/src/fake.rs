@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use helexa_engine_abi::json::{
@@ -32,6 +32,10 @@ pub struct FakeBackend {
     pub token_delay: Option<Duration>,
     /// Prompt tokens reported as reused from the prefix cache.
     pub reused_prompt_tokens: u32,
+    /// Sleep inside `load_model` (to test callers that give up on a slow load).
+    pub load_delay: Option<Duration>,
+    /// While set, `generate` fails with a `DeviceFault` (the device died mid-request).
+    pub device_fault: AtomicBool,
 }
 
 impl FakeBackend {
@@ -45,6 +49,8 @@ impl FakeBackend {
             total_mb: 1024,
             token_delay: None,
             reused_prompt_tokens: 0,
+            load_delay: None,
+            device_fault: AtomicBool::new(false),
         }
     }
 
@@ -75,6 +81,9 @@ impl Backend for FakeBackend {
                 kind: ErrorKind::Unsupported,
                 message: format!("architecture {} is not supported", spec.architecture),
             });
+        }
+        if let Some(delay) = self.load_delay {
+            std::thread::sleep(delay);
         }
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.models
@@ -134,6 +143,12 @@ impl Backend for FakeBackend {
             return Err(BackendError {
                 kind: ErrorKind::NotFound,
                 message: format!("no model {model}"),
+            });
+        }
+        if self.device_fault.load(Ordering::SeqCst) {
+            return Err(BackendError {
+                kind: ErrorKind::DeviceFault,
+                message: "fake device lost".into(),
             });
         }
         let mut summary = GenerateSummary {

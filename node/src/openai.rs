@@ -183,6 +183,11 @@ struct Prepared {
     continuous_usage: bool,
 }
 
+/// OpenAI's limit on the number of stop strings.
+const MAX_STOPS: usize = 4;
+/// Longest stop string accepted: the stop matcher holds back up to this much text.
+const MAX_STOP_BYTES: usize = 256;
+
 fn validate_common(common: &CommonParams) -> Result<(), ApiError> {
     if common.model.trim().is_empty() {
         return Err(ApiError::bad_param("model", "`model` is required"));
@@ -255,6 +260,29 @@ fn validate_common(common: &CommonParams) -> Result<(), ApiError> {
             ));
         }
     }
+    let stops: &[String] = match &common.stop {
+        None => &[],
+        Some(StopField::One(s)) => std::slice::from_ref(s),
+        Some(StopField::Many(v)) => v,
+    };
+    if stops.len() > MAX_STOPS {
+        return Err(ApiError::bad_param(
+            "stop",
+            format!(
+                "`stop` has {} strings; at most {MAX_STOPS} are allowed",
+                stops.len()
+            ),
+        ));
+    }
+    if let Some(long) = stops.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::bad_param(
+            "stop",
+            format!(
+                "a `stop` string is {} bytes long; each may be at most {MAX_STOP_BYTES}",
+                long.len()
+            ),
+        ));
+    }
     if common.max_completion_tokens == Some(0) || common.max_tokens == Some(0) {
         return Err(ApiError::bad_param(
             "max_tokens",
@@ -297,15 +325,17 @@ fn sampling(common: &CommonParams, model: &Model) -> Sampling {
     }
 }
 
+/// `prompt_param` names the request field the prompt came from (`messages` or `prompt`).
 fn params(
     common: &CommonParams,
     model: &Model,
     prompt_len: usize,
+    prompt_param: &str,
 ) -> Result<GenerateParams, ApiError> {
     let context = model.loaded.context_length as usize;
     if prompt_len >= context {
         return Err(ApiError::bad_param(
-            "messages",
+            prompt_param,
             format!(
                 "the prompt has {prompt_len} tokens but model {:?} has a context of {context}; shorten it",
                 model.id
@@ -418,15 +448,20 @@ async fn prepare_chat(state: &AppState, request: ChatRequest) -> Result<Prepared
     let model = state.model(&request.common.model)?;
     let tools_off = request.tool_choice.as_ref().and_then(Json::as_str) == Some("none");
     let tools: Option<Vec<Json>> = request.tools.filter(|t| !t.is_empty() && !tools_off);
-    let text = render_chat(
-        &model,
-        &request.messages,
-        tools.as_deref(),
-        request.chat_template_kwargs.as_ref(),
-        true,
-    )?;
-    let prompt = model.tokenizer.encode(&text)?;
-    let params = params(&request.common, &model, prompt.len())?;
+    // Template rendering and tokenization are CPU-bound: keep them off the async workers.
+    let (text, prompt, tools) = {
+        let model = model.clone();
+        let messages = request.messages;
+        let kwargs = request.chat_template_kwargs;
+        tokio::task::spawn_blocking(move || {
+            let text = render_chat(&model, &messages, tools.as_deref(), kwargs.as_ref(), true)?;
+            let prompt = model.tokenizer.encode(&text)?;
+            Ok::<_, ApiError>((text, prompt, tools))
+        })
+        .await
+        .map_err(ApiError::internal)??
+    };
+    let params = params(&request.common, &model, prompt.len(), "messages")?;
     let mut markers = model.tokenizer.markers.clone();
     if tools.is_none() {
         // Without tools offered, tool-call markers are plain text.
@@ -462,11 +497,21 @@ async fn prepare_completion(
         return Err(ApiError::bad_param("echo", "`echo` is not supported"));
     }
     let model = state.model(&request.common.model)?;
+    // Tokenization is CPU-bound: keep it off the async workers.
+    let encode = |text: String| {
+        let model = model.clone();
+        async move {
+            tokio::task::spawn_blocking(move || model.tokenizer.encode(&text))
+                .await
+                .map_err(ApiError::internal)?
+                .map_err(ApiError::from)
+        }
+    };
     let prompt = match &request.prompt {
-        Json::String(text) => model.tokenizer.encode(text)?,
-        Json::Array(items) if items.len() == 1 && items[0].is_string() => model
-            .tokenizer
-            .encode(items[0].as_str().unwrap_or_default())?,
+        Json::String(text) => encode(text.clone()).await?,
+        Json::Array(items) if items.len() == 1 && items[0].is_string() => {
+            encode(items[0].as_str().unwrap_or_default().to_owned()).await?
+        }
         Json::Array(items) if !items.is_empty() && items.iter().all(Json::is_u64) => {
             let vocab = model.loaded.vocab_size as u64;
             items
@@ -490,7 +535,7 @@ async fn prepare_completion(
     if prompt.is_empty() {
         return Err(ApiError::bad_param("prompt", "`prompt` must not be empty"));
     }
-    let params = params(&request.common, &model, prompt.len())?;
+    let params = params(&request.common, &model, prompt.len(), "prompt")?;
     let (include_usage, continuous_usage) =
         StreamOptions::flags(request.common.stream_options.as_ref());
     Ok(Prepared {
@@ -522,6 +567,22 @@ struct Outcome {
     usage: Usage,
 }
 
+/// The `in_flight` gauge of one generation; decrements when dropped.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Run one generation: the engine on a blocking thread, tokens to `sink` as parsed events.
 /// `sink` returns false when the client is gone, which cancels the engine.
 async fn drive(
@@ -547,8 +608,8 @@ async fn drive(
     let handle = model.loaded.handle;
     let prompt_len = prompt.len() as u32;
     let stop_ids = params.stop_ids.clone();
-    let in_flight = metrics.in_flight.with_label_values(&[&model.id]);
-    in_flight.inc();
+    // Decremented on drop, so an early return or a dropped request future cannot leak it.
+    let in_flight = InFlight::new(metrics.in_flight.with_label_values(&[&model.id]));
     let worker = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let result = backend.generate(handle, &params, &prompt, &mut |token| {
@@ -630,12 +691,21 @@ async fn drive(
             }
         }
     }
-    in_flight.dec();
+    drop(in_flight);
     // The worker only ends after sending Done (or panicking): surface a panic as a 500.
     worker.await.map_err(ApiError::internal)?;
-    let summary = summary
-        .ok_or_else(|| ApiError::internal("engine worker ended without a summary"))?
-        .map_err(ApiError::from)?;
+    let Some(summary) = summary else {
+        return Err(ApiError::internal("engine worker ended without a summary"));
+    };
+    let summary = match summary {
+        Ok(summary) => summary,
+        Err(error) => {
+            if error.kind == helexa_engine_abi::ErrorKind::DeviceFault {
+                state.mark_failed(&model, &error.message);
+            }
+            return Err(ApiError::from(error));
+        }
+    };
     if !stopped_by_string {
         let tail = detok.finish()?;
         let mut text = stop.push(&tail);

@@ -40,7 +40,11 @@ pub enum SourceError {
     /// No architecture can be determined.
     #[error("unknown architecture: {0}")]
     UnknownArchitecture(String),
-    /// The source is not a path and not a repo id, or download failed.
+    /// The source itself is malformed: neither a path nor a repo id, a file that is not a
+    /// `.gguf`, an unreadable or corrupt GGUF. A client error.
+    #[error("{0}; {SOURCE_HINT}")]
+    InvalidSource(String),
+    /// The hub or the network failed (download, offline cache miss).
     #[error("{0}")]
     Unavailable(String),
 }
@@ -142,6 +146,19 @@ impl HubOptions {
     }
 }
 
+/// What a valid `source` looks like; appended to [`SourceError::InvalidSource`] messages.
+pub const SOURCE_HINT: &str = "a source is a local model directory (config.json, tokenizer.json, \
+    *.safetensors or *.gguf), a path to a .gguf file, or a Hugging Face repo id `org/name`";
+
+/// Run synchronous file work (directory scans, GGUF metadata reads) off the async workers.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SourceError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        SourceError::Unavailable(format!("resolving the model files did not finish: {e}"))
+    })?
+}
+
 /// Resolve a source. `cache_dir` overrides the Hugging Face cache location for downloads; the
 /// rest of the hub settings come from the environment ([`HubOptions::from_env`]).
 pub async fn resolve(
@@ -159,11 +176,22 @@ pub async fn resolve_with(
     hub: &HubOptions,
 ) -> Result<ResolvedModel, SourceError> {
     let path = expand_home(source);
-    if path.is_file() {
-        return resolve_gguf_file(&path);
-    }
-    if path.is_dir() {
-        return resolve_dir(&path, quant);
+    let owned_quant = quant.map(str::to_owned);
+    let local = {
+        let quant = owned_quant.clone();
+        blocking(move || {
+            if path.is_file() {
+                return resolve_gguf_file(&path).map(Some);
+            }
+            if path.is_dir() {
+                return resolve_dir(&path, quant.as_deref()).map(Some);
+            }
+            Ok(None)
+        })
+        .await?
+    };
+    if let Some(resolved) = local {
+        return Ok(resolved);
     }
     if looks_like_path(source) {
         return Err(SourceError::MissingFiles {
@@ -172,12 +200,22 @@ pub async fn resolve_with(
         });
     }
     if !is_repo_id(source) {
-        return Err(SourceError::Unavailable(format!(
+        return Err(SourceError::InvalidSource(format!(
             "source {source:?} is neither an existing path nor a Hugging Face repo id (org/name)"
         )));
     }
-    let cached = cached_snapshot(&hub.cache_dir, source);
-    let cache_error = match cached.as_deref().map(|s| resolve_dir(s, quant)) {
+    let cached = {
+        let (cache_dir, source, quant) = (
+            hub.cache_dir.clone(),
+            source.to_owned(),
+            owned_quant.clone(),
+        );
+        blocking(move || {
+            Ok(cached_snapshot(&cache_dir, &source).map(|s| resolve_dir(&s, quant.as_deref())))
+        })
+        .await?
+    };
+    let cache_error = match cached {
         Some(Ok(resolved)) => return Ok(resolved),
         Some(Err(e)) => Some(e),
         None => None,
@@ -192,7 +230,7 @@ pub async fn resolve_with(
         });
     }
     let snapshot = download(source, quant, hub).await?;
-    resolve_dir(&snapshot, quant)
+    blocking(move || resolve_dir(&snapshot, owned_quant.as_deref())).await
 }
 
 fn expand_home(source: &str) -> PathBuf {
@@ -687,15 +725,15 @@ fn read_generation_config(dir: &Path, config: &Json) -> (Vec<u32>, GenerationDef
 /// `tokenizer.json` or the parent directory's (the usual layout of a model with a `gguf/` folder).
 fn resolve_gguf_file(path: &Path) -> Result<ResolvedModel, SourceError> {
     if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
-        return Err(SourceError::Unavailable(format!(
+        return Err(SourceError::InvalidSource(format!(
             "{} is a file but not a .gguf file",
             path.display()
         )));
     }
     let mut file = std::fs::File::open(path)
-        .map_err(|e| SourceError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+        .map_err(|e| SourceError::InvalidSource(format!("cannot open {}: {e}", path.display())))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
-        SourceError::Unavailable(format!(
+        SourceError::InvalidSource(format!(
             "{} is not a readable GGUF file: {e}",
             path.display()
         ))

@@ -39,7 +39,9 @@ pub(crate) struct Inner {
 enum Slot {
     Loading(ModelInfo),
     Ready(Arc<Model>),
-    Failed(ModelInfo),
+    /// Load failed, or the engine reported a device fault while serving; a model that faulted
+    /// keeps its engine handle here so an unload or reload can free it.
+    Failed(ModelInfo, Option<Arc<Model>>),
 }
 
 /// A loaded, servable model.
@@ -239,7 +241,7 @@ impl AppState {
         let mut infos: Vec<ModelInfo> = models
             .values()
             .map(|slot| match slot {
-                Slot::Loading(info) | Slot::Failed(info) => info.clone(),
+                Slot::Loading(info) | Slot::Failed(info, _) => info.clone(),
                 Slot::Ready(model) => model.info(self.0.started),
             })
             .collect();
@@ -257,7 +259,7 @@ impl AppState {
                 format!("model {id:?} is loading; retry shortly"),
                 5,
             )),
-            Some(Slot::Failed(info)) => Err(ApiError::unavailable(
+            Some(Slot::Failed(info, _)) => Err(ApiError::unavailable(
                 error_code::MODEL_FAILED,
                 format!(
                     "model {id:?} failed: {}",
@@ -277,8 +279,29 @@ impl AppState {
         };
     }
 
+    /// The engine reported a device fault while `model` was generating: the model is no longer
+    /// trustworthy, so its slot becomes `Failed` (visible in `/models` and `/health`) and later
+    /// requests get 503 `model_failed` until it is unloaded or reloaded. Only the slot still
+    /// holding this very model is changed (a reload may have replaced it meanwhile).
+    pub fn mark_failed(&self, model: &Arc<Model>, reason: &str) {
+        let mut models = self.0.models.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(Slot::Ready(current)) = models.get(&model.id)
+            && Arc::ptr_eq(current, model)
+        {
+            tracing::error!(id = %model.id, reason, "device fault; model marked failed");
+            let mut info = model.info(self.0.started);
+            info.state = ModelState::Failed;
+            info.error = Some(format!("engine device fault: {reason}"));
+            models.insert(model.id.clone(), Slot::Failed(info, Some(model.clone())));
+        }
+    }
+
     /// Load a model (single flight per id; an already-loaded id with the same source is
     /// returned as is).
+    ///
+    /// The work runs in its own task, so a caller that goes away (gateway timeout, client
+    /// disconnect) cannot leave the slot `Loading` forever or lose the engine handle: the load
+    /// finishes and records its outcome regardless.
     pub async fn load(&self, request: LoadRequest) -> Result<ModelInfo, ApiError> {
         if request.id.trim().is_empty() {
             return Err(ApiError::bad_param("id", "`id` must not be empty"));
@@ -293,11 +316,30 @@ impl AppState {
                 10,
             ));
         }
+        let this = self.clone();
+        tokio::spawn(async move { this.load_detached(request).await })
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    async fn load_detached(&self, request: LoadRequest) -> Result<ModelInfo, ApiError> {
         let lock = {
             let mut locks = self.0.load_locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(request.id.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
+        // A model that faulted still holds engine memory: free it before loading again.
+        let faulted = {
+            let models = self.0.models.read().unwrap_or_else(|e| e.into_inner());
+            match models.get(&request.id) {
+                Some(Slot::Failed(_, Some(model))) => Some(model.clone()),
+                _ => None,
+            }
+        };
+        if let Some(model) = faulted {
+            self.release(&model).await;
+            self.set_slot(&request.id, None);
+        }
         if let Ok(model) = self.model(&request.id) {
             if model.source == request.source {
                 return Ok(model.info(self.0.started));
@@ -346,7 +388,7 @@ impl AppState {
                     let mut failed = placeholder;
                     failed.state = ModelState::Failed;
                     failed.error = Some(error.envelope.error.message.clone());
-                    self.set_slot(&request.id, Some(Slot::Failed(failed)));
+                    self.set_slot(&request.id, Some(Slot::Failed(failed, None)));
                 } else {
                     self.set_slot(&request.id, None);
                 }
@@ -447,25 +489,39 @@ impl AppState {
     }
 
     /// Unload: waits for the model's in-flight generations, then frees it in the engine.
+    ///
+    /// Runs in its own task (like [`Self::load`]) so a caller that goes away cannot leave the
+    /// slot `Unloading` forever.
     pub async fn unload(&self, id: &str) -> Result<(), ApiError> {
-        let model = {
+        let this = self.clone();
+        let id = id.to_owned();
+        tokio::spawn(async move { this.unload_detached(&id).await })
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    async fn unload_detached(&self, id: &str) -> Result<(), ApiError> {
+        let slot = {
             let models = self.0.models.read().unwrap_or_else(|e| e.into_inner());
-            match models.get(id) {
-                Some(Slot::Ready(model)) => Some(model.clone()),
-                Some(Slot::Failed(_)) => None,
-                Some(Slot::Loading(_)) => {
-                    return Err(ApiError::unavailable(
-                        error_code::MODEL_LOADING,
-                        format!("model {id:?} is loading; unload it when it is ready"),
-                        5,
-                    ));
-                }
-                None => return Err(ApiError::model_not_found(id)),
-            }
+            models.get(id).cloned()
         };
-        let Some(model) = model else {
-            self.set_slot(id, None);
-            return Ok(());
+        let model = match slot {
+            Some(Slot::Ready(model)) => model,
+            Some(Slot::Failed(_, faulted)) => {
+                if let Some(model) = faulted {
+                    self.release(&model).await;
+                }
+                self.set_slot(id, None);
+                return Ok(());
+            }
+            Some(Slot::Loading(_)) => {
+                return Err(ApiError::unavailable(
+                    error_code::MODEL_LOADING,
+                    format!("model {id:?} is loading; unload it when it is ready"),
+                    5,
+                ));
+            }
+            None => return Err(ApiError::model_not_found(id)),
         };
         {
             let mut models = self.0.models.write().unwrap_or_else(|e| e.into_inner());
@@ -474,6 +530,13 @@ impl AppState {
             // Unloading reads as "not servable": new requests get 503 model_loading.
             models.insert(id.to_owned(), Slot::Loading(info));
         }
+        let result = self.drain_and_unload(&model).await;
+        self.set_slot(id, None);
+        result
+    }
+
+    /// Wait for the model's running generations, close its gate, free it in the engine.
+    async fn drain_and_unload(&self, model: &Model) -> Result<(), ApiError> {
         // Taking every permit waits for running generations and closes the gate for queued ones.
         let permits = model.gate.semaphore.clone();
         let all = model.gate.limits.max_in_flight;
@@ -481,10 +544,17 @@ impl AppState {
         permits.close();
         let backend = self.0.backend.clone();
         let handle = model.loaded.handle;
-        let result = tokio::task::spawn_blocking(move || backend.unload_model(handle))
+        tokio::task::spawn_blocking(move || backend.unload_model(handle))
             .await
-            .map_err(ApiError::internal)?;
-        self.set_slot(id, None);
-        result.map_err(ApiError::from)
+            .map_err(ApiError::internal)?
+            .map_err(ApiError::from)
+    }
+
+    /// Free a faulted model's engine handle; the engine may refuse after a fault, which is
+    /// logged and otherwise ignored (the slot goes away either way).
+    async fn release(&self, model: &Model) {
+        if let Err(error) = self.drain_and_unload(model).await {
+            tracing::warn!(id = %model.id, message = %error.envelope.error.message, "freeing a faulted model failed");
+        }
     }
 }

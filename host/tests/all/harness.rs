@@ -46,6 +46,8 @@ pub struct Options {
     pub queue_budget_secs: u64,
     pub stall_timeout_secs: u64,
     pub poll_interval: Duration,
+    /// Catalogue TOML appended to [`CATALOGUE`].
+    pub extra_catalogue: &'static str,
 }
 
 impl Default for Options {
@@ -55,6 +57,7 @@ impl Default for Options {
             queue_budget_secs: 5,
             stall_timeout_secs: 5,
             poll_interval: Duration::from_millis(100),
+            extra_catalogue: "",
         }
     }
 }
@@ -79,7 +82,8 @@ pub async fn start(nodes: &[(&str, &str)], policies: Arc<dyn Policies>, options:
     let config =
         Config::from_toml(&toml, "test", Path::new("."), &Overrides::default(), &env).unwrap();
     let names: Vec<String> = nodes.iter().map(|(n, _)| n.to_string()).collect();
-    let specs = catalogue::parse(CATALOGUE, "catalogue", &names).unwrap();
+    let text = format!("{CATALOGUE}{}", options.extra_catalogue);
+    let specs = catalogue::parse(&text, "catalogue", &names).unwrap();
     let catalogue = Arc::new(CatalogueStore::from_specs(specs));
     let metrics = Metrics::new().unwrap();
     let state = Gateway::new(&config, catalogue, policies, metrics).unwrap();

@@ -10,7 +10,7 @@ use helexa_node_api::ModelState;
 use serde_json::{Value, json};
 
 use crate::harness::{self, Options, TestPolicies};
-use crate::stand_in::{NodeSim, model};
+use crate::stand_in::{ChatError, NodeSim, Script, closing_node, model};
 
 fn chat(model: &str) -> Value {
     json!({"model": model, "messages": [{"role": "user", "content": "hi"}]})
@@ -278,4 +278,226 @@ async fn fleet_health_is_debounced_and_versions_bump_only_on_change() {
         discoveries, 2,
         "discovery once at start and once after reconnecting"
     );
+}
+
+/// Two replicas of qwen3-8b ("a" first), each a stand-in node.
+async fn two_replicas() -> (Arc<NodeSim>, Arc<NodeSim>, harness::Gw) {
+    let a = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    let b = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    let (url_a, url_b) = (a.serve().await, b.serve().await);
+    let router = |_: &_, _: &_, _: &_| {
+        Decision::Serve(ServePlan {
+            node: "a".into(),
+            fallbacks: vec!["b".into()],
+        })
+    };
+    let gw = harness::start(
+        &[("a", &url_a), ("b", &url_b)],
+        Arc::new(TestPolicies::with_router(router)),
+        Options::default(),
+    )
+    .await;
+    (a, b, gw)
+}
+
+fn chat_calls(sim: &NodeSim) -> usize {
+    sim.calls()
+        .iter()
+        .filter(|c| c.starts_with("chat:"))
+        .count()
+}
+
+fn model_failed() -> ChatError {
+    ChatError {
+        status: 503,
+        code: helexa_node_api::error_code::MODEL_FAILED,
+        message: "device 0 faulted: CUDA_ERROR_ILLEGAL_ADDRESS",
+        retry_after_secs: None,
+    }
+}
+
+#[tokio::test]
+async fn model_failed_goes_to_the_fallback_at_once() {
+    let (a, b, gw) = two_replicas().await;
+    *a.chat_error.lock().unwrap() = Some(model_failed());
+    let started = std::time::Instant::now();
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!((chat_calls(&a), chat_calls(&b)), (1, 1));
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn model_failed_on_the_only_replica_is_a_503_at_once_not_a_retry_loop() {
+    let sim = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    *sim.chat_error.lock().unwrap() = Some(model_failed());
+    let url = sim.serve().await;
+    // The fleet view still says Ready (as it would until the next poll), so a retry
+    // loop would keep choosing this node for the whole 5 s budget.
+    let router = |_: &_, _: &_, _: &_| {
+        Decision::Serve(ServePlan {
+            node: "a".into(),
+            fallbacks: vec![],
+        })
+    };
+    let gw = harness::start(
+        &[("a", &url)],
+        Arc::new(TestPolicies::with_router(router)),
+        Options::default(),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert!(started.elapsed() < Duration::from_secs(1), "no retry loop");
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("\"a\"") && message.contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
+        "{message}"
+    );
+    assert_eq!(body["error"]["code"], "model_failed");
+    assert_eq!(chat_calls(&sim), 1);
+}
+
+#[tokio::test]
+async fn node_429_falls_back_then_is_relayed_with_retry_after() {
+    let (a, b, gw) = two_replicas().await;
+    let busy = ChatError {
+        status: 429,
+        code: "overloaded",
+        message: "queue full",
+        retry_after_secs: Some(7),
+    };
+    *a.chat_error.lock().unwrap() = Some(busy.clone());
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!((chat_calls(&a), chat_calls(&b)), (1, 1));
+
+    *b.chat_error.lock().unwrap() = Some(busy);
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "queue full");
+    assert_eq!((chat_calls(&a), chat_calls(&b)), (2, 2));
+}
+
+#[tokio::test]
+async fn a_relayed_4xx_keeps_its_retry_after_and_content_type() {
+    let sim = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    *sim.chat_error.lock().unwrap() = Some(ChatError {
+        status: 413,
+        code: "context_length_exceeded",
+        message: "too long for now",
+        retry_after_secs: Some(3),
+    });
+    let url = sim.serve().await;
+    let gw = harness::start(
+        &[("a", &url)],
+        Arc::new(TestPolicies::new()),
+        Options::default(),
+    )
+    .await;
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(response.headers()["retry-after"], "3");
+    assert_eq!(response.headers()["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn a_non_streamed_generation_longer_than_the_stall_timeout_succeeds() {
+    let sim = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    *sim.script.lock().unwrap() = Script {
+        answer_delay: Duration::from_millis(2500),
+        ..Script::default()
+    };
+    let url = sim.serve().await;
+    let options = Options {
+        stall_timeout_secs: 1,
+        ..Options::default()
+    };
+    let gw = harness::start(&[("a", &url)], Arc::new(TestPolicies::new()), options).await;
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello, world!");
+}
+
+#[tokio::test]
+async fn a_node_that_drops_the_request_is_not_retried_elsewhere() {
+    let (closing_url, received) = closing_node().await;
+    let b = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    let url_b = b.serve().await;
+    let router = |_: &_, _: &_, _: &_| {
+        Decision::Serve(ServePlan {
+            node: "closing".into(),
+            fallbacks: vec!["b".into()],
+        })
+    };
+    let gw = harness::start(
+        &[("closing", &closing_url), ("b", &url_b)],
+        Arc::new(TestPolicies::with_router(router)),
+        Options::default(),
+    )
+    .await;
+    let response = gw.post("/v1/chat/completions", &chat("qwen3-8b")).await;
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "node_failed", "{body}");
+    assert_eq!(received.load(Ordering::SeqCst), 1);
+    assert_eq!(chat_calls(&b), 0, "the generation must not be re-sent");
+}
+
+#[tokio::test]
+async fn feasible_on_uses_the_routers_largest_devices_rule() {
+    // 2 × 24 GiB: a 40 GiB model without `min_devices` is placed on one device by the
+    // router, so it is not feasible there; with `min_devices = 2` it is.
+    let sim = NodeSim::new(24576, vec![]);
+    {
+        let mut devices = sim.devices.lock().unwrap();
+        let mut second = devices[0].clone();
+        second.index = 1;
+        devices.push(second);
+    }
+    let url = sim.serve().await;
+    let options = Options {
+        extra_catalogue: r#"
+[[models]]
+id = "forty"
+source = "org/forty"
+vram_mb = 40960
+
+[[models]]
+id = "forty-split"
+source = "org/forty"
+vram_mb = 40960
+min_devices = 2
+"#,
+        ..Options::default()
+    };
+    let gw = harness::start(&[("a", &url)], Arc::new(TestPolicies::new()), options).await;
+    let feasible = |body: &Value, id: &str| -> Vec<Value> {
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap()["feasible_on"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let body: Value = gw.get("/v1/models").await.json().await.unwrap();
+        if !feasible(&body, "qwen3-8b").is_empty() || std::time::Instant::now() > deadline {
+            break body;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(feasible(&body, "qwen3-8b"), vec![json!("a")], "{body}");
+    assert!(feasible(&body, "forty").is_empty(), "{body}");
+    assert_eq!(feasible(&body, "forty-split"), vec![json!("a")], "{body}");
 }

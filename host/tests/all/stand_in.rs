@@ -30,6 +30,8 @@ pub struct Script {
     pub stall_after: Option<usize>,
     /// Pause before each chunk.
     pub delay: Duration,
+    /// Pause before a non-streamed answer (a long generation: nothing is sent meanwhile).
+    pub answer_delay: Duration,
 }
 
 impl Default for Script {
@@ -41,6 +43,7 @@ impl Default for Script {
             die_after: None,
             stall_after: None,
             delay: Duration::ZERO,
+            answer_delay: Duration::ZERO,
         }
     }
 }
@@ -76,12 +79,23 @@ pub struct NodeSim {
     pub failing: AtomicBool,
     /// Answer generation with this status and an OpenAI error (once per set).
     pub chat_status: Mutex<Option<u16>>,
+    /// Answer every generation with this error until cleared.
+    pub chat_error: Mutex<Option<ChatError>>,
     /// Last chat body received.
     pub last_chat: Mutex<Option<Value>>,
     /// Loads done.
     pub loads: AtomicUsize,
     /// How long a load takes.
     pub load_delay: Mutex<Duration>,
+}
+
+/// A scripted generation error: status, node error code, optional `Retry-After` (s).
+#[derive(Debug, Clone)]
+pub struct ChatError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+    pub retry_after_secs: Option<u64>,
 }
 
 /// A model entry as a node reports it.
@@ -124,6 +138,7 @@ impl NodeSim {
             script: Mutex::new(Script::default()),
             failing: AtomicBool::new(false),
             chat_status: Mutex::new(None),
+            chat_error: Mutex::new(None),
             last_chat: Mutex::new(None),
             loads: AtomicUsize::new(0),
             load_delay: Mutex::new(Duration::ZERO),
@@ -276,6 +291,16 @@ async fn chat(State(sim): Sim, Json(body): Json<Value>) -> Response {
     if let Some(status) = sim.chat_status.lock().unwrap().take() {
         return error(status, "overloaded", "scripted failure");
     }
+    let scripted = sim.chat_error.lock().unwrap().clone();
+    if let Some(e) = scripted {
+        let mut response = error(e.status, e.code, e.message);
+        if let Some(secs) = e.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, secs.into());
+        }
+        return response;
+    }
     if !sim.models.lock().unwrap().iter().any(|m| m.id == model) {
         return error(404, api::error_code::MODEL_NOT_FOUND, "model not loaded");
     }
@@ -283,6 +308,7 @@ async fn chat(State(sim): Sim, Json(body): Json<Value>) -> Response {
     if body["stream"].as_bool() == Some(true) {
         stream_chat(&model, script)
     } else {
+        tokio::time::sleep(script.answer_delay).await;
         Json(complete_chat(&model, &script)).into_response()
     }
 }
@@ -378,4 +404,30 @@ fn stream_chat(model: &str, script: Script) -> Response {
         .header(header::CONTENT_TYPE, "text/event-stream")
         .body(Body::from_stream(stream))
         .unwrap()
+}
+
+/// A "node" that accepts connections, reads the start of each request, then closes the
+/// connection without answering (a node crashing mid-request). Returns its URL and the
+/// number of generation requests it has received so far.
+pub async fn closing_node() -> (String, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&received);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                // Only generation requests count, not the fleet poller's.
+                if matches!(socket.read(&mut buffer).await, Ok(n) if buffer[..n].starts_with(b"POST /v1/"))
+                {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                drop(socket);
+            });
+        }
+    });
+    (url, received)
 }

@@ -401,3 +401,105 @@ async fn anthropic_stream_pings_while_a_cold_load_runs() {
     assert_eq!(names.last().map(String::as_str), Some("message_stop"));
     assert!(sim.calls().contains(&"load:qwen3-8b".to_owned()));
 }
+
+/// The real policies, except that no translator stream can be had (as when the wasm
+/// instance pool is exhausted by many concurrent streams).
+struct NoStreams(Arc<dyn Policies>);
+
+impl Policies for NoStreams {
+    fn route(
+        &self,
+        request: &helexa::policy::RequestInfo,
+        catalogue: &Arc<helexa::policy::Catalogue>,
+        fleet: &Arc<helexa::policy::Fleet>,
+    ) -> helexa::policy::Decision {
+        self.0.route(request, catalogue, fleet)
+    }
+
+    fn choose_victims(
+        &self,
+        on: &helexa::policy::Node,
+        need_mb: u64,
+        incoming: &helexa::policy::CatalogueEntry,
+    ) -> Vec<String> {
+        self.0.choose_victims(on, need_mb, incoming)
+    }
+
+    fn request_to_chat(
+        &self,
+        from: helexa::policy::Surface,
+        body: &str,
+    ) -> Result<String, helexa::policy::TranslateError> {
+        self.0.request_to_chat(from, body)
+    }
+
+    fn response_from_chat(
+        &self,
+        to: helexa::policy::Surface,
+        request: &str,
+        body: &str,
+    ) -> Result<String, helexa::policy::TranslateError> {
+        self.0.response_from_chat(to, request, body)
+    }
+
+    fn response_stream(
+        &self,
+        _: helexa::policy::Surface,
+        _: &str,
+        _: &str,
+    ) -> Result<Box<dyn helexa::policy::EventStream>, helexa::policy::TranslateError> {
+        Err(helexa::policy::TranslateError::Failed(
+            "instance pool exhausted".into(),
+        ))
+    }
+
+    fn describe(&self) -> Value {
+        self.0.describe()
+    }
+}
+
+#[tokio::test]
+async fn no_translator_stream_is_a_503_before_the_node_is_asked() {
+    let sim = NodeSim::new(2000, vec![model("qwen3-8b", ModelState::Ready, 1000, 0)]);
+    let url = sim.serve().await;
+    let policies = Arc::new(NoStreams(runtime_policies()));
+    let gw = harness::start(&[("a", &url)], policies, Options::default()).await;
+    let response = post_anthropic(&gw, "/v1/messages", &messages_body(true)).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    let body: Value = response.json().await.unwrap();
+    // Anthropic's envelope.
+    assert_eq!(body["type"], "error", "{body}");
+    assert_eq!(body["error"]["type"], "overloaded_error", "{body}");
+    let responses = json!({"model": "gpt-4o", "stream": true, "input": "hi"});
+    let response = gw.post("/v1/responses", &responses).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert!(
+        !sim.calls().iter().any(|c| c.starts_with("chat:")),
+        "{:?}",
+        sim.calls()
+    );
+}
+
+#[tokio::test]
+async fn count_tokens_never_loads_a_model() {
+    let sim = NodeSim::new(4000, vec![]);
+    let url = sim.serve().await;
+    let gw = harness::start(&[("a", &url)], runtime_policies(), Options::default()).await;
+    let body = json!({"model": "claude-sonnet-4-5",
+                      "messages": [{"role": "user", "content": "hi"}]});
+    let response = post_anthropic(&gw, "/v1/messages/count_tokens", &body).await;
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let answer: Value = response.json().await.unwrap();
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("not loaded on any node"), "{message}");
+    assert!(
+        !sim.calls()
+            .iter()
+            .any(|c| c.starts_with("load:") || c.starts_with("tokenize:")),
+        "{:?}",
+        sim.calls()
+    );
+}

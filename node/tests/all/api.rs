@@ -689,3 +689,245 @@ async fn client_disconnect_cancels_generation() {
         "the cancelled generation stopped early: {generated}"
     );
 }
+
+/// Poll `/models` until `id` has `state` (or is absent for `None`); panics after 10 s.
+async fn wait_for_state(app: &Router, id: &str, state: Option<&str>) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = get(app, "/models").await;
+        let models: Value = serde_json::from_str(&text).expect("json");
+        let entry = models["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .find(|m| m["id"] == id)
+            .cloned();
+        if entry.as_ref().map(|m| m["state"].as_str().expect("state")) == state {
+            return entry.unwrap_or(Value::Null);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} never reached {state:?}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn load_request(body: Value) -> Request<Body> {
+    Request::post("/models/load")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body.to_string()))
+        .expect("request")
+}
+
+#[tokio::test]
+async fn abandoned_load_and_unload_still_finish() {
+    let mut backend = scripted();
+    backend.load_delay = Some(Duration::from_millis(300));
+    backend.token_delay = Some(Duration::from_millis(20));
+    let backend = Arc::new(backend);
+    let state = AppState::new(backend.clone(), Admission::default(), None).expect("state");
+    let app = helexa_node::app(state);
+    // The caller gives up long before the engine finishes loading (a gateway load timeout).
+    let request = load_request(json!({"id": "tiny", "source": fixtures().join("tiny-qwen3")}));
+    let abandoned = tokio::time::timeout(Duration::from_millis(20), app.clone().oneshot(request));
+    assert!(abandoned.await.is_err(), "the load should still be running");
+    let (_, text) = get(&app, "/models").await;
+    assert!(text.contains("\"loading\""), "{text}");
+    let info = wait_for_state(&app, "tiny", Some("ready")).await;
+    assert_eq!(info["error"], Value::Null, "{info}");
+    use helexa_node::backend::Backend as _;
+    assert_eq!(backend.memory().expect("memory").models.len(), 1);
+
+    // A non-streaming generation whose client goes away must not leave the gauge raised.
+    let prompt = &reference()["prompts"]["chat"];
+    let chat = json!({"model": "tiny", "messages": prompt["messages"], "max_tokens": 10});
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(chat.to_string()))
+        .expect("request");
+    let dropped = tokio::time::timeout(Duration::from_millis(60), app.clone().oneshot(request));
+    assert!(
+        dropped.await.is_err(),
+        "the generation should still be running"
+    );
+
+    // An unload abandoned while it waits for a running generation still completes.
+    let busy = {
+        let app = app.clone();
+        tokio::spawn(async move { post(&app, "/v1/chat/completions", chat).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let request = Request::post("/models/unload")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"id": "tiny"}).to_string()))
+        .expect("request");
+    let abandoned = tokio::time::timeout(Duration::from_millis(20), app.clone().oneshot(request));
+    assert!(abandoned.await.is_err(), "the unload should be waiting");
+    let (status, _) = busy.await.expect("join");
+    assert_eq!(status, StatusCode::OK);
+    wait_for_state(&app, "tiny", None).await;
+    assert!(backend.memory().expect("memory").models.is_empty());
+    let (_, metrics) = get(&app, "/metrics").await;
+    assert!(
+        metrics.contains("helexa_node_in_flight{model=\"tiny\"} 0"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn device_fault_marks_the_model_failed_until_reloaded() {
+    let backend = Arc::new(scripted());
+    let state = AppState::new(backend.clone(), Admission::default(), None).expect("state");
+    let app = helexa_node::app(state);
+    let load = json!({"id": "tiny", "source": fixtures().join("tiny-qwen3")});
+    let (status, body) = post(&app, "/models/load", load.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let chat = json!({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 3});
+    backend
+        .device_fault
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = post(&app, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "model_failed");
+    backend
+        .device_fault
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let (_, text) = get(&app, "/models").await;
+    let models: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(models["data"][0]["state"], "failed", "{text}");
+    assert!(
+        models["data"][0]["error"]
+            .as_str()
+            .expect("error")
+            .contains("fake device lost"),
+        "{text}"
+    );
+    let (_, text) = get(&app, "/health").await;
+    let health: Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(health["status"], "degraded", "{text}");
+    // Later requests are refused at once, without reaching the engine.
+    let request = Request::post("/v1/chat/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(chat.to_string()))
+        .expect("request");
+    let (status, headers, text) = send(&app, request).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("\"model_failed\""), "{text}");
+    assert!(headers.contains_key(header::RETRY_AFTER));
+
+    // Reloading the same id frees the faulted handle and serves again.
+    use helexa_node::backend::Backend as _;
+    let (status, body) = post(&app, "/models/load", load.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["model"]["state"], "ready");
+    assert_eq!(backend.memory().expect("memory").models.len(), 1);
+    let (status, body) = post(&app, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (_, text) = get(&app, "/health").await;
+    assert!(text.contains("\"ok\""), "{text}");
+
+    // Fault again; this time unload then load.
+    backend
+        .device_fault
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, _) = post(&app, "/v1/chat/completions", chat.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    backend
+        .device_fault
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = post(&app, "/models/unload", json!({"id": "tiny"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(backend.memory().expect("memory").models.is_empty());
+    let (status, body) = post(&app, "/models/load", load).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = post(&app, "/v1/chat/completions", chat).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn malformed_sources_are_client_errors() {
+    let state = AppState::new(Arc::new(scripted()), Admission::default(), None).expect("state");
+    let app = helexa_node::app(state);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text_file = tmp.path().join("weights.bin");
+    std::fs::write(&text_file, "not weights").expect("write");
+    let corrupt = tmp.path().join("model.gguf");
+    std::fs::write(&corrupt, "GGUF but not really").expect("write");
+    for (source, needle) in [
+        (json!("just-a-name"), "neither an existing path"),
+        (json!("a b/c"), "neither an existing path"),
+        (json!(text_file), "not a .gguf file"),
+        (json!(corrupt), "not a readable GGUF file"),
+    ] {
+        let (status, body) = post(&app, "/models/load", json!({"id": "x", "source": source})).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{source}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+        assert_eq!(body["error"]["param"], "source", "{body}");
+        let message = body["error"]["message"].as_str().expect("message");
+        assert!(message.contains(needle), "{message}");
+        assert!(
+            message.contains("org/name"),
+            "says what is valid: {message}"
+        );
+    }
+    let (_, models) = get(&app, "/models").await;
+    assert!(!models.contains("\"x\""), "{models}");
+}
+
+#[tokio::test]
+async fn stop_limits_and_prompt_param() {
+    let app = app().await;
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": messages, "stop": ["a", "b", "c", "d", "e"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "stop");
+    let (status, body) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "hi", "stop": "x".repeat(257)}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "stop");
+    // Four stops of the maximum length are fine.
+    let stops: Vec<String> = (0..4).map(|i| format!("{i}").repeat(256)).collect();
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": messages, "stop": stops, "max_tokens": 2}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+
+    let (status, body) = post(
+        &app,
+        "/models/load",
+        json!({"id": "short", "source": fixtures().join("tiny-qwen3"), "context_length": 4}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = post(
+        &app,
+        "/v1/completions",
+        json!({"model": "short", "prompt": "one two three four five six seven"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "prompt", "{body}");
+    let (status, body) = post(
+        &app,
+        "/v1/chat/completions",
+        json!({"model": "short", "messages": messages}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["param"], "messages", "{body}");
+}
