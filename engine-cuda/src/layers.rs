@@ -399,7 +399,15 @@ impl Attention {
                 .broadcast_add(mask)?
                 .reshape((kvh, groups * len, total))?;
         }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        // candle's CPU softmax sums in the tensor's own dtype: over a few thousand bf16 scores
+        // that loses enough to flip confident greedy steps on long prompts (transformers
+        // computes this softmax in f32). The CUDA kernel already accumulates in f32, so the
+        // two extra casts (two launches per layer per token) are paid on the CPU only.
+        let att = if att.device().is_cpu() && att.dtype() != DType::F32 {
+            candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(att.dtype())?
+        } else {
+            candle_nn::ops::softmax_last_dim(&att)?
+        };
         let out = att.matmul(&v)?; // (kvh, groups·len, hd)
         let out = out
             .reshape((1, h, len, hd))?

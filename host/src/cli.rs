@@ -14,6 +14,17 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,helexa=debug`).
     #[arg(long, global = true, env = "HELEXA_LOG", default_value = "info")]
     pub log: String,
+    /// A running gateway, for the commands that talk to one (`status`, `plugin list`, …).
+    #[arg(
+        long,
+        global = true,
+        env = "HELEXA_GATEWAY",
+        default_value = "http://127.0.0.1:31313"
+    )]
+    pub gateway: String,
+    /// Key for the gateway's admin routes (sent as `Authorization: Bearer`).
+    #[arg(long, global = true, env = "HELEXA_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

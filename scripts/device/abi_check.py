@@ -9,7 +9,10 @@ library under test; it runs against the CPU engine too.
 It only uses what the C header (node/engine-abi/include/helexa_engine.h) declares, so it is also a
 check that the ABI is usable from another language. Greedy tokens are compared up to the first
 step whose reference top-1/top-2 margin is below the precision's threshold (beyond it rounding
-may legitimately pick another token); the thresholds are in MARGIN below.
+may legitimately pick another token); the thresholds are in MARGIN below. Then every confident
+reference step is checked again by teacher forcing (see `forced`), so a case whose free-running
+comparison ends early still checks the rest of the reference. `compare_runs.py` compares two
+reports (e.g. CPU and GPU) token by token.
 """
 import ctypes as C
 import json
@@ -128,6 +131,25 @@ def agree(got, want, margins, threshold):
     return equal, comparable
 
 
+def forced(engine, handle, prompt, want, margins, threshold):
+    """Teacher forcing: for every reference step whose margin is at least `threshold`, feed the
+    prompt plus the reference tokens before it and ask for one greedy token. This checks every
+    confident step, not only those before the first close call (where free-running greedy output
+    may fork legitimately). Each call reuses the previous one's KV prefix, so it is cheap.
+    Returns (agreeing steps, checked steps, first disagreeing step or None)."""
+    agreeing, checked, first_bad = 0, 0, None
+    for i, margin in enumerate(margins[:len(want)]):
+        if margin < threshold:
+            continue
+        got, _, _ = engine.generate(handle, list(prompt) + list(want[:i]), 1)
+        checked += 1
+        if got and got[0] == want[i]:
+            agreeing += 1
+        elif first_bad is None:
+            first_bad = i
+    return agreeing, checked, first_bad
+
+
 def main():
     engine_path, fixtures, out_path = sys.argv[1:4]
     engine = Engine(engine_path)
@@ -161,11 +183,16 @@ def main():
         for prompt in ("chat", "think", "tools", "long"):
             want = greedy[prompt]["greedy_token_ids"]
             got, summary, secs = engine.generate(loaded["handle"], ref[prompt]["token_ids"], len(want))
-            equal, comparable = agree(got, want, greedy[prompt]["greedy_top1_minus_top2"], MARGIN[ty])
-            ok = equal >= comparable
+            margins = greedy[prompt]["greedy_top1_minus_top2"]
+            equal, comparable = agree(got, want, margins, MARGIN[ty])
+            f_ok, f_checked, f_first_bad = forced(engine, loaded["handle"], ref[prompt]["token_ids"],
+                                                  want, margins, MARGIN[ty])
+            ok = equal >= comparable and f_ok == f_checked
             failures += not ok
             run = {"model": model, "type": ty, "prompt": prompt, "ok": ok, "equal": equal,
-                   "comparable": comparable, "prompt_tokens": len(ref[prompt]["token_ids"]),
+                   "comparable": comparable, "forced_agree": f_ok, "forced_checked": f_checked,
+                   "forced_first_bad": f_first_bad, "tokens": got,
+                   "prompt_tokens": len(ref[prompt]["token_ids"]),
                    "generated": len(got), "seconds": round(secs, 4), "load_seconds": round(load_s, 3),
                    "dtype": loaded.get("dtype"), "quant": loaded.get("quant")}
             report["runs"].append(run)
