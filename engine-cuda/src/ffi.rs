@@ -883,7 +883,7 @@ mod tests {
     }
 
     #[test]
-    fn device_fault_poisons_the_model_not_the_process() {
+    fn device_fault_poisons_the_device_not_the_process() {
         let engine = TestEngine::new();
         let (spec, prompt, greedy) = tiny_qwen3();
         let spec = serde_json::to_vec(&spec).unwrap();
@@ -913,12 +913,22 @@ mod tests {
                 "attempt {attempt}: {message}"
             );
         }
-        // The other model still works, and the poisoned one can be unloaded.
+        // The other model shares the faulted device, so it is poisoned too.
         let mut recorder = Recorder::default();
         assert!(run_generate(&engine, healthy, params, &prompt, &mut recorder).is_null());
+        assert_eq!(
+            recorder.done[0].as_ref().unwrap_err().0,
+            ErrorKind::DeviceFault
+        );
+        // Poisoned models can be unloaded; then the device is re-created and serves again.
+        for handle in [faulty, healthy] {
+            // SAFETY: live engine.
+            let error = unsafe { (v1().unload_model.unwrap())(engine.0, handle) };
+            assert_eq!(take(error), None);
+        }
+        let fresh = load();
+        let mut recorder = Recorder::default();
+        assert!(run_generate(&engine, fresh, params, &prompt, &mut recorder).is_null());
         assert_eq!(recorder.tokens, greedy[..2]);
-        // SAFETY: live engine.
-        let error = unsafe { (v1().unload_model.unwrap())(engine.0, faulty) };
-        assert_eq!(take(error), None);
     }
 }

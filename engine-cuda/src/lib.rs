@@ -5,15 +5,17 @@
 //! consecutive requests on a model, and samples (greedy, temperature, top-k/top-p/min-p,
 //! penalties, seeded). Models are written here, one file per architecture under `models/`
 //! (Qwen3, Llama, Qwen3-MoE), over a linear-layer type that takes dense safetensors weights or
-//! GGUF block-quantized ones, so one model implementation serves both formats.
+//! GGUF block-quantized ones, so one model implementation serves both formats. Each device has
+//! a worker thread that owns it and its models ([`device_worker`]); a device fault poisons every
+//! model of that device, and `HELEXA_ENGINE_INJECT_FAULT` injects one for testing.
 //!
 //! Without features this is a CPU engine (what the tests load); `--features cuda` builds candle
 //! with CUDA and places models on GPUs. `ffi` exports the C ABI of `helexa-engine-abi` over
 //! [`Engine`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, mpsc};
 
 use candle_core::{DType, Device};
 use helexa_engine_abi::json::{
@@ -22,6 +24,7 @@ use helexa_engine_abi::json::{
 };
 pub use helexa_engine_abi::{ErrorKind, Flow};
 
+pub mod device_worker;
 #[allow(unsafe_code, reason = "C ABI exports")]
 pub mod ffi;
 pub mod layers;
@@ -29,8 +32,8 @@ pub mod models;
 pub mod sampling;
 pub mod weights;
 
-use models::CausalLm;
-use sampling::Sampler;
+use device_worker::{DeviceWorker, Msg, Opener, WorkerModel};
+pub use device_worker::{FaultInjection, INJECT_FAULT_ENV};
 
 /// Prefill chunk when the load spec does not name one: long prompts go through the model this
 /// many tokens at a time, bounding the attention score matrix to `chunk × context`.
@@ -53,37 +56,38 @@ impl EngineError {
     }
 }
 
-/// The inference engine. `Send + Sync`: calls on different models run concurrently; calls on one
-/// model are serialised by that model's lock.
+/// The inference engine. `Send + Sync`: each device has a worker thread owning it and its
+/// models (see [`device_worker`]); calls on models of different devices run concurrently, calls
+/// on one device are serialised by its worker.
 pub struct Engine {
-    devices: Vec<Device>,
-    device_indices: Vec<u32>,
+    workers: Vec<DeviceWorker>,
     backend: &'static str,
     next_handle: AtomicU64,
     models: RwLock<HashMap<u64, Arc<Slot>>>,
 }
 
-/// A loaded model: what was reported at load time plus its mutable state.
+/// What the engine knows of a loaded model off the worker thread.
 struct Slot {
     loaded: LoadedModel,
-    id: String,
+    /// Position of the model's device in `Engine::workers`.
+    worker: usize,
     weight_bytes: usize,
-    state: Mutex<State>,
+    /// KV cache bytes, published by the worker after each call.
+    cache_bytes: Arc<AtomicUsize>,
 }
 
-struct State {
-    model: Box<dyn CausalLm>,
-    /// Tokens whose keys/values are in the model's KV cache, in order.
-    cached: Vec<u32>,
-    /// Set when a forward pass failed on the device: the model refuses further work.
-    poisoned: Option<String>,
-    prefill_chunk: usize,
-    /// Test hook: the next forward pass fails with this device error.
-    injected_fault: Option<String>,
+/// Options of [`Engine::with_options`] beyond the ABI's `InitOptions`.
+#[derive(Debug, Default)]
+pub struct EngineOptions {
+    /// A device fault to inject once (what `HELEXA_ENGINE_INJECT_FAULT` sets).
+    pub inject_fault: Option<FaultInjection>,
+    /// CPU build only: how many CPU pseudo-devices (each with its own worker thread) to offer,
+    /// indices `0..n`; default 1. Lets tests exercise per-device isolation without a GPU.
+    pub cpu_devices: Option<u32>,
 }
 
 /// Whether a candle error came from the accelerator (as opposed to bad shapes or input).
-fn device_error(e: &candle_core::Error) -> bool {
+pub(crate) fn device_error(e: &candle_core::Error) -> bool {
     use candle_core::Error as E;
     match e {
         E::Cuda(_) | E::Metal(_) => true,
@@ -110,122 +114,80 @@ fn mib(bytes: usize) -> u64 {
     (bytes as u64).div_ceil(1024 * 1024)
 }
 
-impl State {
-    /// One forward pass, keeping `cached` in step with the KV cache and turning failures into
-    /// engine errors: a device failure poisons the model, anything else resets its cache.
-    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<Vec<f32>>, EngineError> {
-        let result = match self.injected_fault.take() {
-            Some(cause) => Err(candle_core::Error::Cuda(cause.into())),
-            None => self
-                .model
-                .forward(tokens, all_rows)
-                .and_then(|t| t.to_vec2::<f32>()),
-        };
-        match result {
-            Ok(rows) => {
-                self.cached.extend_from_slice(tokens);
-                Ok(rows)
-            }
-            Err(e) => {
-                self.model.truncate(0);
-                self.cached.clear();
-                let text = describe(&e);
-                if device_error(&e) {
-                    if text.contains("OUT_OF_MEMORY") {
-                        return Err(EngineError::new(ErrorKind::OutOfMemory, text));
-                    }
-                    self.poisoned = Some(text.clone());
-                    Err(EngineError::new(
-                        ErrorKind::DeviceFault,
-                        format!("device failure during forward pass: {text}"),
-                    ))
-                } else {
-                    Err(EngineError::new(
-                        ErrorKind::Internal,
-                        format!("forward pass failed: {text}"),
-                    ))
-                }
-            }
-        }
-    }
-
-    /// Runs `tokens` through the model in prefill chunks; returns the logits of the last
-    /// position, or of every position when `all_rows`.
-    fn prefill(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<Vec<f32>>, EngineError> {
-        let mut out = Vec::new();
-        for chunk in tokens.chunks(self.prefill_chunk) {
-            let rows = self.forward(chunk, all_rows)?;
-            if all_rows {
-                out.extend(rows);
-            } else {
-                out = rows;
-            }
-        }
-        Ok(out)
-    }
-}
-
 impl Engine {
-    /// Creates an engine on the given devices (CPU build: only device 0, the CPU).
+    /// Creates an engine on the given devices (CPU build: only device 0, the CPU), with the
+    /// fault injection of `HELEXA_ENGINE_INJECT_FAULT` when it is set.
     pub fn new(init: &InitOptions) -> Result<Engine, EngineError> {
-        let requested = init.devices.clone().filter(|d| !d.is_empty());
-        if cfg!(feature = "cuda") {
-            let indices = requested.unwrap_or_else(|| vec![0]);
-            let devices = indices
-                .iter()
-                .map(|&i| {
-                    Device::new_cuda(i as usize).map_err(|e| {
-                        EngineError::new(
-                            ErrorKind::DeviceFault,
-                            format!("cuda device {i}: {}", describe(&e)),
-                        )
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Engine::with_devices(devices, indices, "cuda"))
-        } else {
-            if let Some(d) = requested
-                && d != [0]
-            {
-                return Err(EngineError::new(
-                    ErrorKind::BadInput,
-                    format!("the CPU engine has one device (0), got {d:?}"),
-                ));
-            }
-            Ok(Engine::with_devices(vec![Device::Cpu], vec![0], "cpu"))
-        }
+        let options = EngineOptions {
+            inject_fault: FaultInjection::from_env()?,
+            cpu_devices: None,
+        };
+        Engine::with_options(init, options)
     }
 
-    fn with_devices(devices: Vec<Device>, device_indices: Vec<u32>, backend: &'static str) -> Self {
-        Engine {
-            devices,
-            device_indices,
+    /// [`Engine::new`] with explicit options (tests set fault injection here rather than
+    /// through the process environment).
+    pub fn with_options(init: &InitOptions, options: EngineOptions) -> Result<Engine, EngineError> {
+        let requested = init.devices.clone().filter(|d| !d.is_empty());
+        let inject = options.inject_fault.map(Arc::new);
+        let (indices, backend, open): (Vec<u32>, _, Opener) = if cfg!(feature = "cuda") {
+            (requested.unwrap_or_else(|| vec![0]), "cuda", open_cuda)
+        } else {
+            let available: Vec<u32> = (0..options.cpu_devices.unwrap_or(1).max(1)).collect();
+            let indices = match requested {
+                Some(d) if d.iter().any(|i| !available.contains(i)) => {
+                    return Err(EngineError::new(
+                        ErrorKind::BadInput,
+                        format!("the CPU engine has devices {available:?}, got {d:?}"),
+                    ));
+                }
+                Some(d) => d,
+                None => available,
+            };
+            (indices, "cpu", open_cpu)
+        };
+        let workers = indices
+            .iter()
+            .map(|&i| DeviceWorker::spawn(i, format!("{backend}:{i}"), open, inject.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Engine {
+            workers,
             backend,
             next_handle: AtomicU64::new(1),
             models: RwLock::new(HashMap::new()),
-        }
+        })
     }
 
     fn device_infos(&self) -> Vec<DeviceInfo> {
         if self.backend == "cpu" {
             let (total, free) = host_memory_mb();
-            vec![DeviceInfo {
-                index: 0,
-                name: "cpu".to_owned(),
-                vram_total_mb: total,
-                vram_free_mb: free,
-                compute_capability: None,
-            }]
-        } else {
-            // candle does not expose device names or memory; report what we know.
-            self.device_indices
+            self.workers
                 .iter()
-                .map(|&i| DeviceInfo {
-                    index: i,
-                    name: format!("cuda:{i}"),
-                    vram_total_mb: 0,
-                    vram_free_mb: 0,
+                .map(|w| DeviceInfo {
+                    index: w.index,
+                    name: device_name("cpu", w),
+                    vram_total_mb: total,
+                    vram_free_mb: free,
                     compute_capability: None,
+                })
+                .collect()
+        } else {
+            self.workers
+                .iter()
+                .map(|w| {
+                    let probe = probe_cuda(w.index);
+                    let name = match &probe {
+                        Ok(p) => format!("{} ({})", w.label, p.name),
+                        Err(why) => format!("{} (unqueried: {why})", w.label),
+                    };
+                    let probe = probe.ok();
+                    DeviceInfo {
+                        index: w.index,
+                        name: device_name(&name, w),
+                        vram_total_mb: probe.as_ref().map_or(0, |p| p.total_mb),
+                        vram_free_mb: probe.as_ref().map_or(0, |p| p.free_mb),
+                        compute_capability: probe.map(|p| p.compute_capability),
+                    }
                 })
                 .collect()
         }
@@ -240,44 +202,37 @@ impl Engine {
         }
     }
 
+    /// Why each faulted device is faulted, by device index (empty when all are healthy).
+    pub fn device_faults(&self) -> Vec<(u32, String)> {
+        self.workers
+            .iter()
+            .filter_map(|w| w.fault().map(|f| (w.index, f)))
+            .collect()
+    }
+
     /// Loads a model. Unknown architectures are `Unsupported`, missing files `NotFound` (naming
-    /// the path), malformed configs, missing tensors or shape mismatches `BadInput`.
+    /// the path), malformed configs, missing tensors or shape mismatches `BadInput`; a faulted
+    /// device `DeviceFault`.
     pub fn load(&self, spec: &LoadSpec) -> Result<LoadedModel, EngineError> {
-        let (device, index) = match spec.devices.as_deref() {
-            None | Some([]) => (&self.devices[0], self.device_indices[0]),
-            Some([d]) => {
-                let pos = self
-                    .device_indices
-                    .iter()
-                    .position(|x| x == d)
-                    .ok_or_else(|| {
-                        EngineError::new(
-                            ErrorKind::BadInput,
-                            format!(
-                                "device {d} is not one of this engine's devices {:?}",
-                                self.device_indices
-                            ),
-                        )
-                    })?;
-                (&self.devices[pos], *d)
-            }
+        let worker = match spec.devices.as_deref() {
+            None | Some([]) => 0,
+            Some([d]) => self
+                .workers
+                .iter()
+                .position(|w| w.index == *d)
+                .ok_or_else(|| {
+                    EngineError::new(
+                        ErrorKind::BadInput,
+                        format!(
+                            "device {d} is not one of this engine's devices {:?}",
+                            self.workers.iter().map(|w| w.index).collect::<Vec<_>>()
+                        ),
+                    )
+                })?,
             Some(many) => {
                 return Err(EngineError::new(
                     ErrorKind::Unsupported,
                     format!("models span one device in this engine, got {many:?}"),
-                ));
-            }
-        };
-        let dtype = match spec.dtype.as_deref() {
-            None if device.is_cpu() => DType::F32,
-            None => DType::BF16,
-            Some("f32" | "float32") => DType::F32,
-            Some("bf16" | "bfloat16") => DType::BF16,
-            Some("f16" | "float16") => DType::F16,
-            Some(other) => {
-                return Err(EngineError::new(
-                    ErrorKind::Unsupported,
-                    format!("unsupported dtype {other:?} (f32, bf16, f16)"),
                 ));
             }
         };
@@ -291,39 +246,59 @@ impl Engine {
             }
             Some(c) => c as usize,
         };
-        let loaded = models::load(&models::LoadRequest {
-            architecture: &spec.architecture,
-            config: spec.files.config.as_deref(),
-            safetensors: &spec.files.safetensors,
-            gguf: spec.files.gguf.as_deref(),
-            dtype,
-            device,
-            context_length: spec.context_length.map(|c| c as usize),
-        })
-        .map_err(|e| EngineError::new(e.kind, format!("loading {}: {}", spec.id, e.message)))?;
-        let model = loaded.model;
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let weight_bytes = model.weight_bytes();
-        let info = LoadedModel {
-            handle,
-            vram_mb: mib(weight_bytes),
-            devices: vec![index],
-            context_length: u32::try_from(model.max_positions()).unwrap_or(u32::MAX),
-            dtype: dtype_name(dtype).to_owned(),
-            quant: loaded.quant,
-            vocab_size: u32::try_from(model.vocab_size()).unwrap_or(u32::MAX),
-        };
+        let index = self.workers[worker].index;
+        let cache_bytes = Arc::new(AtomicUsize::new(0));
+        let worker_cache = cache_bytes.clone();
+        let spec_owned = spec.clone();
+        let (info, weight_bytes) = self.workers[worker].call(move |w| {
+            let spec = &spec_owned;
+            let device = w.ensure_usable()?;
+            let dtype = match spec.dtype.as_deref() {
+                None if device.is_cpu() => DType::F32,
+                None => DType::BF16,
+                Some("f32" | "float32") => DType::F32,
+                Some("bf16" | "bfloat16") => DType::BF16,
+                Some("f16" | "float16") => DType::F16,
+                Some(other) => {
+                    return Err(EngineError::new(
+                        ErrorKind::Unsupported,
+                        format!("unsupported dtype {other:?} (f32, bf16, f16)"),
+                    ));
+                }
+            };
+            let loaded = models::load(&models::LoadRequest {
+                architecture: &spec.architecture,
+                config: spec.files.config.as_deref(),
+                safetensors: &spec.files.safetensors,
+                gguf: spec.files.gguf.as_deref(),
+                dtype,
+                device,
+                context_length: spec.context_length.map(|c| c as usize),
+            })
+            .map_err(|e| EngineError::new(e.kind, format!("loading {}: {}", spec.id, e.message)))?;
+            let model = loaded.model;
+            let weight_bytes = model.weight_bytes();
+            let info = LoadedModel {
+                handle,
+                vram_mb: mib(weight_bytes),
+                devices: vec![index],
+                context_length: u32::try_from(model.max_positions()).unwrap_or(u32::MAX),
+                dtype: dtype_name(dtype).to_owned(),
+                quant: loaded.quant,
+                vocab_size: u32::try_from(model.vocab_size()).unwrap_or(u32::MAX),
+            };
+            w.models.insert(
+                handle,
+                WorkerModel::new(model, spec.id.clone(), prefill_chunk, worker_cache),
+            );
+            Ok((info, weight_bytes))
+        })?;
         let slot = Slot {
             loaded: info.clone(),
-            id: spec.id.clone(),
+            worker,
             weight_bytes,
-            state: Mutex::new(State {
-                model,
-                cached: Vec::new(),
-                poisoned: None,
-                prefill_chunk,
-                injected_fault: None,
-            }),
+            cache_bytes,
         };
         self.models
             .write()
@@ -332,26 +307,25 @@ impl Engine {
         Ok(info)
     }
 
+    /// Frees a model (on its device's thread). A faulted device whose last model goes is
+    /// re-created.
     pub fn unload(&self, model: u64) -> Result<(), EngineError> {
-        self.models
+        let slot = self
+            .models
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&model)
-            .map(|_| ())
-            .ok_or_else(|| unknown(model))
+            .ok_or_else(|| unknown(model))?;
+        self.workers[slot.worker].call(move |w| w.unload(model))
     }
 
     pub fn memory(&self) -> MemoryReport {
         let models = self.models.read().unwrap_or_else(PoisonError::into_inner);
         let mut list: Vec<ModelMemory> = models
             .iter()
-            .map(|(&handle, slot)| {
-                // A model busy generating reports its weights only rather than blocking.
-                let cache = slot.state.try_lock().map_or(0, |s| s.model.cache_bytes());
-                ModelMemory {
-                    handle,
-                    vram_mb: mib(slot.weight_bytes + cache),
-                }
+            .map(|(&handle, slot)| ModelMemory {
+                handle,
+                vram_mb: mib(slot.weight_bytes + slot.cache_bytes.load(Ordering::Relaxed)),
             })
             .collect();
         list.sort_by_key(|m| m.handle);
@@ -375,59 +349,22 @@ impl Engine {
             .ok_or_else(|| unknown(model))
     }
 
-    /// Locks a model for a call, refusing poisoned ones.
-    fn with_state<T>(
+    /// Runs `f` on `model` on its device's worker, refusing poisoned models.
+    fn on_model<T: Send + 'static>(
         &self,
         model: u64,
-        f: impl FnOnce(&mut State, &Slot) -> Result<T, EngineError>,
+        f: impl FnOnce(&mut WorkerModel, Option<&FaultInjection>) -> Result<T, EngineError>
+        + Send
+        + 'static,
     ) -> Result<T, EngineError> {
         let slot = self.slot(model)?;
-        let mut guard = slot.state.lock().unwrap_or_else(|p| {
-            // A panic mid-forward leaves the KV cache in an unknown state.
-            let mut g = p.into_inner();
-            g.poisoned
-                .get_or_insert_with(|| "a previous call panicked".to_owned());
-            g
-        });
-        if let Some(cause) = &guard.poisoned {
-            return Err(EngineError::new(
-                ErrorKind::DeviceFault,
-                format!(
-                    "model {model} ({}) is unusable after a device failure: {cause}",
-                    slot.id
-                ),
-            ));
-        }
-        f(&mut guard, &slot)
-    }
-
-    fn check_prompt(state: &State, prompt: &[u32], extra: usize) -> Result<(), EngineError> {
-        if prompt.is_empty() {
-            return Err(EngineError::new(ErrorKind::BadInput, "empty prompt"));
-        }
-        let vocab = state.model.vocab_size();
-        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(EngineError::new(
-                ErrorKind::BadInput,
-                format!("token id {t} out of range (vocabulary size {vocab})"),
-            ));
-        }
-        let ctx = state.model.max_positions();
-        if prompt.len() + extra > ctx {
-            return Err(EngineError::new(
-                ErrorKind::BadInput,
-                format!(
-                    "prompt of {} tokens does not fit the context length {ctx}",
-                    prompt.len()
-                ),
-            ));
-        }
-        Ok(())
+        self.workers[slot.worker].call(move |w| w.with_model(model, f))
     }
 
     /// Generates up to `request.max_tokens` tokens after `prompt`, streaming each to `on_token`
     /// (a stop token is delivered, then generation ends). Reuses the KV cache of the longest
-    /// common prefix with the previous request on this model.
+    /// common prefix with the previous request on this model. The model's device worker runs
+    /// the decode loop; `on_token` runs on the calling thread.
     pub fn generate(
         &self,
         model: u64,
@@ -442,80 +379,139 @@ impl Engine {
                 format!("invalid sampling parameters: {s:?}"),
             ));
         }
-        self.with_state(model, |st, _| {
-            // Room for at least one generated token after the prompt.
-            Self::check_prompt(st, prompt, 1)?;
-            let common = st
-                .cached
-                .iter()
-                .zip(prompt)
-                .take_while(|(a, b)| a == b)
-                .count();
-            // At least the last prompt token is recomputed: its logits start decoding.
-            let reuse = common.min(prompt.len() - 1);
-            st.model.truncate(reuse);
-            st.cached.truncate(reuse);
-            let mut logits = st.prefill(&prompt[reuse..], false)?.pop().ok_or_else(|| {
-                EngineError::new(ErrorKind::Internal, "prefill returned no logits")
-            })?;
-            let mut sampler = Sampler::new(&request.sampling);
-            let mut seen = prompt.to_vec();
-            let mut generated = 0u32;
-            let ctx = st.model.max_positions();
-            let (finish, stop_id) = loop {
-                if generated >= request.max_tokens {
-                    break (Finish::Length, None);
+        let slot = self.slot(model)?;
+        let (tx, rx) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let worker_cancel = cancel.clone();
+        let params = request.clone();
+        let prompt_owned = prompt.to_vec();
+        self.workers[slot.worker].send(Box::new(move |w| {
+            let result = w.generate(model, &params, &prompt_owned, &tx, &worker_cancel);
+            let _ = tx.send(Msg::Done(result));
+        }))?;
+        // Tokens delivered to `on_token`, and the one it cancelled on.
+        let mut delivered = 0u32;
+        let mut cancelled_on = None;
+        for msg in rx {
+            match msg {
+                Msg::Token(token) => {
+                    if cancelled_on.is_some() {
+                        // Sampled by the worker before it saw the flag: never delivered.
+                        continue;
+                    }
+                    delivered += 1;
+                    if on_token(token) == Flow::Cancel {
+                        cancel.store(true, Ordering::Relaxed);
+                        cancelled_on = Some(token);
+                    }
                 }
-                let token = sampler.sample(&mut logits, &seen);
-                sampler.observe(token);
-                seen.push(token);
-                generated += 1;
-                let flow = on_token(token);
-                if request.stop_ids.contains(&token) {
-                    break (Finish::Stop, Some(token));
+                Msg::Done(result) => {
+                    return match (cancelled_on, result) {
+                        // A stop token ends generation as `Stop` even when cancelled on.
+                        (Some(t), Ok(mut summary)) if !request.stop_ids.contains(&t) => {
+                            summary.finish = Finish::Cancelled;
+                            summary.generated_tokens = delivered;
+                            summary.stop_id = None;
+                            Ok(summary)
+                        }
+                        (_, result) => result,
+                    };
                 }
-                if flow == Flow::Cancel {
-                    break (Finish::Cancelled, None);
-                }
-                if generated >= request.max_tokens || st.cached.len() + 1 > ctx {
-                    break (Finish::Length, None);
-                }
-                logits = st.forward(&[token], false)?.pop().ok_or_else(|| {
-                    EngineError::new(ErrorKind::Internal, "decode returned no logits")
-                })?;
-            };
-            Ok(GenerateSummary {
-                prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
-                reused_prompt_tokens: u32::try_from(reuse).unwrap_or(u32::MAX),
-                generated_tokens: generated,
-                finish,
-                stop_id,
-            })
-        })
+            }
+        }
+        Err(EngineError::new(
+            ErrorKind::Internal,
+            format!("generation on model {model} panicked on its device worker"),
+        ))
     }
 
     /// Testing aid: logits (f32) for every position of `prompt` as a fresh sequence, computed
     /// through the same chunked prefill as `generate`. Leaves the prompt in the KV cache.
     pub fn forward_logits(&self, model: u64, prompt: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.with_state(model, |st, _| {
-            Self::check_prompt(st, prompt, 0)?;
+        let prompt = prompt.to_vec();
+        self.on_model(model, move |st, _| {
+            st.check_prompt(&prompt, 0)?;
             st.model.truncate(0);
             st.cached.clear();
-            st.prefill(prompt, true)
+            st.prefill(&prompt, true)
         })
     }
 
-    /// Testing aid: the next forward pass of `model` fails as if the device had reported `cause`.
+    /// Testing aid: the next forward pass of `model` fails as if the device had reported `cause`
+    /// (which faults the device, poisoning every model on it).
     #[doc(hidden)]
     pub fn inject_device_fault(&self, model: u64, cause: &str) -> Result<(), EngineError> {
-        self.with_state(model, |st, _| {
-            st.injected_fault = Some(cause.to_owned());
+        let cause = cause.to_owned();
+        self.on_model(model, move |st, _| {
+            st.injected_fault = Some(cause);
             Ok(())
+        })
+    }
+
+    /// Testing aid: the name of the thread that owns `model` (seen from inside a call on it).
+    #[doc(hidden)]
+    pub fn model_thread_name(&self, model: u64) -> Result<String, EngineError> {
+        self.on_model(model, |_, _| {
+            Ok(std::thread::current()
+                .name()
+                .unwrap_or("<unnamed>")
+                .to_owned())
         })
     }
 }
 
-fn unknown(model: u64) -> EngineError {
+/// The device's name, with its fault when it has one: `DeviceInfo` has no state field, and the
+/// name is what `/health` and `memory_report` consumers already show.
+fn device_name(base: &str, w: &DeviceWorker) -> String {
+    match w.fault() {
+        Some(cause) => format!("{base} (faulted: {cause})"),
+        None => base.to_owned(),
+    }
+}
+
+fn open_cpu(_index: u32) -> Result<Device, String> {
+    Ok(Device::Cpu)
+}
+
+/// What the CUDA driver says about a device (name, memory, compute capability).
+#[cfg_attr(
+    not(feature = "cuda"),
+    allow(dead_code, reason = "only the cuda build constructs it")
+)]
+struct CudaProbe {
+    name: String,
+    total_mb: u64,
+    free_mb: u64,
+    compute_capability: String,
+}
+
+/// Queries the driver on the calling thread, not the device's worker: `info` must answer while a
+/// generation occupies the worker. It retains the device's primary context (the one candle
+/// uses, already alive while the engine holds the device) only for the duration of the query.
+#[cfg(feature = "cuda")]
+fn probe_cuda(index: u32) -> Result<CudaProbe, String> {
+    use candle_core::cuda::cudarc::driver::CudaContext;
+    let ctx = CudaContext::new(index as usize).map_err(|e| e.to_string())?;
+    let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
+    let (free, total) = ctx.mem_get_info().map_err(|e| e.to_string())?;
+    Ok(CudaProbe {
+        name: ctx.name().map_err(|e| e.to_string())?,
+        total_mb: mib(total),
+        free_mb: mib(free),
+        compute_capability: format!("{major}.{minor}"),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn probe_cuda(_index: u32) -> Result<CudaProbe, String> {
+    Err("built without the cuda feature".to_owned())
+}
+
+fn open_cuda(index: u32) -> Result<Device, String> {
+    Device::new_cuda(index as usize).map_err(|e| format!("cuda device {index}: {}", describe(&e)))
+}
+
+pub(crate) fn unknown(model: u64) -> EngineError {
     EngineError::new(
         ErrorKind::NotFound,
         format!("no loaded model with handle {model}"),

@@ -61,6 +61,7 @@ fn model_info() -> api::ModelInfo {
         queue_depth: 0,
         idle_ms: 0,
         error: None,
+        progress: None,
     }
 }
 

@@ -22,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "helexa-guest-trap",
     "helexa-guest-wrong-version",
     "helexa-guest-huge-output",
+    "helexa-guest-pin-node",
 ];
 
 const TARGET: &str = "wasm32-wasip2";

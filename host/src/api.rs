@@ -4,6 +4,7 @@
 //! extractors here reject in the envelope of the route that used them.
 
 pub mod anthropic;
+pub mod llama;
 pub mod openai;
 
 use std::marker::PhantomData;
@@ -34,6 +35,9 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/health", get(health))
+        // llama-server-style discovery (Zed, Open WebUI's llama.cpp connection).
+        .route("/props", get(llama::props))
+        .route("/models", get(llama::models))
         .fallback(openai::unknown_route)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

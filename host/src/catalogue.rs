@@ -8,8 +8,12 @@
 //! source = "Qwen/Qwen3-8B-GGUF"
 //! quant = "Q4_K_M"
 //! vram_mb = 7000
-//! aliases = ["gpt-4o-mini"]
+//! aliases = ["gpt-4o-mini", "claude-*-opus-*", "claude-opus-*"]
 //! ```
+//!
+//! An alias with `*` is a glob: `claude-opus-*` serves every dated Claude Opus name, so
+//! Claude Code pointed at helexa (`ANTHROPIC_BASE_URL`) finds a model whatever it asks for.
+//! Exact ids and aliases win over globs; among globs the most specific wins.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -110,14 +114,58 @@ pub struct LoadedCatalogue {
 }
 
 impl LoadedCatalogue {
-    /// Find a model by id or alias.
+    /// Find a model by id, exact alias, or else glob alias ([`LoadedCatalogue::find_by_pattern`]).
     pub fn find(&self, name: &str) -> Option<&ModelSpec> {
-        self.specs.iter().find(|m| m.id == name).or_else(|| {
-            self.specs
-                .iter()
-                .find(|m| m.aliases.iter().any(|a| a == name))
-        })
+        self.specs
+            .iter()
+            .find(|m| m.id == name)
+            .or_else(|| {
+                self.specs
+                    .iter()
+                    .find(|m| m.aliases.iter().any(|a| a == name))
+            })
+            .or_else(|| self.find_by_pattern(name))
     }
+
+    /// The model one of whose glob aliases (`*` = any run of characters, e.g.
+    /// `claude-*-opus-*`) matches `name`; when several match, the most specific pattern
+    /// (most literal characters) wins, then file order. Exact ids and aliases are not
+    /// consulted: callers use this to learn that a name needs rewriting to the model's id,
+    /// because router policies only match ids and exact aliases.
+    pub fn find_by_pattern(&self, name: &str) -> Option<&ModelSpec> {
+        let mut best: Option<(usize, &ModelSpec)> = None;
+        for spec in &self.specs {
+            for alias in spec.aliases.iter().filter(|a| a.contains('*')) {
+                let literal = alias.chars().filter(|c| *c != '*').count();
+                if glob_match(alias, name) && best.is_none_or(|(l, _)| literal > l) {
+                    best = Some((literal, spec));
+                }
+            }
+        }
+        best.map(|(_, spec)| spec)
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters (none
+/// included) and everything else matches itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let middle: Vec<&str> = parts.collect();
+    let Some((last, middle)) = middle.split_last() else {
+        // No `*`: the whole name must be the pattern.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// Parse and validate a catalogue. `nodes` are the configured node names (`pinned_on`
@@ -287,5 +335,32 @@ mod tests {
         assert_eq!(cat.find("a").map(ModelSpec::effective_priority), Some(1000));
         assert!(cat.find("c").is_none());
         assert_eq!(cat.policy.version, 1);
+    }
+
+    #[test]
+    fn glob_aliases_match_and_the_most_specific_wins() {
+        assert!(glob_match("claude-*", "claude-sonnet-4-5"));
+        assert!(glob_match("claude-*-opus-*", "claude-3-opus-20240229"));
+        assert!(!glob_match("claude-*-opus-*", "claude-opus-4-1"));
+        assert!(glob_match("*haiku*", "claude-haiku-4-5"));
+        assert!(glob_match("a*a", "aa"));
+        assert!(!glob_match("a*a", "a"));
+        assert!(!glob_match("gpt-4", "gpt-4o"));
+        let specs = parse(
+            "[[models]]\nid = \"big\"\nsource = \"x\"\nvram_mb = 1\naliases = [\"claude-opus-*\", \"claude-*-opus-*\"]\n\
+             [[models]]\nid = \"small\"\nsource = \"y\"\nvram_mb = 1\naliases = [\"claude-*\", \"fast\"]\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let store = CatalogueStore::from_specs(specs);
+        let cat = store.current();
+        let id = |name: &str| cat.find(name).map(|m| m.id.clone());
+        assert_eq!(id("claude-opus-4-1-20250805").as_deref(), Some("big"));
+        assert_eq!(id("claude-3-opus-20240229").as_deref(), Some("big"));
+        assert_eq!(id("claude-sonnet-4-5-20250929").as_deref(), Some("small"));
+        assert_eq!(id("fast").as_deref(), Some("small"));
+        assert!(cat.find_by_pattern("fast").is_none());
+        assert_eq!(id("gpt-4o"), None);
     }
 }

@@ -1,8 +1,12 @@
 //! The `helexa` command line. `main.rs` only calls [`run`]; each subcommand lives in
-//! its own module under `cli/` (only `serve` exists;
-//! `up`, `status` and `plugin …` are planned, not implemented).
+//! its own module under `cli/`: `serve`, `up` (gateway + local node in one command),
+//! `plugin …`, and the fleet commands `status`, `models`, `load`, `unload` (`fleet`).
 
+pub mod fleet;
+pub mod plugin;
+pub mod scaffold;
 pub mod serve;
+pub mod up;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -35,6 +39,18 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway.
     Serve(serve::ServeArgs),
+    /// Manage policy plugins (install, use, reload, build, test).
+    Plugin(plugin::PluginArgs),
+    /// Start the gateway and a local node serving a model (the embedded demo by default).
+    Up(up::UpArgs),
+    /// Show the fleet: nodes, devices, loaded models, queues, policies.
+    Status(fleet::JsonFlag),
+    /// List the catalogue's models and where each is loaded.
+    Models(fleet::JsonFlag),
+    /// Load a catalogue model on a node (through the gateway's admin API).
+    Load(fleet::LoadArgs),
+    /// Unload a model from the nodes that hold it (through the gateway's admin API).
+    Unload(fleet::UnloadArgs),
 }
 
 /// Parse the command line and run it.
@@ -49,5 +65,17 @@ pub fn run() -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Plugin(args) => {
+            runtime.block_on(plugin::run(args, &cli.gateway, cli.admin_key.as_deref()))
+        }
+        Command::Up(args) => runtime.block_on(up::run(args, cli.admin_key.as_deref())),
+        Command::Status(args) => runtime.block_on(fleet::status(&cli.gateway, args)),
+        Command::Models(args) => runtime.block_on(fleet::models(&cli.gateway, args)),
+        Command::Load(args) => {
+            runtime.block_on(fleet::load(&cli.gateway, cli.admin_key.as_deref(), args))
+        }
+        Command::Unload(args) => {
+            runtime.block_on(fleet::unload(&cli.gateway, cli.admin_key.as_deref(), args))
+        }
     }
 }

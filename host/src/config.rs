@@ -15,11 +15,12 @@
 //! endpoint = "http://10.0.0.5:13131"
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use helexa_policy_runtime::{FailPolicy, PluginOptions};
 use serde::Deserialize;
 
 /// Default API listen address (as the original gateway).
@@ -89,6 +90,41 @@ struct RawConfig {
     auth: RawAuth,
     #[serde(default)]
     proxy: RawProxy,
+    #[serde(default)]
+    plugins: RawPlugins,
+    #[serde(default)]
+    admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    dir: Option<PathBuf>,
+    watch: Option<bool>,
+    debounce_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+    translate_deadline_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    on_failure: Option<FailPolicy>,
+    #[serde(default)]
+    settings: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    limits: BTreeMap<String, RawPluginLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPluginLimits {
+    deadline_ms: Option<u64>,
+    memory_mb: Option<u64>,
+    on_failure: Option<FailPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    key: Option<String>,
+    key_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +213,110 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Proxy timeouts and limits.
     pub proxy: ProxyConfig,
+    /// The plugin store, its watcher and per-plugin settings and limits.
+    pub plugins: PluginsConfig,
+    /// The admin API's key (`[admin] key` / `key_env`); `None` = admin API disabled.
+    pub admin: AdminConfig,
+}
+
+/// `[plugins]`: where installed plugins live and how each is run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginsConfig {
+    /// The plugin store (absolute); default `$XDG_DATA_HOME/helexa/plugins` or
+    /// `~/.local/share/helexa/plugins`.
+    pub dir: PathBuf,
+    /// Reload when the store changes (default true).
+    pub watch: bool,
+    /// Quiet period after the last change before reloading (default 200 ms).
+    pub debounce: Duration,
+    /// Default deadline of a router or evictor call (default 20 ms).
+    pub deadline: Duration,
+    /// Default deadline of a translator call (default 200 ms).
+    pub translate_deadline: Duration,
+    /// Default memory cap of an instance, bytes (default 64 MiB).
+    pub max_memory_bytes: usize,
+    /// Default fail policy (default `fallback`).
+    pub on_failure: FailPolicy,
+    /// Per plugin (by name): its settings and limits.
+    pub each: BTreeMap<String, PluginSettings>,
+}
+
+/// `[plugins.settings.NAME]` and `[plugins.limits.NAME]` of one plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginSettings {
+    /// The settings table as JSON text (what `configure` receives).
+    pub settings_json: String,
+    /// Deadline, memory cap and fail policy.
+    pub options: PluginOptions,
+}
+
+impl PluginsConfig {
+    /// The settings JSON of plugin `name` (`{}` without a `[plugins.settings.NAME]`).
+    pub fn settings_json(&self, name: &str) -> String {
+        self.each
+            .get(name)
+            .map_or_else(|| "{}".to_owned(), |p| p.settings_json.clone())
+    }
+
+    /// The limits and fail policy of plugin `name` (the `[plugins]` defaults, overridden
+    /// by `[plugins.limits.NAME]`).
+    pub fn options(&self, name: &str) -> PluginOptions {
+        self.each
+            .get(name)
+            .map_or_else(|| self.default_options(), |p| p.options.clone())
+    }
+
+    fn default_options(&self) -> PluginOptions {
+        PluginOptions {
+            deadline: None,
+            max_memory_bytes: Some(self.max_memory_bytes),
+            on_failure: self.on_failure,
+        }
+    }
+
+    /// The runtime's limits: the defaults, with the memory ceiling raised to the largest
+    /// per-plugin cap (the pooling allocator reserves slots of that size).
+    pub fn runtime_limits(&self) -> helexa_policy_runtime::Limits {
+        let ceiling = self
+            .each
+            .values()
+            .filter_map(|p| p.options.max_memory_bytes)
+            .fold(self.max_memory_bytes, usize::max);
+        helexa_policy_runtime::Limits {
+            call_deadline: self.deadline,
+            translate_deadline: self.translate_deadline,
+            max_memory_bytes: ceiling,
+        }
+    }
+
+    /// The default store directory: `$XDG_DATA_HOME/helexa/plugins`, else
+    /// `~/.local/share/helexa/plugins`, else `./helexa-plugins`.
+    pub fn default_dir(env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+        env("XDG_DATA_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|home| PathBuf::from(home).join(".local/share")))
+            .map_or_else(
+                || PathBuf::from("helexa-plugins"),
+                |base| base.join("helexa").join("plugins"),
+            )
+    }
+}
+
+/// The admin API key.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// The secret admin clients send as `Authorization: Bearer`.
+    pub key: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    // Never print the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("key", &self.key.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// One node of the fleet.
@@ -447,6 +587,29 @@ impl Config {
             return Err(invalid("[proxy] max_body_mb must be at least 1".to_owned()));
         }
 
+        let plugins = plugins_config(raw.plugins, base_dir, env).map_err(invalid)?;
+        let admin = AdminConfig {
+            key: match (raw.admin.key, raw.admin.key_env) {
+                (None, None) => None,
+                (Some(key), None) => Some(key),
+                (None, Some(var)) => Some(env(&var).ok_or_else(|| {
+                    invalid(format!(
+                        "[admin] key_env: environment variable {var} is not set"
+                    ))
+                })?),
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "[admin]: set only one of `key` or `key_env`".to_owned(),
+                    ));
+                }
+            },
+        };
+        if admin.key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err(invalid(
+                "[admin] the key is shorter than 16 characters".to_owned(),
+            ));
+        }
+
         Ok(Config {
             listen,
             metrics_listen,
@@ -456,6 +619,8 @@ impl Config {
             policies,
             auth: AuthConfig { keys },
             proxy,
+            plugins,
+            admin,
         })
     }
 }
@@ -509,6 +674,71 @@ fn policy(raw: Option<RawPolicy>, kind: &str, base: &Path) -> Result<PolicyConfi
     })
 }
 
+fn plugins_config(
+    raw: RawPlugins,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<PluginsConfig, String> {
+    let ms = |field: &str, value: Option<u64>, default: u64| match value.unwrap_or(default) {
+        0 => Err(format!("[plugins] {field} must be at least 1")),
+        v => Ok(Duration::from_millis(v)),
+    };
+    let mb = |field: &str, value: u64| match value {
+        0 => Err(format!("{field} must be at least 1")),
+        v if v > 4096 => Err(format!("{field} = {v} is more than 4096 MiB")),
+        v => Ok((v as usize) << 20),
+    };
+    let max_memory_bytes = mb("[plugins] memory_mb", raw.memory_mb.unwrap_or(64))?;
+    let on_failure = raw.on_failure.unwrap_or_default();
+    let mut each: BTreeMap<String, PluginSettings> = BTreeMap::new();
+    let names: std::collections::BTreeSet<&String> =
+        raw.settings.keys().chain(raw.limits.keys()).collect();
+    for name in names {
+        let settings_json = match raw.settings.get(name) {
+            Some(table) => serde_json::to_string(table).map_err(|e| {
+                format!("[plugins.settings.{name}] cannot be expressed as JSON: {e}")
+            })?,
+            None => "{}".to_owned(),
+        };
+        let limits = raw.limits.get(name);
+        let deadline = match limits.and_then(|l| l.deadline_ms) {
+            Some(0) => {
+                return Err(format!(
+                    "[plugins.limits.{name}] deadline_ms must be at least 1"
+                ));
+            }
+            other => other.map(Duration::from_millis),
+        };
+        let max_memory_bytes = match limits.and_then(|l| l.memory_mb) {
+            Some(v) => mb(&format!("[plugins.limits.{name}] memory_mb"), v)?,
+            None => max_memory_bytes,
+        };
+        each.insert(
+            name.clone(),
+            PluginSettings {
+                settings_json,
+                options: PluginOptions {
+                    deadline,
+                    max_memory_bytes: Some(max_memory_bytes),
+                    on_failure: limits.and_then(|l| l.on_failure).unwrap_or(on_failure),
+                },
+            },
+        );
+    }
+    Ok(PluginsConfig {
+        dir: raw
+            .dir
+            .map_or_else(|| PluginsConfig::default_dir(env), |d| base.join(d)),
+        watch: raw.watch.unwrap_or(true),
+        debounce: ms("debounce_ms", raw.debounce_ms, 200)?,
+        deadline: ms("deadline_ms", raw.deadline_ms, 20)?,
+        translate_deadline: ms("translate_deadline_ms", raw.translate_deadline_ms, 200)?,
+        max_memory_bytes,
+        on_failure,
+        each,
+    })
+}
+
 /// ` (line L, column C)` for a parse error span, so messages point at the mistake.
 pub(crate) fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     let Some(span) = span else {
@@ -559,6 +789,47 @@ mod tests {
         let c =
             Config::from_toml(&text, "t", Path::new("."), &Overrides::default(), &no_env).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:1");
+    }
+
+    #[test]
+    fn plugins_settings_limits_and_admin_key_resolve() {
+        let text = format!(
+            "{MINIMAL}[admin]\nkey_env = \"ADMIN\"\n[plugins]\ndir = \"store\"\nmemory_mb = 32\n\
+             [plugins.settings.pin]\nnode = \"b\"\n\
+             [plugins.limits.pin]\ndeadline_ms = 5\nmemory_mb = 128\non_failure = \"reject\"\n"
+        );
+        let env = |v: &str| (v == "ADMIN").then(|| "admin-0123456789abcdef".to_owned());
+        let c = Config::from_toml(&text, "t", Path::new("/etc/h"), &Overrides::default(), &env)
+            .unwrap();
+        assert_eq!(c.admin.key.as_deref(), Some("admin-0123456789abcdef"));
+        assert!(!format!("{:?}", c.admin).contains("admin-0123"));
+        assert_eq!(c.plugins.dir, Path::new("/etc/h/store"));
+        assert_eq!(c.plugins.settings_json("pin"), r#"{"node":"b"}"#);
+        assert_eq!(c.plugins.settings_json("other"), "{}");
+        let pin = c.plugins.options("pin");
+        assert_eq!(pin.deadline, Some(Duration::from_millis(5)));
+        assert_eq!(pin.max_memory_bytes, Some(128 << 20));
+        assert_eq!(pin.on_failure, FailPolicy::Reject);
+        let other = c.plugins.options("other");
+        assert_eq!(
+            (other.max_memory_bytes, other.on_failure),
+            (Some(32 << 20), FailPolicy::Fallback)
+        );
+        // The engine ceiling is the largest cap.
+        assert_eq!(c.plugins.runtime_limits().max_memory_bytes, 128 << 20);
+
+        let default_dir = PluginsConfig::default_dir(&|v| (v == "HOME").then(|| "/home/u".into()));
+        assert_eq!(
+            default_dir,
+            Path::new("/home/u/.local/share/helexa/plugins")
+        );
+        let bad = format!("{MINIMAL}[plugins.limits.x]\ndeadline_ms = 0\n");
+        let e = Config::from_toml(&bad, "t", Path::new("."), &Overrides::default(), &no_env)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("[plugins.limits.x] deadline_ms"),
+            "{e}"
+        );
     }
 
     #[test]

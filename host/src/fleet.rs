@@ -311,6 +311,7 @@ impl FleetState {
                         "models": status.models.iter().map(|m| json!({
                             "id": m.id, "state": m.state, "in_flight": m.in_flight,
                             "queue_depth": m.queue_depth, "idle_ms": m.idle_ms,
+                            "progress": m.progress,
                         })).collect::<Vec<_>>(),
                     })
                 })

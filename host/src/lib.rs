@@ -24,14 +24,17 @@
 // A request must never panic the gateway: no unwrap/expect outside tests (STYLE.md §1).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod admin;
 pub mod api;
 pub mod catalogue;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod fleet_admin;
 pub mod gateway;
 pub mod metrics;
+pub mod plugin_store;
 pub mod policy;
 pub mod proxy;
 pub mod routing;

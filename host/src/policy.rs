@@ -7,10 +7,13 @@
 
 use std::sync::Arc;
 
+mod plugins;
 mod runtime;
 
 pub use helexa_policy_runtime::TranslateError;
 pub use helexa_policy_runtime::types::*;
+pub use plugins::{PluginManager, ReloadReport, WorldStatus};
+pub(crate) use runtime::default_cache_dir;
 pub use runtime::{PolicyLoadError, RuntimePolicies, load};
 
 /// The policies the gateway consults on every request. Implementations must be cheap to
@@ -43,6 +46,11 @@ pub trait Policies: Send + Sync + 'static {
     ) -> Result<Box<dyn EventStream>, TranslateError>;
     /// A description of the active policies for `GET /health`.
     fn describe(&self) -> serde_json::Value;
+    /// Hot reload state for `GET /health` (per world: live plugin, last reload); `null`
+    /// when the policies are not reloadable.
+    fn plugins_health(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
 /// One translated response stream (OpenAI chat chunks in, surface events out).

@@ -313,7 +313,7 @@ impl Gateway {
 
     /// Load `spec` on `plan.node` (evicting first if the plan says so), sharing one load
     /// among all requests that want the same (node, model).
-    async fn ensure_loaded(
+    pub(crate) async fn ensure_loaded(
         self: &Arc<Self>,
         plan: &LoadPlan,
         spec: &ModelSpec,

@@ -77,12 +77,31 @@ impl Gateway {
         )
     }
 
+    /// A model name matched only by a glob alias (`claude-*`) becomes the model's id, in
+    /// the request info and the body: router policies match ids and exact aliases only.
+    fn resolve_glob_alias(
+        &self,
+        mut request: ClientRequest,
+    ) -> Result<ClientRequest, GatewayError> {
+        let catalogue = self.catalogue.current();
+        let exact = catalogue
+            .specs
+            .iter()
+            .any(|m| m.id == request.info.model || m.aliases.contains(&request.info.model));
+        if !exact && let Some(spec) = catalogue.find_by_pattern(&request.info.model) {
+            request.body = crate::routing::rewrite_model(&request.body, &spec.id)?;
+            request.info.model = spec.id.clone();
+        }
+        Ok(request)
+    }
+
     /// OpenAI chat / completions: route, then relay the node's response unchanged.
     pub async fn passthrough(
         self: &Arc<Self>,
         path: &str,
         request: ClientRequest,
     ) -> Result<Response, GatewayError> {
+        let request = self.resolve_glob_alias(request)?;
         let surface = request.info.surface;
         let routed = self.dispatch(&request.info, path, request.body).await?;
         let status = routed.response.status();
@@ -123,6 +142,7 @@ impl Gateway {
         self: &Arc<Self>,
         request: ClientRequest,
     ) -> Result<Response, GatewayError> {
+        let request = self.resolve_glob_alias(request)?;
         let surface = request.info.surface;
         let client_body = std::str::from_utf8(&request.body)
             .map_err(|_| GatewayError::bad_request("the body is not UTF-8"))?;
@@ -192,6 +212,10 @@ impl Gateway {
             .response_stream(surface, client_body, &id)
             .map_err(|e| match e {
                 TranslateError::InvalidInput(message) => GatewayError::bad_request(message),
+                TranslateError::Unavailable(message) => GatewayError::Unavailable {
+                    message,
+                    retry_after_ms: 1000,
+                },
                 TranslateError::Failed(message) => GatewayError::Unavailable {
                     message: format!(
                         "the gateway cannot start another translated stream now ({message}); retry shortly"
@@ -387,6 +411,7 @@ impl Gateway {
             "catalogue_version": self.catalogue.current().policy.version,
             "nodes": self.fleet.health_json(),
             "policies": self.policies.describe(),
+            "plugins": self.policies.plugins_health(),
         })
     }
 }
@@ -415,6 +440,11 @@ fn translate_error(e: TranslateError) -> GatewayError {
     match e {
         TranslateError::InvalidInput(message) => GatewayError::bad_request(message),
         TranslateError::Failed(message) => GatewayError::Internal(format!("translator: {message}")),
+        // A plugin whose fail policy is `reject` failed: the message names it.
+        TranslateError::Unavailable(message) => GatewayError::Unavailable {
+            message,
+            retry_after_ms: 1000,
+        },
     }
 }
 

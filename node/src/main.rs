@@ -1,12 +1,18 @@
 //! `helexa-node` binary: read the configuration, open the engine, pre-warm models, serve the
 //! HTTP API until SIGTERM/Ctrl-C, then drain (stop accepting, finish in-flight work, exit).
+//!
+//! Serving is the default (`helexa-node [OPTIONS]` or `helexa-node serve [OPTIONS]`); `bench`
+//! measures an engine on one model through the same ABI ([`bench`]), and `synth` writes seeded
+//! models of real architectures' shapes for it (`helexa-model-synth`).
+
+mod bench;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use helexa_node::config::RawConfig;
 use helexa_node::engine::EngineHandle;
 use helexa_node::state::AppState;
@@ -14,8 +20,27 @@ use helexa_node_api::LoadRequest;
 
 /// The per-host helexa daemon.
 #[derive(Debug, Parser)]
-#[command(version, about)]
-struct Args {
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Without a subcommand, the node serves.
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve(ServeArgs),
+    /// Measure load time, prefill and decode throughput of an engine on a model.
+    Bench(Box<bench::BenchArgs>),
+    /// Write a seeded random model with a real architecture's shapes.
+    Synth(bench::SynthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "HELEXA_NODE_CONFIG")]
     config: Option<PathBuf>,
@@ -27,14 +52,30 @@ struct Args {
     engine: Option<PathBuf>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve_blocking(cli.serve),
+        Some(Command::Serve(args)) => serve_blocking(args),
+        Some(Command::Bench(args)) => bench::run(&args),
+        Some(Command::Synth(args)) => bench::synth(&args),
+    }
+}
+
+fn serve_blocking(args: ServeArgs) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(serve(args))
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut raw = match &args.config {
         Some(path) => RawConfig::read(path).context("reading the configuration")?,
         None => RawConfig::default(),
@@ -107,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     unsafe_code,
     reason = "loading the engine library is the node's single unsafe decision (STYLE.md §10)"
 )]
-fn open_engine(path: &std::path::Path) -> anyhow::Result<EngineHandle> {
+pub(crate) fn open_engine(path: &std::path::Path) -> anyhow::Result<EngineHandle> {
     // SAFETY: the operator configured this path as a helexa engine; `open` checks the ABI
     // version, the interface size and every function pointer before calling into it.
     unsafe { EngineHandle::open(path) }

@@ -28,6 +28,11 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Model loads by outcome (`ok`, `error`).
     pub loads: IntCounterVec,
+    /// Models marked failed by an engine device fault, by model.
+    pub device_faults: IntCounterVec,
+    /// Reload attempts after a device fault, by model and outcome (`recovered`, `failed`,
+    /// `gave_up` once the attempts are spent).
+    pub recoveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -100,6 +105,16 @@ impl Metrics {
                 "helexa_node_model_loads_total",
                 "Model loads by outcome",
                 &["outcome"],
+            )?,
+            device_faults: counter(
+                "helexa_node_device_faults_total",
+                "Models marked failed by an engine device fault",
+                &["model"],
+            )?,
+            recoveries: counter(
+                "helexa_node_model_recoveries_total",
+                "Reload attempts after a device fault, by outcome",
+                &["model", "outcome"],
             )?,
             registry,
         })

@@ -106,6 +106,39 @@ pub struct HubOptions {
     pub parallel: usize,
     /// Draw an indicatif progress bar (it stays hidden when stderr is not a terminal).
     pub progress_bar: bool,
+    /// Where downloaded bytes are counted for `/models` (the node's load progress).
+    pub progress: Option<Arc<LoadCounter>>,
+}
+
+/// Bytes downloaded by one load, shared with the node's model listing.
+#[derive(Debug, Default)]
+pub struct LoadCounter {
+    /// Bytes received so far.
+    pub done: AtomicU64,
+    /// Sizes of the files whose download has started.
+    pub total: AtomicU64,
+    /// At least one file had to be downloaded.
+    pub downloading: std::sync::atomic::AtomicBool,
+    /// The files are all here; the engine is reading the weights.
+    pub loading_weights: std::sync::atomic::AtomicBool,
+}
+
+impl LoadCounter {
+    /// The API form.
+    pub fn snapshot(&self) -> helexa_node_api::LoadProgress {
+        let phase = if self.loading_weights.load(Ordering::Relaxed) {
+            "loading_weights"
+        } else if self.downloading.load(Ordering::Relaxed) {
+            "downloading"
+        } else {
+            "resolving"
+        };
+        helexa_node_api::LoadProgress {
+            phase: phase.to_owned(),
+            done_bytes: self.done.load(Ordering::Relaxed),
+            total_bytes: self.total.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl HubOptions {
@@ -121,6 +154,7 @@ impl HubOptions {
             chunk_size: 10_000_000,
             parallel: 4,
             progress_bar: true,
+            progress: None,
         }
     }
 
@@ -369,7 +403,7 @@ async fn download(
             tracing::debug!(repo, file = %name, "already cached");
             continue;
         }
-        let progress = DownloadProgress::new(repo, &name, hub.progress_bar);
+        let progress = DownloadProgress::new(repo, &name, hub.progress_bar, hub.progress.clone());
         let path = download_file(&remote, &name, progress, hub.timeout)
             .await
             .map_err(|e| match e {
@@ -454,10 +488,12 @@ struct ProgressState {
     /// Tenths already logged.
     logged: AtomicU64,
     bar: indicatif::ProgressBar,
+    /// The load's counter, across files.
+    load: Option<Arc<LoadCounter>>,
 }
 
 impl DownloadProgress {
-    fn new(repo: &str, file: &str, bar: bool) -> Self {
+    fn new(repo: &str, file: &str, bar: bool, load: Option<Arc<LoadCounter>>) -> Self {
         let bar = if bar {
             indicatif::ProgressBar::new(0)
         } else {
@@ -470,6 +506,7 @@ impl DownloadProgress {
             done: AtomicU64::new(0),
             logged: AtomicU64::new(0),
             bar,
+            load,
         }))
     }
 }
@@ -478,6 +515,10 @@ impl hf_hub::api::tokio::Progress for DownloadProgress {
     async fn init(&mut self, size: usize, filename: &str) {
         let s = &self.0;
         s.total.store(size as u64, Ordering::Relaxed);
+        if let Some(load) = &s.load {
+            load.total.fetch_add(size as u64, Ordering::Relaxed);
+            load.downloading.store(true, Ordering::Relaxed);
+        }
         tracing::info!(repo = %s.repo, file = %s.file, bytes = size, "downloading");
         let mut bar = s.bar.clone();
         hf_hub::api::tokio::Progress::init(&mut bar, size, filename).await;
@@ -486,6 +527,9 @@ impl hf_hub::api::tokio::Progress for DownloadProgress {
     async fn update(&mut self, size: usize) {
         let s = &self.0;
         let done = s.done.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
+        if let Some(load) = &s.load {
+            load.done.fetch_add(size as u64, Ordering::Relaxed);
+        }
         s.bar.inc(size as u64);
         let total = s.total.load(Ordering::Relaxed).max(1);
         let tenth = (done * 10 / total).min(10);

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
 use helexa_engine_abi::json::{LoadSpec, LoadedModel};
@@ -32,7 +32,20 @@ pub(crate) struct Inner {
     models: RwLock<HashMap<String, Slot>>,
     /// One lock per model id so concurrent loads of one id run once (single flight).
     load_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Waits before each automatic reload of a model that hit a device fault (one attempt per
+    /// entry; empty disables recovery).
+    recovery_delays: Mutex<Vec<Duration>>,
+    /// Progress of the loads under way, by model id (shown in `/models` while `loading`).
+    load_progress: Mutex<HashMap<String, Arc<source::LoadCounter>>>,
 }
+
+/// Default waits before the automatic reload attempts of a faulted model: 3 tries at 1 s,
+/// 2 s and 4 s, long enough for a device reset to settle, short enough to stay unnoticed.
+pub const DEFAULT_RECOVERY_DELAYS: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
 
 /// A model id's life-cycle entry.
 #[derive(Clone)]
@@ -66,6 +79,8 @@ pub struct Model {
     pub gate: Gate,
     /// Milliseconds after server start of the last request (0 = never).
     last_used_ms: AtomicU64,
+    /// The request it was loaded from, so a device fault can reload it unattended.
+    request: LoadRequest,
 }
 
 impl Model {
@@ -110,6 +125,7 @@ impl Model {
             queue_depth: self.gate.queued.load(Ordering::Relaxed),
             idle_ms,
             error: None,
+            progress: None,
         }
     }
 
@@ -217,7 +233,19 @@ impl AppState {
             started: Instant::now(),
             models: RwLock::new(HashMap::new()),
             load_locks: Mutex::new(HashMap::new()),
+            recovery_delays: Mutex::new(DEFAULT_RECOVERY_DELAYS.to_vec()),
+            load_progress: Mutex::new(HashMap::new()),
         })))
+    }
+
+    /// Sets the waits before the automatic reload attempts of a model that hit a device fault
+    /// (one attempt per entry; empty disables recovery). Tests shorten them.
+    pub fn set_recovery_delays(&self, delays: Vec<Duration>) {
+        *self
+            .0
+            .recovery_delays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = delays;
     }
 
     /// Stop admitting work (SIGTERM); in-flight requests finish.
@@ -238,10 +266,19 @@ impl AppState {
     /// All models in API form, sorted by id.
     pub fn model_infos(&self) -> Vec<ModelInfo> {
         let models = self.0.models.read().unwrap_or_else(|e| e.into_inner());
+        let progress = self
+            .0
+            .load_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let mut infos: Vec<ModelInfo> = models
             .values()
             .map(|slot| match slot {
-                Slot::Loading(info) | Slot::Failed(info, _) => info.clone(),
+                Slot::Loading(info) => ModelInfo {
+                    progress: progress.get(&info.id).map(|c| c.snapshot()),
+                    ..info.clone()
+                },
+                Slot::Failed(info, _) => info.clone(),
                 Slot::Ready(model) => model.info(self.0.started),
             })
             .collect();
@@ -279,21 +316,158 @@ impl AppState {
         };
     }
 
-    /// The engine reported a device fault while `model` was generating: the model is no longer
-    /// trustworthy, so its slot becomes `Failed` (visible in `/models` and `/health`) and later
-    /// requests get 503 `model_failed` until it is unloaded or reloaded. Only the slot still
-    /// holding this very model is changed (a reload may have replaced it meanwhile).
+    /// The engine reported a device fault while `model` was generating. A device fault poisons
+    /// every model on that device in the engine, so the slots of all ready models sharing a
+    /// device with it become `Failed` (visible in `/models` and `/health`); later requests get
+    /// 503 `model_failed` until they are reloaded, which `spawn_recovery` does in the
+    /// background. Only slots still holding these very models are changed (a reload may have
+    /// replaced one meanwhile).
     pub fn mark_failed(&self, model: &Arc<Model>, reason: &str) {
         let mut models = self.0.models.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(Slot::Ready(current)) = models.get(&model.id)
-            && Arc::ptr_eq(current, model)
-        {
-            tracing::error!(id = %model.id, reason, "device fault; model marked failed");
-            let mut info = model.info(self.0.started);
-            info.state = ModelState::Failed;
-            info.error = Some(format!("engine device fault: {reason}"));
-            models.insert(model.id.clone(), Slot::Failed(info, Some(model.clone())));
+        let Some(Slot::Ready(current)) = models.get(&model.id) else {
+            return;
+        };
+        if !Arc::ptr_eq(current, model) {
+            return;
         }
+        let devices = &model.loaded.devices;
+        let group: Vec<Arc<Model>> = models
+            .values()
+            .filter_map(|slot| match slot {
+                Slot::Ready(m)
+                    if Arc::ptr_eq(m, model)
+                        || m.loaded.devices.iter().any(|d| devices.contains(d)) =>
+                {
+                    Some(m.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        for m in &group {
+            let error = if Arc::ptr_eq(m, model) {
+                format!("engine device fault: {reason}")
+            } else {
+                format!(
+                    "engine device fault on device {:?} (while serving {}): {reason}",
+                    m.loaded.devices, model.id
+                )
+            };
+            tracing::error!(id = %m.id, %error, "device fault; model marked failed");
+            self.0
+                .metrics
+                .device_faults
+                .with_label_values(&[&m.id])
+                .inc();
+            let mut info = m.info(self.0.started);
+            info.state = ModelState::Failed;
+            info.error = Some(error);
+            models.insert(m.id.clone(), Slot::Failed(info, Some(m.clone())));
+        }
+        drop(models);
+        self.spawn_recovery(group);
+    }
+
+    /// Reloads models that hit a device fault from the requests they were loaded with, in the
+    /// background, with bounded attempts and backoff. Each attempt first frees every faulted
+    /// engine handle of the group (the engine re-creates a faulted device only once it holds
+    /// none of its models), then loads each model again, so they come back `ready` without an
+    /// operator: the slots read `failed` (with the reason), then `loading`, then `ready`, while
+    /// models on other devices keep serving. A model leaves the group when someone else unloads
+    /// or reloads its id; everything stops when the node drains.
+    fn spawn_recovery(&self, group: Vec<Arc<Model>>) {
+        let delays = self
+            .0
+            .recovery_delays
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if delays.is_empty() || group.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        runtime.spawn(async move {
+            let attempts = delays.len();
+            let mut pending = group;
+            for (attempt, delay) in delays.into_iter().enumerate() {
+                tokio::time::sleep(delay).await;
+                if this.is_draining() {
+                    return;
+                }
+                pending.retain(|m| this.is_failed(&m.id));
+                for m in &pending {
+                    this.release_faulted(m).await;
+                }
+                let mut failed = Vec::new();
+                for m in pending {
+                    if !this.is_failed(&m.id) {
+                        continue;
+                    }
+                    tracing::info!(id = %m.id, attempt = attempt + 1, attempts, "reloading a model after a device fault");
+                    let outcome = this.load_detached(m.request.clone()).await;
+                    let label = if outcome.is_ok() { "recovered" } else { "failed" };
+                    this.0
+                        .metrics
+                        .recoveries
+                        .with_label_values(&[&m.id, label])
+                        .inc();
+                    match outcome {
+                        Ok(_) => tracing::info!(id = %m.id, "model recovered after a device fault"),
+                        Err(error) => {
+                            tracing::warn!(id = %m.id, message = %error.envelope.error.message, "reload after a device fault failed");
+                            failed.push(m);
+                        }
+                    }
+                }
+                pending = failed;
+                if pending.is_empty() {
+                    return;
+                }
+            }
+            for m in &pending {
+                tracing::error!(id = %m.id, attempts, "gave up recovering a model after a device fault");
+                this.0
+                    .metrics
+                    .recoveries
+                    .with_label_values(&[&m.id, "gave_up"])
+                    .inc();
+            }
+        });
+    }
+
+    fn is_failed(&self, id: &str) -> bool {
+        matches!(
+            self.0
+                .models
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(id),
+            Some(Slot::Failed(..))
+        )
+    }
+
+    /// Frees the engine handle of `model` if its slot still holds it as faulted; the slot stays
+    /// `Failed` (without a handle) until the reload replaces it.
+    async fn release_faulted(&self, model: &Arc<Model>) {
+        let lock = {
+            let mut locks = self.0.load_locks.lock().unwrap_or_else(|e| e.into_inner());
+            locks.entry(model.id.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let info = match self
+            .0
+            .models
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&model.id)
+        {
+            Some(Slot::Failed(info, Some(m))) if Arc::ptr_eq(m, model) => info.clone(),
+            _ => return,
+        };
+        self.release(model).await;
+        self.set_slot(&model.id, Some(Slot::Failed(info, None)));
     }
 
     /// Load a model (single flight per id; an already-loaded id with the same source is
@@ -369,9 +543,15 @@ impl AppState {
             queue_depth: 0,
             idle_ms: 0,
             error: None,
+            progress: None,
         };
         self.set_slot(&request.id, Some(Slot::Loading(placeholder.clone())));
-        match self.load_inner(&request).await {
+        let counter = Arc::new(source::LoadCounter::default());
+        self.progress_map()
+            .insert(request.id.clone(), Arc::clone(&counter));
+        let outcome = self.load_inner(&request, &counter).await;
+        self.progress_map().remove(&request.id);
+        match outcome {
             Ok(model) => {
                 self.0.metrics.loads.with_label_values(&["ok"]).inc();
                 let info = model.info(self.0.started);
@@ -397,13 +577,24 @@ impl AppState {
         }
     }
 
-    async fn load_inner(&self, request: &LoadRequest) -> Result<Model, ApiError> {
-        let resolved: ResolvedModel = source::resolve(
-            &request.source,
-            request.quant.as_deref(),
-            self.0.cache_dir.as_deref(),
-        )
-        .await?;
+    fn progress_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<source::LoadCounter>>> {
+        self.0
+            .load_progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn load_inner(
+        &self,
+        request: &LoadRequest,
+        progress: &Arc<source::LoadCounter>,
+    ) -> Result<Model, ApiError> {
+        let hub = source::HubOptions {
+            progress: Some(Arc::clone(progress)),
+            ..source::HubOptions::from_env(self.0.cache_dir.as_deref())
+        };
+        let resolved: ResolvedModel =
+            source::resolve_with(&request.source, request.quant.as_deref(), &hub).await?;
         let backend = self.0.backend.clone();
         let memory = tokio::task::spawn_blocking(move || backend.memory())
             .await
@@ -466,6 +657,7 @@ impl AppState {
             prefill_chunk: None,
         };
         let backend = self.0.backend.clone();
+        progress.loading_weights.store(true, Ordering::Relaxed);
         let loaded = tokio::task::spawn_blocking(move || backend.load_model(&spec))
             .await
             .map_err(ApiError::internal)??;
@@ -485,6 +677,7 @@ impl AppState {
             defaults: resolved.generation_defaults,
             gate: Gate::new(self.0.admission),
             last_used_ms: AtomicU64::new(0),
+            request: request.clone(),
         })
     }
 

@@ -259,9 +259,59 @@ fn special_token(config: &Json, key: &str) -> Option<String> {
     }
 }
 
-/// Parse string tool-call arguments into objects (when they are valid JSON objects).
+/// The prefix of the attribution line Claude Code puts in its system prompt; its value
+/// changes on every request (version and a per-request hash).
+const BILLING_HEADER: &str = "x-anthropic-billing-header:";
+
+/// Remove Claude Code's `x-anthropic-billing-header: …` lines from a system text. The line
+/// is meaningless to a local model and, changing per request, would make two consecutive
+/// requests differ in their first tokens, so the prefix cache could never reuse the (long)
+/// rest of the system prompt. Done here, at rendering, so every surface (OpenAI passthrough,
+/// translated Anthropic, `/tokenize` behind `count_tokens`) sees the same prompt.
+fn strip_billing_header(text: &str) -> Option<String> {
+    if !text.contains(BILLING_HEADER) {
+        return None;
+    }
+    let kept: Vec<&str> = text
+        .split_inclusive('\n')
+        .filter(|line| !line.trim_start().starts_with(BILLING_HEADER))
+        .collect();
+    Some(kept.concat())
+}
+
+/// Normalise a system message's content: billing-header lines removed from a string, and
+/// text parts that were only that line dropped from a parts array.
+fn normalize_system(message: &mut Json) {
+    match message.get_mut("content") {
+        Some(Json::String(text)) => {
+            if let Some(stripped) = strip_billing_header(text) {
+                *text = stripped;
+            }
+        }
+        Some(Json::Array(parts)) => {
+            parts.retain_mut(|part| match part.get_mut("text") {
+                Some(Json::String(text)) => match strip_billing_header(text) {
+                    Some(stripped) if stripped.trim().is_empty() => false,
+                    Some(stripped) => {
+                        *text = stripped;
+                        true
+                    }
+                    None => true,
+                },
+                _ => true,
+            });
+        }
+        _ => {}
+    }
+}
+
+/// Parse string tool-call arguments into objects (when they are valid JSON objects), and
+/// strip Claude Code's per-request attribution line from system messages.
 fn normalize_message(message: &Json) -> Json {
     let mut message = message.clone();
+    if message.get("role").and_then(Json::as_str) == Some("system") {
+        normalize_system(&mut message);
+    }
     if let Some(calls) = message.get_mut("tool_calls").and_then(Json::as_array_mut) {
         for call in calls {
             let target = if call.get("function").is_some() {
@@ -497,5 +547,26 @@ mod tests {
             normalized["tool_calls"][0]["function"]["arguments"]["x"],
             Json::from(1)
         );
+    }
+
+    #[test]
+    fn billing_header_lines_are_removed_from_system_messages_only() {
+        let a = serde_json::json!({"role": "system", "content":
+            "x-anthropic-billing-header: cc_version=2.0.14.a1b; cc_entrypoint=cli; cch=11111;\nYou are Claude Code."});
+        let b = serde_json::json!({"role": "system", "content":
+            "x-anthropic-billing-header: cc_version=2.0.14.c2d; cc_entrypoint=cli; cch=22222;\nYou are Claude Code."});
+        assert_eq!(normalize_message(&a), normalize_message(&b));
+        assert_eq!(normalize_message(&a)["content"], "You are Claude Code.");
+        // As parts: a part holding only the line is dropped, the others are kept.
+        let parts = serde_json::json!({"role": "system", "content": [
+            {"type": "text", "text": "x-anthropic-billing-header: cc_version=1; cch=3;"},
+            {"type": "text", "text": "You are Claude Code."}]});
+        assert_eq!(
+            normalize_message(&parts)["content"],
+            serde_json::json!([{"type": "text", "text": "You are Claude Code."}])
+        );
+        // A user message that quotes the line is left alone.
+        let user = serde_json::json!({"role": "user", "content": "x-anthropic-billing-header: x"});
+        assert_eq!(normalize_message(&user), user);
     }
 }

@@ -1,13 +1,81 @@
 #!/usr/bin/env bash
-# One device visit: unpack the CUDA engine carried in .carry/, run the ABI parity check on the
-# GPU, and leave the results under $OUT. Built here with:
-#   eval "$(../shared/cuda/toolkit.sh)"; CARGO_TARGET_DIR=/work/cuda-target \
-#     cargo build --release -p helexa-engine-cuda --features cuda
-#   strip -o /tmp/engine.so /work/cuda-target/release/libhelexa_engine_cuda.so; xz -T2 -6 -c /tmp/engine.so > .carry/engine-cuda.so.xz
+# One device visit, run on the lent GPU machine from the repository root; everything lands
+# under $OUT. What it runs comes from .carry/ (built and packed here by scripts/device/pack.sh).
+#
+#   scripts/device/gpu-check.sh check   # parity (GPU and CPU engines through the C ABI),
+#                                       # CPU-vs-GPU agreement, the device-fault drill (~2 min)
+#   scripts/device/gpu-check.sh bench [FORMATS]   # helexa-node bench on the synthesized
+#                                       # Qwen3-8B shapes (default bf16,q8_0,q4_k_m)
+#   scripts/device/gpu-check.sh kernels [FORMAT]  # kernel launches and GPU time per decoded token (ncu)
+#
+# The PTX JIT cache lives in /tmp/jc and is returned as $OUT/jitcache.tgz; carry it back in
+# .carry/ to skip the ~13 s JIT on the next fresh machine. Synthesized models stay in
+# /tmp/bench-models while the machine is warm, so a second `bench` only measures.
 set -uo pipefail
-python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
-  .carry/engine-cuda.so.xz /tmp/libhelexa_engine_cuda.so
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-python3 scripts/device/abi_check.py /tmp/libhelexa_engine_cuda.so fixtures "$OUT/abi_check.json" \
-  2>&1 | tee "$OUT/abi_check.log"
-echo "exit ${PIPESTATUS[0]}" | tee -a "$OUT/abi_check.log"
+mode=${1:-check}
+bin=/tmp/helexa-bin
+mkdir -p "$bin" "$OUT"
+unpack() { # unpack NAME: .carry/NAME.xz -> $bin/NAME (skipped when already there)
+  [ -s "$bin/$1" ] && [ "$bin/$1.commit" -nt ".carry/$1.xz" ] && return
+  python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' \
+    ".carry/$1.xz" "$bin/$1"
+  chmod +x "$bin/$1"
+  touch "$bin/$1.commit"
+}
+for f in engine-cuda.so engine-cpu.so helexa-node; do unpack "$f"; done
+export CUDA_CACHE_PATH=/tmp/jc CUDA_CACHE_MAXSIZE=1073741824
+if [ ! -d /tmp/jc ] && [ -f .carry/jitcache.tgz ]; then tar -C /tmp -xzf .carry/jitcache.tgz; fi
+cp .carry/commit "$OUT/commit.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv > "$OUT/gpu.txt" 2>&1
+status=0
+
+case "$mode" in
+check)
+  for engine in cuda cpu; do
+    python3 scripts/device/abi_check.py "$bin/engine-$engine.so" fixtures "$OUT/abi_check_$engine.json" \
+      > "$OUT/abi_check_$engine.log" 2>&1
+    rc=$?
+    echo "abi_check $engine: exit $rc ($(tail -1 "$OUT/abi_check_$engine.log"))"
+    [ $rc -eq 0 ] || status=1
+  done
+  python3 scripts/device/compare_runs.py "$OUT/abi_check_cpu.json" "$OUT/abi_check_cuda.json" \
+    "$OUT/cpu_vs_gpu.json" > "$OUT/cpu_vs_gpu.log" 2>&1
+  echo "cpu vs gpu: exit $? ($(tail -1 "$OUT/cpu_vs_gpu.log"))"
+  python3 scripts/device/fault_check.py "$bin/helexa-node" "$bin/engine-cuda.so" fixtures \
+    "$OUT/fault_check.json" > "$OUT/fault_check.log" 2>&1
+  rc=$?
+  echo "fault drill: exit $rc ($(tail -1 "$OUT/fault_check.log"))"
+  [ $rc -eq 0 ] || status=1
+  ;;
+bench)
+  formats=${2:-bf16,q8_0,q4_k_m}
+  name="bench-${formats//,/-}${BENCH_TAG:+-$BENCH_TAG}" # BENCH_TAG: e.g. the switches set
+  "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --synth qwen3-8b --formats "$formats" \
+    --workdir /tmp/bench-models --label "h200${BENCH_TAG:+-$BENCH_TAG}" --json "$OUT/$name.json" \
+    2>&1 | tee "$OUT/$name.txt"
+  status=${PIPESTATUS[0]}
+  ;;
+kernels)
+  # Kernel launches and GPU time per decoded token, from Nsight Compute (one metric,
+  # gpu__time_duration, so each kernel runs once) over short decodes of the Qwen3-8B shapes
+  # cut to 1 and 2 layers, 4 and 8 tokens each. Differences isolate the launches per token
+  # per layer and per token outside the layers; scripts/device/kernel_counts.py does the
+  # arithmetic and groups GPU time by kernel.
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for layers in 1 2; do
+    "$bin/helexa-node" synth --preset qwen3-8b --layers "$layers" --formats "${2:-bf16}" \
+      --out "/tmp/kernel-models/l$layers" > /dev/null
+    model=$(ls -d /tmp/kernel-models/l$layers/*/ | head -1)
+    for tokens in 4 8; do
+      "$ncu" --csv --log-file "/tmp/ncu-l$layers-t$tokens.csv" --metrics gpu__time_duration.sum \
+        "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" --prefill 8 \
+        --decode-context 0 --decode-tokens "$tokens" --warmup 0 --repeats 1 > /dev/null 2>&1
+    done
+  done
+  python3 scripts/device/kernel_counts.py /tmp 36 | tee "$OUT/kernels.txt"
+  ;;
+*) echo "unknown mode $mode (check | bench | kernels)"; exit 2 ;;
+esac
+tar -C /tmp -czf "$OUT/jitcache.tgz" jc 2>/dev/null
+exit $status

@@ -10,8 +10,8 @@ use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
 use crate::layers::{
-    Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
-    causal_mask, last_rows,
+    Attention, KvCache, Linear, Mlp, Projections, RmsNorm, Rope, RopeParameters, RopeScaling,
+    RopeStyle, causal_mask, last_rows,
 };
 use crate::models::{CausalLm, Embedding};
 use crate::weights::{GgufFile, Weights};
@@ -124,8 +124,10 @@ impl FeedForward for Mlp {
 /// The dense SwiGLU MLP `<prefix>.{gate,up,down}_proj` of width `intermediate`.
 pub fn load_mlp(vb: &Weights, prefix: &str, hidden: usize, intermediate: usize) -> Result<Mlp> {
     Ok(Mlp {
-        gate_proj: vb.linear(&format!("{prefix}.gate_proj"), intermediate, hidden)?,
-        up_proj: vb.linear(&format!("{prefix}.up_proj"), intermediate, hidden)?,
+        gate_up: Projections::new(vec![
+            vb.linear(&format!("{prefix}.gate_proj"), intermediate, hidden)?,
+            vb.linear(&format!("{prefix}.up_proj"), intermediate, hidden)?,
+        ])?,
         down_proj: vb.linear(&format!("{prefix}.down_proj"), hidden, intermediate)?,
     })
 }
@@ -174,7 +176,9 @@ impl<F: FeedForward> Decoder<F> {
                 "num_attention_heads {nh} is not a multiple of num_key_value_heads {nkv}"
             );
         }
-        let rope = cfg.rope(opts.rope_style, opts.rope_freq_factors, &vb.device)?;
+        let rope = cfg
+            .rope(opts.rope_style, opts.rope_freq_factors, &vb.device)?
+            .in_dtype(vb.dtype)?;
         let embed = Embedding::load(vb, "model.embed_tokens.weight", cfg.vocab_size, h)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -185,9 +189,11 @@ impl<F: FeedForward> Decoder<F> {
                     .transpose()
             };
             let attn = Attention {
-                q_proj: vb.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                k_proj: vb.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                v_proj: vb.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                qkv: Projections::new(vec![
+                    vb.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                    vb.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
+                    vb.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
+                ])?,
                 o_proj: vb.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
                 q_norm: qk_norm("q")?,
                 k_norm: qk_norm("k")?,

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use crate::layers::{Linear, Mlp, RopeStyle, softmax_f32};
+use crate::layers::{Linear, Mlp, Projections, RopeStyle, softmax_f32};
 use crate::models::decoder::{Decoder, DecoderConfig, DecoderOptions, FeedForward, load_mlp};
 use crate::models::{CausalLm, ModelConfig};
 use crate::weights::{GgufFile, Weights};
@@ -59,12 +59,13 @@ impl Config {
             .into_iter()
             .zip(ups)
             .zip(downs)
-            .map(|((gate_proj, up_proj), down_proj)| Mlp {
-                gate_proj,
-                up_proj,
-                down_proj,
+            .map(|((gate_proj, up_proj), down_proj)| {
+                Ok(Mlp {
+                    gate_up: Projections::new(vec![gate_proj, up_proj])?,
+                    down_proj,
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(SparseMoe {
             gate: vb.linear(&format!("{prefix}.gate"), n, h)?,
             experts,

@@ -263,11 +263,11 @@ fn load_validation_and_error_kinds() {
 }
 
 #[test]
-fn device_fault_poisons_only_that_model() {
+fn device_fault_poisons_every_model_on_the_device() {
     let engine = engine();
     let spec = safetensors_spec("tiny-qwen3", QWEN3);
     let bad = engine.load(&spec).expect("load").handle;
-    let good = engine.load(&spec).expect("load").handle;
+    let other = engine.load(&spec).expect("load").handle;
     let ids = prompt("think");
     engine
         .inject_device_fault(bad, "CUDA_ERROR_ILLEGAL_ADDRESS")
@@ -281,23 +281,35 @@ fn device_fault_poisons_only_that_model() {
         "{}",
         e.message
     );
-    let e = engine
-        .generate(bad, &greedy(4), &ids, &mut |_| Flow::Continue)
-        .expect_err("still poisoned");
-    assert_eq!(e.kind, ErrorKind::DeviceFault);
-    assert!(
-        e.message.contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
-        "{}",
-        e.message
+    // Both models share the faulted device: both are poisoned, naming the cause.
+    for handle in [bad, other] {
+        let e = engine
+            .generate(handle, &greedy(4), &ids, &mut |_| Flow::Continue)
+            .expect_err("still poisoned");
+        assert_eq!(e.kind, ErrorKind::DeviceFault);
+        assert!(
+            e.message.contains("CUDA_ERROR_ILLEGAL_ADDRESS"),
+            "{}",
+            e.message
+        );
+    }
+    assert_eq!(
+        engine.load(&spec).expect_err("faulted device").kind,
+        ErrorKind::DeviceFault
     );
+    assert_eq!(engine.device_faults().len(), 1);
+    engine
+        .unload(bad)
+        .expect("a poisoned model can be unloaded");
+    engine.unload(other).expect("unload");
+    // The last model gone, the device is re-created and serves again.
+    assert!(engine.device_faults().is_empty());
+    let good = engine.load(&spec).expect("reload").handle;
     let (tokens, _) = run(&engine, good, &greedy(4), &ids);
     assert_eq!(
         tokens,
         reference("tiny-qwen3").prompts["think"].greedy_token_ids[..4]
     );
-    engine
-        .unload(bad)
-        .expect("a poisoned model can be unloaded");
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! and the engine's behaviour (prefix reuse, sampling, stop/cancel, errors, poisoning).
 
 mod common;
+mod devices;
 mod engine;
 mod llamacpp;
 mod transformers;

@@ -25,8 +25,9 @@ pub(crate) const TICK: Duration = Duration::from_millis(1);
 /// the call falls back / fails cleanly.
 const MAX_INSTANCES: u32 = 256;
 /// Core modules in one component (a Rust `wasm32-wasip2` component has the program, the
-/// WASI adapter and small shims).
-const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+/// WASI adapter and small shims, ~5; componentize-py links CPython, libc and its glue as
+/// separate modules, 14).
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
 /// Linear memories of one component (the program's, plus the adapter's if it has one).
 const MEMORIES_PER_COMPONENT: u32 = 2;
 
@@ -42,8 +43,18 @@ pub(crate) struct Defaults {
 impl Defaults {
     pub(crate) fn load(shared: &Arc<Shared>) -> Result<Self, Error> {
         let version = env!("CARGO_PKG_VERSION");
-        let load =
-            |kind, bytes: &[u8]| Plugin::load(shared, kind, "default", version, bytes, "{}", true);
+        let load = |kind, bytes: &[u8]| {
+            Plugin::load(
+                shared,
+                kind,
+                "default",
+                version,
+                bytes,
+                "{}",
+                true,
+                &crate::PluginOptions::default(),
+            )
+        };
         Ok(Defaults {
             router: load(PolicyKind::Router, embedded::ROUTER)?,
             evictor: load(PolicyKind::Evictor, embedded::EVICTOR)?,

@@ -12,7 +12,11 @@
 //!   with a memory limit; a trap, timeout or internal error of an operator plugin is
 //!   counted, logged as `policy "<name>" v<version>: …` and answered by the embedded
 //!   default policy instead, so a bad plugin never fails a request;
-//! - swaps whole [`PolicySet`]s atomically through a [`PolicyHandle`].
+//! - per plugin ([`PluginOptions`]): its own deadline, a memory cap under the engine-wide
+//!   ceiling, and a [`FailPolicy`] (fall back to the default, or reject with a 503 naming
+//!   the plugin); calls are counted and timed per plugin and outcome;
+//! - swaps whole [`PolicySet`]s atomically through a [`PolicyHandle`] (the gateway's
+//!   hot reload builds them, see `helexa::policy::PluginManager`).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -42,6 +46,7 @@
 
 mod engine;
 mod host;
+mod inert_wasi;
 mod metrics;
 mod plugin;
 mod set;
@@ -88,6 +93,10 @@ pub mod test_guests {
     /// A router that answers with a rejection carrying a 64 MiB message.
     pub const HUGE_OUTPUT: &[u8] =
         include_bytes!(concat!(env!("OUT_DIR"), "/helexa_guest_huge_output.wasm"));
+    /// A well-behaved router that serves everything on the node its settings name
+    /// (`{"node": "b"}`): two settings make two observably different routers.
+    pub const PIN_NODE: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/helexa_guest_pin_node.wasm"));
 }
 
 /// The hot-swap point the gateway holds: in-flight calls keep the `Arc<PolicySet>` they
@@ -188,6 +197,45 @@ pub enum TranslateError {
     /// The translator (and the default behind it) failed: answer 500.
     #[error("translation failed: {0}")]
     Failed(String),
+    /// An operator plugin failed and its fail policy is [`FailPolicy::Reject`]: answer
+    /// 503 (the message names the plugin).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// What a plugin's failure (trap, timeout, error) turns into.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailPolicy {
+    /// The embedded default policy answers instead (the default: a bad plugin costs
+    /// nothing but its own decisions).
+    #[default]
+    Fallback,
+    /// The request fails with a 503 naming the plugin (for operators who would rather
+    /// refuse than route by rules they did not write).
+    Reject,
+}
+
+/// Per-plugin bounds and failure handling; `None` takes the runtime's [`Limits`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginOptions {
+    /// Epoch deadline of each call (router/evictor default [`Limits::call_deadline`],
+    /// translator [`Limits::translate_deadline`]).
+    pub deadline: Option<Duration>,
+    /// Memory cap of each instance; never above [`Limits::max_memory_bytes`], which is
+    /// the engine-wide ceiling (the pooling allocator's slot size).
+    pub max_memory_bytes: Option<usize>,
+    /// What a failure turns into.
+    pub on_failure: FailPolicy,
+}
+
+/// What a component is, found by [`PolicyRuntime::inspect`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ComponentInfo {
+    /// The world it implements (from the `helexa:policy` interface it exports).
+    pub kind: PolicyKind,
+    /// The WIT version of that interface, e.g. `0.1.0`.
+    pub wit_version: String,
 }
 
 /// An expected failure reported by a policy (a fault is a trap instead).
@@ -253,6 +301,26 @@ impl PolicyRuntime {
         component_bytes: &[u8],
         settings: &str,
     ) -> Result<Plugin, Error> {
+        self.load_plugin_with(
+            kind,
+            name,
+            version,
+            component_bytes,
+            settings,
+            &PluginOptions::default(),
+        )
+    }
+
+    /// [`PolicyRuntime::load_plugin`] with per-plugin deadline, memory cap and fail policy.
+    pub fn load_plugin_with(
+        &self,
+        kind: PolicyKind,
+        name: &str,
+        version: &str,
+        component_bytes: &[u8],
+        settings: &str,
+        options: &PluginOptions,
+    ) -> Result<Plugin, Error> {
         Plugin::load(
             &self.shared,
             kind,
@@ -261,7 +329,26 @@ impl PolicyRuntime {
             component_bytes,
             settings,
             false,
+            options,
         )
+    }
+
+    /// Compile `component_bytes` (through the compilation cache, so this also
+    /// precompiles it for later loads) and find which world it implements and at which
+    /// WIT version, refusing an unsupported version or a component that is no policy.
+    /// `expected` refuses any other world. Blocking, like [`PolicyRuntime::load_plugin`].
+    pub fn inspect(
+        &self,
+        name: &str,
+        component_bytes: &[u8],
+        expected: Option<PolicyKind>,
+    ) -> Result<ComponentInfo, Error> {
+        Plugin::inspect(&self.shared, name, component_bytes, expected)
+    }
+
+    /// The runtime's limits (the defaults of every plugin).
+    pub fn limits(&self) -> &Limits {
+        &self.shared.limits
     }
 
     /// Compilation cache statistics `(hits, misses)` since the runtime started; `None`

@@ -39,13 +39,15 @@ impl Metrics {
             &["plugin", "version", "kind", "outcome"],
         )?;
         let seconds = HistogramVec::new(
-            HistogramOpts::new("helexa_policy_call_seconds", "Duration of policy calls").buckets(
-                vec![
-                    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
-                    5e-2, 0.1, 0.25,
-                ],
-            ),
-            &["plugin", "kind"],
+            HistogramOpts::new(
+                "helexa_policy_call_seconds",
+                "Duration of policy calls by plugin, kind and outcome",
+            )
+            .buckets(vec![
+                5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                5e-2, 0.1, 0.25,
+            ]),
+            &["plugin", "kind", "outcome"],
         )?;
         registry.register(Box::new(calls.clone()))?;
         registry.register(Box::new(seconds.clone()))?;
@@ -63,7 +65,17 @@ impl Metrics {
             trap: counter("trap"),
             timeout: counter("timeout"),
             fallback: counter("fallback"),
-            seconds: self.seconds.with_label_values(&[name, kind.as_str()]),
+            seconds: [
+                Outcome::Ok,
+                Outcome::Error,
+                Outcome::Trap,
+                Outcome::Timeout,
+                Outcome::Fallback,
+            ]
+            .map(|o| {
+                self.seconds
+                    .with_label_values(&[name, kind.as_str(), o.as_str()])
+            }),
         }
     }
 }
@@ -75,10 +87,36 @@ pub(crate) struct PluginMetrics {
     trap: IntCounter,
     timeout: IntCounter,
     fallback: IntCounter,
-    pub(crate) seconds: Histogram,
+    /// Call durations by outcome (ok, error, trap, timeout, fallback); a fallback is
+    /// observed on the default, as the failed call plus the default's answer.
+    seconds: [Histogram; 5],
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Trap => "trap",
+            Outcome::Timeout => "timeout",
+            Outcome::Fallback => "fallback",
+        }
+    }
 }
 
 impl PluginMetrics {
+    /// Observe a call's duration under its outcome.
+    pub(crate) fn observe(&self, outcome: Outcome, seconds: f64) {
+        let index = match outcome {
+            Outcome::Ok => 0,
+            Outcome::Error => 1,
+            Outcome::Trap => 2,
+            Outcome::Timeout => 3,
+            Outcome::Fallback => 4,
+        };
+        self.seconds[index].observe(seconds);
+    }
+
     pub(crate) fn count(&self, outcome: Outcome) {
         match outcome {
             Outcome::Ok => &self.ok,

@@ -21,7 +21,7 @@ use crate::metrics::{Outcome, PluginMetrics};
 use crate::types::{
     Catalogue, CatalogueEntry, Decision, Fleet, Node, PolicyKind, RequestInfo, SseEvent, Surface,
 };
-use crate::{Error, PolicyError, wit};
+use crate::{ComponentInfo, Error, FailPolicy, PluginOptions, PolicyError, wit};
 
 /// Calls an instance serves before it is replaced by a fresh one.
 const RECYCLE_AFTER_CALLS: u32 = 100_000;
@@ -105,6 +105,8 @@ struct Inner {
     label: String,
     is_default: bool,
     settings: String,
+    on_failure: FailPolicy,
+    max_memory_bytes: usize,
     shared: Arc<Shared>,
     pre: wit::Pre,
     pool: Mutex<Vec<Instance>>,
@@ -130,6 +132,41 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    pub(crate) fn inspect(
+        shared: &Arc<Shared>,
+        name: &str,
+        bytes: &[u8],
+        expected: Option<PolicyKind>,
+    ) -> Result<ComponentInfo, Error> {
+        let version = "-";
+        let component = Component::new(&shared.engine, bytes).map_err(|source| Error::Compile {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            source,
+        })?;
+        let incompatible = |message: String| Error::Incompatible {
+            name: name.to_owned(),
+            version: version.to_owned(),
+            message,
+        };
+        // The world comes from the exports; a component that exports the wrong one is
+        // then refused by `wit::inspect` with the message naming both.
+        let kind = match (expected, wit::detect_kind(&shared.engine, &component)) {
+            (Some(kind), _) => kind,
+            (None, Some(kind)) => kind,
+            (None, None) => PolicyKind::Router,
+        };
+        let inspection = wit::inspect(&shared.engine, &component, kind).map_err(incompatible)?;
+        Ok(ComponentInfo {
+            kind,
+            wit_version: inspection.wit_version,
+        })
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "internal constructor behind two public ones"
+    )]
     pub(crate) fn load(
         shared: &Arc<Shared>,
         kind: PolicyKind,
@@ -138,6 +175,7 @@ impl Plugin {
         bytes: &[u8],
         settings: &str,
         is_default: bool,
+        options: &PluginOptions,
     ) -> Result<Plugin, Error> {
         let label = format!("policy \"{name}\" v{version}");
         let engine = &shared.engine;
@@ -159,12 +197,16 @@ impl Plugin {
             version: version.to_owned(),
             source,
         };
-        // Our own imports (`log`) are defined explicitly in `shared.linker`. Everything else
-        // a component imports is WASI pulled in by Rust std on wasm32-wasip2; policies get
-        // no WASI (no files, network, clock or environment), so those imports become
-        // functions that trap when called, and a policy that touches them fails its call
-        // (and the default answers) instead of failing to load.
+        // Our own imports (`log`) are defined in `shared.linker`, the inert environment and
+        // random answers (`inert_wasi`) here, under the names this component imports.
+        // Everything else a component imports is WASI pulled in
+        // by its language's std; policies get no WASI (no files, network, clock or
+        // environment), so those imports become functions that trap when called, and a
+        // policy that touches them fails its call (and the default answers) instead of
+        // failing to load.
         let mut linker = shared.linker.clone();
+        crate::inert_wasi::add_to_linker(&mut linker, &inspection.inert_imports)
+            .map_err(instantiate_error)?;
         linker
             .define_unknown_imports_as_traps(&component)
             .map_err(instantiate_error)?;
@@ -179,10 +221,16 @@ impl Plugin {
             .map_err(instantiate_error)?;
         let pre = wit::Pre::new(&inspection, kind, pre).map_err(instantiate_error)?;
 
-        let mut call_deadline = match kind {
+        let mut call_deadline = options.deadline.unwrap_or(match kind {
             PolicyKind::Router | PolicyKind::Evictor => shared.limits.call_deadline,
             PolicyKind::Translator => shared.limits.translate_deadline,
-        };
+        });
+        // The engine-wide ceiling is the pooling allocator's slot size: a plugin may ask
+        // for less, never more.
+        let max_memory_bytes = options
+            .max_memory_bytes
+            .unwrap_or(shared.limits.max_memory_bytes)
+            .min(shared.limits.max_memory_bytes);
         if is_default {
             // The deadline is wall time, so a descheduled thread on a busy host can miss
             // it through no fault of the policy. The default is our own code and the last
@@ -199,6 +247,12 @@ impl Plugin {
                 label,
                 is_default,
                 settings: settings.to_owned(),
+                on_failure: if is_default {
+                    FailPolicy::Fallback
+                } else {
+                    options.on_failure
+                },
+                max_memory_bytes,
                 metrics: shared.metrics.for_plugin(name, version, kind),
                 call_ticks: shared.ticks(call_deadline),
                 call_deadline,
@@ -254,6 +308,21 @@ impl Plugin {
         &self.inner.wit_version
     }
 
+    /// What a failure of this plugin turns into.
+    pub fn on_failure(&self) -> FailPolicy {
+        self.inner.on_failure
+    }
+
+    /// `policy "<name>" v<version>`, as its log lines and errors name it.
+    pub fn label(&self) -> &str {
+        &self.inner.label
+    }
+
+    /// The settings JSON given to its `configure`.
+    pub fn settings(&self) -> &str {
+        &self.inner.settings
+    }
+
     /// Whether this is an embedded default policy.
     pub fn is_default(&self) -> bool {
         self.inner.is_default
@@ -279,7 +348,7 @@ impl Plugin {
 
     fn instantiate(&self) -> Result<Instance, Failure> {
         let inner = &*self.inner;
-        let state = HostState::new(inner.shared.limits.max_memory_bytes, inner.log.clone());
+        let state = HostState::new(inner.max_memory_bytes, inner.log.clone());
         let mut store = Store::new(&inner.shared.engine, state);
         store.limiter(|state| state.limiter());
         // A fresh store's deadline is "now": arm it before the start functions run.
@@ -324,7 +393,7 @@ impl Plugin {
     pub(crate) fn checkin(&self, mut instance: Instance) {
         instance.calls += 1;
         if instance.calls >= RECYCLE_AFTER_CALLS
-            || instance.store.data().memory_bytes() > self.inner.shared.limits.max_memory_bytes / 2
+            || instance.store.data().memory_bytes() > self.inner.max_memory_bytes / 2
         {
             return;
         }
@@ -338,12 +407,16 @@ impl Plugin {
     pub(crate) fn record(&self, op: &str, result: Result<(), &Failure>, elapsed: Duration) {
         let inner = &*self.inner;
         inner.calls.fetch_add(1, Ordering::Relaxed);
-        inner.metrics.seconds.observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
         match result {
-            Ok(()) => inner.metrics.count(Outcome::Ok),
+            Ok(()) => {
+                inner.metrics.count(Outcome::Ok);
+                inner.metrics.observe(Outcome::Ok, seconds);
+            }
             Err(failure) => {
                 inner.errors.fetch_add(1, Ordering::Relaxed);
                 inner.metrics.count(failure.outcome());
+                inner.metrics.observe(failure.outcome(), seconds);
                 if self.may_log_failure() {
                     tracing::warn!("{}: {op} {failure}", inner.label);
                 }
@@ -352,8 +425,12 @@ impl Plugin {
     }
 
     /// Count a call answered by this (default) plugin in place of a failed one.
-    pub(crate) fn record_fallback(&self) {
+    /// `elapsed` covers the failed call and this one.
+    pub(crate) fn record_fallback(&self, elapsed: Duration) {
         self.inner.metrics.count(Outcome::Fallback);
+        self.inner
+            .metrics
+            .observe(Outcome::Fallback, elapsed.as_secs_f64());
     }
 
     fn may_log_failure(&self) -> bool {

@@ -8,7 +8,16 @@ use crate::stream::ResponseStream;
 use crate::types::{
     Catalogue, CatalogueEntry, Decision, Fleet, Node, PolicyKind, Rejection, RequestInfo, Surface,
 };
-use crate::{PolicyError, TranslateError};
+use crate::{FailPolicy, PolicyError, TranslateError};
+
+/// The message of a request refused because `plugin` failed and its fail policy is
+/// `reject`: names the plugin so the client (and operator) know whose rules failed.
+fn rejected_by(plugin: &Plugin, failure: &Failure) -> String {
+    format!(
+        "{} {failure}; its fail policy is `reject`, so this request is refused; retry shortly",
+        plugin.label()
+    )
+}
 
 /// When the default router itself fails, clients are told to retry after this long.
 const RETRY_AFTER_DEFAULT_FAILURE_MS: u32 = 1000;
@@ -74,6 +83,15 @@ impl PolicySet {
         fleet: &Arc<Fleet>,
     ) -> Decision {
         let route = |plugin: &Plugin| plugin.route(request, catalogue, fleet);
+        if self.router.on_failure() == FailPolicy::Reject {
+            return route(&self.router).unwrap_or_else(|failure| {
+                Decision::Reject(Rejection {
+                    status: 503,
+                    message: rejected_by(&self.router, &failure),
+                    retry_after_ms: Some(RETRY_AFTER_DEFAULT_FAILURE_MS),
+                })
+            });
+        }
         match self.with_fallback(&self.router, &self.defaults.router, "route", route) {
             Ok(decision) => decision,
             Err(failure) => Decision::Reject(Rejection {
@@ -94,6 +112,10 @@ impl PolicySet {
         incoming: &CatalogueEntry,
     ) -> Vec<String> {
         let choose = |plugin: &Plugin| plugin.choose_victims(on, need_mb, incoming);
+        if self.evictor.on_failure() == FailPolicy::Reject {
+            // No victims: the load is refused and the request answered accordingly.
+            return choose(&self.evictor).unwrap_or_default();
+        }
         self.with_fallback(
             &self.evictor,
             &self.defaults.evictor,
@@ -163,6 +185,7 @@ impl PolicySet {
         translate: impl Fn(&Plugin) -> Result<String, Failure>,
         op: &str,
     ) -> Result<String, TranslateError> {
+        let start = std::time::Instant::now();
         // A client's malformed body is answered as such, never retried on the default.
         let first = match translate(&self.translator) {
             Err(Failure::Error(PolicyError::InvalidInput(m))) => {
@@ -173,10 +196,16 @@ impl PolicySet {
         let answer = match first {
             Ok(body) => return Ok(body),
             Err(failure) if self.translator.is_default() => Err(failure),
+            Err(failure) if self.translator.on_failure() == FailPolicy::Reject => {
+                return Err(TranslateError::Unavailable(rejected_by(
+                    &self.translator,
+                    &failure,
+                )));
+            }
             Err(_) => {
                 let answer = translate(&self.defaults.translator);
                 if answer.is_ok() {
-                    self.defaults.translator.record_fallback();
+                    self.defaults.translator.record_fallback(start.elapsed());
                 }
                 answer
             }
@@ -195,13 +224,14 @@ impl PolicySet {
         _op: &str,
         call: impl Fn(&Plugin) -> Result<R, Failure>,
     ) -> Result<R, Failure> {
+        let start = std::time::Instant::now();
         match call(active) {
             Ok(answer) => Ok(answer),
             Err(failure) if active.is_default() => Err(failure),
             Err(_) => {
                 let answer = call(default);
                 if answer.is_ok() {
-                    default.record_fallback();
+                    default.record_fallback(start.elapsed());
                 }
                 answer
             }

@@ -54,12 +54,19 @@ impl ResponseStream {
         request: &str,
         response_id: &str,
     ) -> Result<Self, TranslateError> {
+        let started = std::time::Instant::now();
         let live = match open(active, to, request, response_id) {
             Ok(live) => live,
             Err(failure) if active.is_default() => return Err(start_error(failure)),
+            Err(failure) if active.on_failure() == crate::FailPolicy::Reject => {
+                return Err(TranslateError::Unavailable(format!(
+                    "{} {failure}; its fail policy is `reject`, so this request is refused; retry shortly",
+                    active.label()
+                )));
+            }
             Err(_) => {
                 let live = open(default, to, request, response_id).map_err(start_error)?;
-                default.record_fallback();
+                default.record_fallback(started.elapsed());
                 live
             }
         };
@@ -205,7 +212,7 @@ impl ResponseStream {
             }
         };
         self.default.record("stream fail", Ok(()), start.elapsed());
-        self.default.record_fallback();
+        self.default.record_fallback(start.elapsed());
         live.close();
         Ok(events)
     }

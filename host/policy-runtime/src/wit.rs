@@ -24,7 +24,9 @@ const PACKAGE: &str = "helexa:policy";
 pub(crate) struct Inspection {
     /// The WIT package version of the exported interface, e.g. `0.1.0`.
     pub wit_version: String,
-    /// Imports outside `helexa:policy` (WASI from Rust std): stubbed with traps.
+    /// WASI imports answered inertly (`inert_wasi`: environment, random).
+    pub inert_imports: Vec<String>,
+    /// Other imports outside `helexa:policy` (WASI from the guest's std): stubbed with traps.
     pub stubbed_imports: Vec<String>,
     version: Version,
 }
@@ -92,16 +94,33 @@ pub(crate) fn inspect(
         ));
     };
 
-    let stubbed_imports = ty
+    let (inert_imports, stubbed_imports) = ty
         .imports(engine)
         .map(|(name, _)| name)
         .filter(|name| parse_policy_name(name).is_none())
         .map(str::to_owned)
-        .collect();
+        .partition(|name| crate::inert_wasi::answers(name));
     Ok(Inspection {
         wit_version: version.to_owned(),
+        inert_imports,
         stubbed_imports,
         version: version_enum,
+    })
+}
+
+/// The world a component implements, from the first `helexa:policy` interface of a
+/// policy kind it exports; `None` when it exports none.
+pub(crate) fn detect_kind(engine: &Engine, component: &Component) -> Option<PolicyKind> {
+    let ty = component.component_type();
+    ty.exports(engine).find_map(|(name, _)| {
+        let (interface, _) = parse_policy_name(name)?;
+        [
+            PolicyKind::Router,
+            PolicyKind::Evictor,
+            PolicyKind::Translator,
+        ]
+        .into_iter()
+        .find(|kind| kind.interface() == interface)
     })
 }
 

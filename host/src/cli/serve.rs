@@ -1,6 +1,8 @@
 //! `helexa serve`: load the configuration, the catalogue and the policies, poll the
 //! fleet, and serve the API and the metrics on their listeners until Ctrl-C / SIGTERM.
-//! SIGHUP reloads the model catalogue.
+//! SIGHUP reloads the model catalogue and the policy plugins (re-reading the config's
+//! `[policies]` and `[plugins]`); the plugin store is also watched, and
+//! `POST /admin/plugins/reload` reloads on demand.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,13 +55,31 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     tracing::info!(models = catalogue.current().specs.len(), "catalogue loaded");
 
-    let policies = {
-        let (policies_config, registry) = (config.policies.clone(), metrics.registry.clone());
+    let (policies, plugins) = {
+        let (policies_config, plugins_config) = (config.policies.clone(), config.plugins.clone());
+        let (registry, path) = (
+            metrics.registry.clone(),
+            std::path::absolute(&args.config).ok(),
+        );
         // Compiling components takes up to ~100 ms each: off the async threads.
-        tokio::task::spawn_blocking(move || crate::policy::load(&policies_config, &registry))
-            .await
-            .context("policy loading task")?
-            .context("loading the policies")?
+        tokio::task::spawn_blocking(move || {
+            crate::policy::PluginManager::start(policies_config, plugins_config, path, &registry)
+        })
+        .await
+        .context("policy loading task")?
+        .context("loading the policies")?
+    };
+    // The plugin store is watched for `helexa plugin install/use/remove` (hot reload).
+    let _watcher = if config.plugins.watch {
+        Some(
+            plugins
+                .spawn_watcher(config.plugins.debounce)
+                .with_context(|| {
+                    format!("watching the plugin store {}", config.plugins.dir.display())
+                })?,
+        )
+    } else {
+        None
     };
     let gateway = Gateway::new(
         &config,
@@ -78,7 +98,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the metrics listener {}", config.metrics_listen))?;
     tracing::info!(api = %config.listen, metrics = %config.metrics_listen, nodes = config.nodes.len(), "helexa gateway listening");
 
-    spawn_reload_on_sighup(Arc::clone(&catalogue), metrics.clone());
+    spawn_reload_on_sighup(
+        Arc::clone(&catalogue),
+        metrics.clone(),
+        Arc::clone(&plugins),
+    );
     let metrics_server =
         axum::serve(metrics_listener, metrics.router()).with_graceful_shutdown(shutdown());
     // Streams are many small writes: without TCP_NODELAY, Nagle's algorithm and delayed
@@ -88,7 +112,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "TCP_NODELAY not set");
         }
     });
-    let api_server = axum::serve(api, crate::api::app(gateway)).with_graceful_shutdown(shutdown());
+    let app = crate::api::app(gateway.clone())
+        .merge(crate::admin::router(plugins, config.admin.key.clone()))
+        .merge(crate::fleet_admin::router(
+            gateway,
+            config.admin.key.clone(),
+        ));
+    let api_server = axum::serve(api, app).with_graceful_shutdown(shutdown());
     let (api_result, metrics_result) = tokio::join!(api_server, metrics_server);
     api_result.context("API server")?;
     metrics_result.context("metrics server")?;
@@ -114,7 +144,11 @@ async fn shutdown() {
     tokio::select! { () = ctrl_c => {}, () = term => {} }
 }
 
-fn spawn_reload_on_sighup(catalogue: Arc<CatalogueStore>, metrics: Metrics) {
+fn spawn_reload_on_sighup(
+    catalogue: Arc<CatalogueStore>,
+    metrics: Metrics,
+    plugins: Arc<crate::policy::PluginManager>,
+) {
     #[cfg(unix)]
     tokio::spawn(async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -133,8 +167,11 @@ fn spawn_reload_on_sighup(catalogue: Arc<CatalogueStore>, metrics: Metrics) {
                     tracing::warn!(error = %e, "catalogue reload failed; keeping the previous one")
                 }
             }
+            // The plugins too, re-reading the config (settings and limits may have changed).
+            let plugins = Arc::clone(&plugins);
+            let _ = tokio::task::spawn_blocking(move || plugins.reload("sighup", true)).await;
         }
     });
     #[cfg(not(unix))]
-    let _ = (catalogue, metrics);
+    let _ = (catalogue, metrics, plugins);
 }

@@ -52,6 +52,8 @@ pub struct RuntimePolicies {
     pub handle: PolicyHandle,
     /// The runtime, for loading replacement plugins.
     pub runtime: PolicyRuntime,
+    /// The hot-reload manager, when the set comes from one (`helexa serve`).
+    pub plugins: Option<Arc<super::plugins::PluginManager>>,
 }
 
 /// Start the runtime (metrics into `registry`) and build the configured set: the
@@ -83,12 +85,13 @@ pub fn load(
     Ok(RuntimePolicies {
         handle: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
         runtime,
+        plugins: None,
     })
 }
 
 /// Compiling a component takes 40–140 ms per policy; the on-disk cache makes every start after
 /// the first load precompiled artifacts instead (~0.1 ms).
-fn default_cache_dir() -> Option<std::path::PathBuf> {
+pub(crate) fn default_cache_dir() -> Option<std::path::PathBuf> {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| {
@@ -97,7 +100,7 @@ fn default_cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("helexa").join("policies"))
 }
 
-fn load_one(
+pub(crate) fn load_one(
     runtime: &PolicyRuntime,
     kind: PolicyKind,
     policy: &PolicyConfig,
@@ -140,6 +143,16 @@ impl RuntimePolicies {
         RuntimePolicies {
             handle: Arc::new(arc_swap::ArcSwap::from_pointee(set)),
             runtime,
+            plugins: None,
+        }
+    }
+
+    /// The policies of a hot-reload manager (its handle and runtime).
+    pub fn with_manager(manager: Arc<super::plugins::PluginManager>) -> Self {
+        RuntimePolicies {
+            handle: Arc::clone(manager.handle()),
+            runtime: manager.runtime().clone(),
+            plugins: Some(manager),
         }
     }
 }
@@ -186,6 +199,12 @@ impl Policies for RuntimePolicies {
 
     fn describe(&self) -> serde_json::Value {
         serde_json::to_value(self.handle.load().describe()).unwrap_or_default()
+    }
+
+    fn plugins_health(&self) -> serde_json::Value {
+        self.plugins
+            .as_ref()
+            .map_or(serde_json::Value::Null, |m| m.health())
     }
 }
 

@@ -116,6 +116,7 @@ pub fn model(id: &str, state: api::ModelState, vram_mb: u64, idle_ms: u64) -> ap
         queue_depth: 0,
         idle_ms,
         error: None,
+        progress: None,
     }
 }
 

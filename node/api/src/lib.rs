@@ -110,6 +110,22 @@ pub struct ModelInfo {
     /// Why it failed, when `state` is `failed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How far a load has got, while `state` is `loading`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<LoadProgress>,
+}
+
+/// How far a load has got: downloading files from the hub (bytes counted), then reading the
+/// weights into the engine (one engine call; no byte count).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadProgress {
+    /// `resolving` (finding files), `downloading` or `loading_weights`.
+    pub phase: String,
+    /// Bytes downloaded so far.
+    pub done_bytes: u64,
+    /// Bytes of the files whose download has started (grows file by file; 0 = nothing to
+    /// download).
+    pub total_bytes: u64,
 }
 
 /// `GET /models`.

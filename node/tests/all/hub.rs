@@ -279,6 +279,9 @@ async fn downloads_then_hits_the_cache() {
     // hf-hub's reassembly (its last range runs one past the end).
     options.chunk_size = 1 << 20;
     options.parallel = 3;
+    // The byte counter the node shows in `/models` while a load downloads.
+    let counter = std::sync::Arc::new(helexa_node::source::LoadCounter::default());
+    options.progress = Some(counter.clone());
 
     let log = Captured::default();
     let subscriber = tracing_subscriber::fmt()
@@ -294,6 +297,11 @@ async fn downloads_then_hits_the_cache() {
     drop(guard);
 
     assert_eq!(hub.bodies_sent(), PLAIN);
+    let progress = counter.snapshot();
+    assert_eq!(progress.phase, "downloading");
+    assert!(progress.total_bytes > 0, "{progress:?}");
+    // hf-hub may count a ranged download's last range one byte long.
+    assert!(progress.done_bytes >= progress.total_bytes, "{progress:?}");
     assert!(
         model.meta_dir.starts_with(&cache),
         "{} is not in the cache",

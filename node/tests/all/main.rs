@@ -5,10 +5,12 @@
 //! renderings by transformers' jinja2).
 
 mod api;
+mod bench;
 mod config;
 mod detok;
 mod e2e;
 mod hub;
+mod recovery;
 mod templates;
 
 use std::path::PathBuf;

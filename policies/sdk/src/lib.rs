@@ -31,11 +31,11 @@
 //!
 //! A policy gets exactly one import, [`log`]. The host links Rust std's WASI imports
 //! to stubs that trap, so anything reaching for the OS fails the call (and the host
-//! falls back to its default policy). In practice:
+//! falls back to its default policy). Two exceptions answer without granting anything:
+//! the environment is empty, and `wasi:random` returns a fixed seeded stream, so
+//! `HashMap::new()` works and a policy stays deterministic (never use it for secrets).
+//! In practice:
 //!
-//! - never `std::collections::HashMap::new()` / `HashSet::new()`: their `RandomState`
-//!   asks WASI for random bytes. Use `BTreeMap`, `Vec`, or a hasher without random
-//!   state;
 //! - no clocks (`Instant`, `SystemTime`), files, environment, stdout/stderr
 //!   (`println!`): use [`log`];
 //! - a panic traps the instance; expected failures are [`PolicyError`].

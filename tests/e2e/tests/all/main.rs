@@ -6,3 +6,4 @@ mod anthropic;
 mod harness;
 mod openai;
 mod responses;
+mod rust_client;

@@ -1,0 +1,565 @@
+//! One OS thread per device: the thread that owns the device and every model on it.
+//!
+//! A CUDA context is bound per thread and candle's tensors carry the device they live on, so the
+//! engine gives each device it opens (the CPU counts as one) a named worker thread
+//! (`helexa-dev-cuda:0`, `helexa-dev-cpu:0`, …). The worker creates the candle [`Device`], and
+//! every load, forward pass, KV reset and free of a model placed there runs on it as a job sent
+//! through a channel. Models live in the worker's own map keyed by handle; tensors never leave
+//! the thread. Jobs on one device are therefore serialised, while models on different devices
+//! still run concurrently.
+//!
+//! `generate` keeps the C ABI's promise that callbacks run on the calling thread: the worker
+//! streams each sampled id back over a channel, the caller runs `on_token`, and a `Cancel` sets a
+//! flag the worker reads before its next decode step (so at most one step is wasted). Sampling
+//! and the next forward pass overlap with the caller's callback.
+//!
+//! A candle error classified as a device fault (see `device_error` in the crate root) marks the
+//! device faulted and poisons **every** model on it: their later calls fail with `DEVICE_FAULT`
+//! naming the cause, and loads on the device are refused. Unloading frees the poisoned models;
+//! when the last one is gone the worker re-creates its `Device` (for CUDA a fresh context). If
+//! that fails the device stays faulted, and each later load retries the re-creation first.
+//!
+//! Fault injection: `HELEXA_ENGINE_INJECT_FAULT=<after_n_tokens>[:<model-id substring>]`, read at
+//! engine init, makes the first generate (of a model whose id contains the substring, when one is
+//! given) that has produced `after_n_tokens` tokens fail its next forward pass with a device error,
+//! once per engine life. It goes through the same path as a real CUDA error.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+
+use candle_core::Device;
+use helexa_engine_abi::json::{Finish, GenerateParams, GenerateSummary};
+
+use crate::models::CausalLm;
+use crate::sampling::Sampler;
+use crate::{EngineError, ErrorKind, describe, device_error};
+
+/// The environment variable read at engine init to inject one device fault.
+pub const INJECT_FAULT_ENV: &str = "HELEXA_ENGINE_INJECT_FAULT";
+
+/// A device fault to inject once per engine life (see the module docs).
+#[derive(Debug)]
+pub struct FaultInjection {
+    /// Tokens a generate must have produced before the fault fires.
+    pub after_tokens: u32,
+    /// Only models whose id contains this fire it.
+    pub model_substring: Option<String>,
+    fired: AtomicBool,
+}
+
+impl FaultInjection {
+    pub fn new(after_tokens: u32, model_substring: Option<String>) -> Self {
+        Self {
+            after_tokens,
+            model_substring,
+            fired: AtomicBool::new(false),
+        }
+    }
+
+    /// Parses `<after_n_tokens>[:<model-id substring>]`.
+    pub fn parse(value: &str) -> Result<Self, EngineError> {
+        let (count, model) = match value.split_once(':') {
+            Some((c, m)) => (c, Some(m.to_owned()).filter(|m| !m.is_empty())),
+            None => (value, None),
+        };
+        let after = count.trim().parse::<u32>().map_err(|_| {
+            EngineError::new(
+                ErrorKind::BadInput,
+                format!(
+                    "{INJECT_FAULT_ENV}={value:?}: expected <after_n_tokens>[:<model id substring>]"
+                ),
+            )
+        })?;
+        Ok(Self::new(after, model))
+    }
+
+    /// The injection from the environment, if the variable is set.
+    pub fn from_env() -> Result<Option<Self>, EngineError> {
+        match std::env::var(INJECT_FAULT_ENV) {
+            Ok(v) if !v.trim().is_empty() => Self::parse(&v).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the fault fires now for `model_id` after `generated` tokens; true at most once.
+    fn fire(&self, model_id: &str, generated: u32) -> bool {
+        generated >= self.after_tokens
+            && self
+                .model_substring
+                .as_deref()
+                .is_none_or(|s| model_id.contains(s))
+            && !self.fired.swap(true, Ordering::Relaxed)
+    }
+}
+
+/// A model owned by a worker, with its mutable state.
+pub(crate) struct WorkerModel {
+    pub model: Box<dyn CausalLm>,
+    /// Served-as id (for fault injection and messages).
+    pub id: String,
+    /// Tokens whose keys/values are in the model's KV cache, in order.
+    pub cached: Vec<u32>,
+    /// Set when the model is unusable (its device faulted, or a call panicked).
+    pub poisoned: Option<String>,
+    pub prefill_chunk: usize,
+    /// Test hook: the next forward pass fails with this device error.
+    pub injected_fault: Option<String>,
+    /// Set by a forward pass that hit a device fault; the worker then faults the whole device.
+    device_fault: Option<String>,
+    /// KV cache bytes, published for `memory_report` without a round trip to the worker.
+    pub cache_bytes: Arc<AtomicUsize>,
+}
+
+impl WorkerModel {
+    pub fn new(
+        model: Box<dyn CausalLm>,
+        id: String,
+        prefill_chunk: usize,
+        cache_bytes: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            model,
+            id,
+            cached: Vec::new(),
+            poisoned: None,
+            prefill_chunk,
+            injected_fault: None,
+            device_fault: None,
+            cache_bytes,
+        }
+    }
+
+    /// One forward pass, keeping `cached` in step with the KV cache and turning failures into
+    /// engine errors: a device failure records a device fault, anything else resets the cache.
+    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<Vec<f32>>, EngineError> {
+        let result = match self.injected_fault.take() {
+            Some(cause) => Err(candle_core::Error::Cuda(cause.into())),
+            None => self
+                .model
+                .forward(tokens, all_rows)
+                .and_then(|t| t.to_vec2::<f32>()),
+        };
+        match result {
+            Ok(rows) => {
+                self.cached.extend_from_slice(tokens);
+                Ok(rows)
+            }
+            Err(e) => {
+                self.model.truncate(0);
+                self.cached.clear();
+                let text = describe(&e);
+                if device_error(&e) {
+                    if text.contains("OUT_OF_MEMORY") {
+                        return Err(EngineError::new(ErrorKind::OutOfMemory, text));
+                    }
+                    self.device_fault = Some(text.clone());
+                    Err(EngineError::new(
+                        ErrorKind::DeviceFault,
+                        format!("device failure during forward pass: {text}"),
+                    ))
+                } else {
+                    Err(EngineError::new(
+                        ErrorKind::Internal,
+                        format!("forward pass failed: {text}"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Runs `tokens` through the model in prefill chunks; returns the logits of the last
+    /// position, or of every position when `all_rows`.
+    pub fn prefill(
+        &mut self,
+        tokens: &[u32],
+        all_rows: bool,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        let mut out = Vec::new();
+        for chunk in tokens.chunks(self.prefill_chunk) {
+            let rows = self.forward(chunk, all_rows)?;
+            if all_rows {
+                out.extend(rows);
+            } else {
+                out = rows;
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn check_prompt(&self, prompt: &[u32], extra: usize) -> Result<(), EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::new(ErrorKind::BadInput, "empty prompt"));
+        }
+        let vocab = self.model.vocab_size();
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(EngineError::new(
+                ErrorKind::BadInput,
+                format!("token id {t} out of range (vocabulary size {vocab})"),
+            ));
+        }
+        let ctx = self.model.max_positions();
+        if prompt.len() + extra > ctx {
+            return Err(EngineError::new(
+                ErrorKind::BadInput,
+                format!(
+                    "prompt of {} tokens does not fit the context length {ctx}",
+                    prompt.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The decode loop on the worker: streams each sampled id through `tokens`; stops early when
+    /// `cancel` is set or the caller hung up.
+    fn generate(
+        &mut self,
+        request: &GenerateParams,
+        prompt: &[u32],
+        tokens: &Sender<Msg>,
+        cancel: &AtomicBool,
+        inject: Option<&FaultInjection>,
+    ) -> Result<GenerateSummary, EngineError> {
+        // Room for at least one generated token after the prompt.
+        self.check_prompt(prompt, 1)?;
+        let common = self
+            .cached
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // At least the last prompt token is recomputed: its logits start decoding.
+        let reuse = common.min(prompt.len() - 1);
+        self.model.truncate(reuse);
+        self.cached.truncate(reuse);
+        let mut generated = 0u32;
+        self.maybe_inject(inject, generated);
+        let mut logits = self
+            .prefill(&prompt[reuse..], false)?
+            .pop()
+            .ok_or_else(|| EngineError::new(ErrorKind::Internal, "prefill returned no logits"))?;
+        let mut sampler = Sampler::new(&request.sampling);
+        let ctx = self.model.max_positions();
+        // Sized once for the whole decode (the context bounds it) so no token reallocates.
+        let mut seen = Vec::with_capacity(ctx.max(prompt.len()) + 1);
+        seen.extend_from_slice(prompt);
+        let (finish, stop_id) = loop {
+            if generated >= request.max_tokens {
+                break (Finish::Length, None);
+            }
+            let token = sampler.sample(&mut logits, &seen);
+            sampler.observe(token);
+            seen.push(token);
+            generated += 1;
+            let hung_up = tokens.send(Msg::Token(token)).is_err();
+            if request.stop_ids.contains(&token) {
+                break (Finish::Stop, Some(token));
+            }
+            if hung_up || cancel.load(Ordering::Relaxed) {
+                break (Finish::Cancelled, None);
+            }
+            if generated >= request.max_tokens || self.cached.len() + 1 > ctx {
+                break (Finish::Length, None);
+            }
+            self.maybe_inject(inject, generated);
+            logits = self.forward(&[token], false)?.pop().ok_or_else(|| {
+                EngineError::new(ErrorKind::Internal, "decode returned no logits")
+            })?;
+        };
+        Ok(GenerateSummary {
+            prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
+            reused_prompt_tokens: u32::try_from(reuse).unwrap_or(u32::MAX),
+            generated_tokens: generated,
+            finish,
+            stop_id,
+        })
+    }
+
+    fn maybe_inject(&mut self, inject: Option<&FaultInjection>, generated: u32) {
+        if let Some(plan) = inject
+            && plan.fire(&self.id, generated)
+        {
+            self.injected_fault = Some(format!(
+                "CUDA_ERROR_INJECTED: fault injected by {INJECT_FAULT_ENV} after {generated} tokens"
+            ));
+        }
+    }
+}
+
+/// What the worker streams back to a `generate` caller.
+pub(crate) enum Msg {
+    Token(u32),
+    Done(Result<GenerateSummary, EngineError>),
+}
+
+/// Opens the device with a given index on the current thread.
+pub(crate) type Opener = fn(u32) -> Result<Device, String>;
+
+/// The state a worker thread owns: the device and its models.
+pub(crate) struct WorkerState {
+    pub device: Device,
+    index: u32,
+    label: String,
+    open: Opener,
+    pub models: HashMap<u64, WorkerModel>,
+    /// The handle a model job is running on, so a panic can poison that model.
+    current: Option<u64>,
+    /// Why the device is faulted, shared with the engine for reporting.
+    fault: Arc<Mutex<Option<String>>>,
+    inject: Option<Arc<FaultInjection>>,
+}
+
+impl WorkerState {
+    /// Refuses work on a faulted device; when it holds no models, tries to re-create it first.
+    pub fn ensure_usable(&mut self) -> Result<&Device, EngineError> {
+        if self.models.is_empty() && self.fault_cause().is_some() {
+            self.reopen();
+        }
+        if let Some(cause) = self.fault_cause() {
+            return Err(EngineError::new(
+                ErrorKind::DeviceFault,
+                format!("device {} is faulted: {cause}", self.label),
+            ));
+        }
+        Ok(&self.device)
+    }
+
+    fn fault_cause(&self) -> Option<String> {
+        self.fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Drops the old device (releasing its context) and opens a fresh one; on failure the
+    /// device stays faulted with the reason.
+    fn reopen(&mut self) {
+        self.device = Device::Cpu;
+        let outcome = (self.open)(self.index);
+        let mut fault = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
+        match outcome {
+            Ok(device) => {
+                self.device = device;
+                *fault = None;
+            }
+            Err(why) => {
+                *fault = Some(format!(
+                    "re-creating the device after a fault failed: {why}"
+                ));
+            }
+        }
+    }
+
+    /// Runs `f` on a loaded model, refusing poisoned ones; a device fault during `f` faults
+    /// the device and poisons every model on it.
+    pub fn with_model<T>(
+        &mut self,
+        handle: u64,
+        f: impl FnOnce(&mut WorkerModel, Option<&FaultInjection>) -> Result<T, EngineError>,
+    ) -> Result<T, EngineError> {
+        let inject = self.inject.clone();
+        let model = self
+            .models
+            .get_mut(&handle)
+            .ok_or_else(|| crate::unknown(handle))?;
+        if let Some(cause) = &model.poisoned {
+            return Err(EngineError::new(
+                ErrorKind::DeviceFault,
+                format!(
+                    "model {handle} ({}) is unusable after a device failure: {cause}",
+                    model.id
+                ),
+            ));
+        }
+        self.current = Some(handle);
+        let result = f(model, inject.as_deref());
+        self.current = None;
+        model
+            .cache_bytes
+            .store(model.model.cache_bytes(), Ordering::Relaxed);
+        if let Some(cause) = model.device_fault.take() {
+            self.fault_device(&cause);
+        }
+        result
+    }
+
+    /// Marks the device faulted and poisons every model on it.
+    fn fault_device(&mut self, cause: &str) {
+        *self.fault.lock().unwrap_or_else(PoisonError::into_inner) = Some(cause.to_owned());
+        for m in self.models.values_mut() {
+            m.poisoned
+                .get_or_insert_with(|| format!("device {} faulted: {cause}", self.label));
+        }
+    }
+
+    /// Frees a model; the last model of a faulted device going re-creates the device.
+    pub fn unload(&mut self, handle: u64) -> Result<(), EngineError> {
+        self.models
+            .remove(&handle)
+            .ok_or_else(|| crate::unknown(handle))?;
+        if self.models.is_empty() && self.fault_cause().is_some() {
+            self.reopen();
+        }
+        Ok(())
+    }
+
+    /// The decode loop of one `generate` call (see [`WorkerModel::generate`]).
+    pub fn generate(
+        &mut self,
+        handle: u64,
+        request: &GenerateParams,
+        prompt: &[u32],
+        tokens: &Sender<Msg>,
+        cancel: &AtomicBool,
+    ) -> Result<GenerateSummary, EngineError> {
+        self.with_model(handle, |m, inject| {
+            m.generate(request, prompt, tokens, cancel, inject)
+        })
+    }
+}
+
+/// A job run on a worker thread.
+pub(crate) type Job = Box<dyn FnOnce(&mut WorkerState) + Send>;
+
+/// The engine's handle on one device's worker thread.
+pub(crate) struct DeviceWorker {
+    pub index: u32,
+    pub label: String,
+    tx: Option<Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    /// Why the device is faulted (`None` when healthy).
+    pub fault: Arc<Mutex<Option<String>>>,
+}
+
+impl DeviceWorker {
+    /// Starts the worker for device `index` (labelled e.g. `cuda:0`) and opens the device on it.
+    pub fn spawn(
+        index: u32,
+        label: String,
+        open: Opener,
+        inject: Option<Arc<FaultInjection>>,
+    ) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+        let fault = Arc::new(Mutex::new(None));
+        let worker_fault = fault.clone();
+        let worker_label = label.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("helexa-dev-{label}"))
+            .spawn(move || {
+                let device = match open(index) {
+                    Ok(d) => {
+                        let _ = ready_tx.send(Ok(()));
+                        d
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let state = WorkerState {
+                    device,
+                    index,
+                    label: worker_label,
+                    open,
+                    models: HashMap::new(),
+                    current: None,
+                    fault: worker_fault,
+                    inject,
+                };
+                run(state, &rx);
+            })
+            .map_err(|e| {
+                EngineError::new(
+                    ErrorKind::Internal,
+                    format!("starting the worker thread for {label}: {e}"),
+                )
+            })?;
+        let opened = ready_rx.recv().unwrap_or_else(|_| {
+            Err("the device worker exited while opening the device".to_owned())
+        });
+        if let Err(why) = opened {
+            let _ = thread.join();
+            return Err(EngineError::new(
+                ErrorKind::DeviceFault,
+                format!("{label}: {why}"),
+            ));
+        }
+        Ok(Self {
+            index,
+            label,
+            tx: Some(tx),
+            thread: Some(thread),
+            fault,
+        })
+    }
+
+    /// Sends a job; the worker is gone only if the engine is being dropped.
+    pub fn send(&self, job: Job) -> Result<(), EngineError> {
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| self.gone())
+    }
+
+    /// Runs `f` on the worker and waits for its result.
+    pub fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut WorkerState) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send(Box::new(move |state| {
+            let _ = tx.send(f(state));
+        }))?;
+        rx.recv().unwrap_or_else(|_| Err(self.gone()))
+    }
+
+    fn gone(&self) -> EngineError {
+        EngineError::new(
+            ErrorKind::Internal,
+            format!(
+                "the worker thread of device {} dropped the call (it panicked)",
+                self.label
+            ),
+        )
+    }
+
+    pub fn fault(&self) -> Option<String> {
+        self.fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl Drop for DeviceWorker {
+    /// Closes the queue and waits, so models and the device are freed on their own thread
+    /// before the engine is gone.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The worker loop: runs jobs until the engine drops its sender. A panicking job poisons the
+/// model it was running on (its KV cache is in an unknown state) and the worker carries on.
+fn run(mut state: WorkerState, rx: &Receiver<Job>) {
+    while let Ok(job) = rx.recv() {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| job(&mut state)));
+        if outcome.is_err()
+            && let Some(handle) = state.current.take()
+            && let Some(m) = state.models.get_mut(&handle)
+        {
+            m.poisoned
+                .get_or_insert_with(|| "a previous call panicked".to_owned());
+        }
+    }
+    // Models, then the device, are dropped here on the thread that owns them.
+    state.models.clear();
+}

@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""Kernel launches and GPU time per decoded token from four Nsight Compute CSV logs
+(`ncu --csv --metrics gpu__time_duration.sum`), written by `gpu-check.sh kernels` as
+DIR/ncu-l{1,2}-t{4,8}.csv: decodes of 4 and 8 tokens on a model cut to 1 and 2 layers.
+
+    python3 scripts/device/kernel_counts.py DIR LAYERS
+
+With k(L, T) the launches of a run: per token = (k(L,8) - k(L,4)) / 4; per layer per token =
+per token at 2 layers - per token at 1 layer; outside the layers = per token at 1 layer - per
+layer. The full model (LAYERS layers) launches outside + LAYERS x per layer per token. GPU time
+is split the same way, per kernel name, so the table says which kernels the time goes to.
+"""
+import collections
+import csv
+import sys
+
+
+def read(path):
+    """Launch count and GPU nanoseconds per kernel name."""
+    count, ns = collections.Counter(), collections.Counter()
+    with open(path) as f:
+        rows = csv.DictReader(line for line in f if line.startswith('"'))
+        for r in rows:
+            if r.get("Metric Name") != "gpu__time_duration.sum":
+                continue
+            name = r["Kernel Name"].split("(")[0].split("<")[0].strip()
+            value = float(r["Metric Value"].replace(",", ""))
+            scale = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(r.get("Metric Unit"), 1)
+            count[name] += 1
+            ns[name] += value * scale
+    return count, ns
+
+
+def per_token(d, layers):
+    c4, t4 = read(f"{d}/ncu-l{layers}-t4.csv")
+    c8, t8 = read(f"{d}/ncu-l{layers}-t8.csv")
+    names = set(c4) | set(c8)
+    return ({n: (c8[n] - c4[n]) / 4 for n in names}, {n: (t8[n] - t4[n]) / 4 for n in names})
+
+
+def main():
+    d, full = sys.argv[1], int(sys.argv[2])
+    c1, t1 = per_token(d, 1)
+    c2, t2 = per_token(d, 2)
+    names = sorted(set(c1) | set(c2))
+    layer_c = {n: c2.get(n, 0) - c1.get(n, 0) for n in names}
+    layer_t = {n: t2.get(n, 0) - t1.get(n, 0) for n in names}
+    out_c = {n: c1.get(n, 0) - layer_c[n] for n in names}
+    out_t = {n: t1.get(n, 0) - layer_t[n] for n in names}
+    model_c = {n: out_c[n] + full * layer_c[n] for n in names}
+    model_t = {n: out_t[n] + full * layer_t[n] for n in names}
+    total_c, total_t = sum(model_c.values()), sum(model_t.values())
+    print(f"per decoded token, {full}-layer model: {total_c:.0f} kernel launches "
+          f"({sum(layer_c.values()):.1f} per layer, {sum(out_c.values()):.1f} outside the layers), "
+          f"{total_t / 1e3:.0f} us of GPU time (kernels alone, no gaps)")
+    print(f"{'kernel':60s} {'launches/layer':>14s} {'launches/token':>14s} {'us/token':>9s} {'share':>6s}")
+    for n in sorted(names, key=lambda n: -model_t[n]):
+        if model_c[n] < 0.5 and model_t[n] < 1:
+            continue
+        print(f"{n[:60]:60s} {layer_c[n]:14.1f} {model_c[n]:14.1f} {model_t[n] / 1e3:9.1f} "
+              f"{100 * model_t[n] / max(total_t, 1):5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
