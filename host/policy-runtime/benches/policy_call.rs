@@ -7,8 +7,8 @@
 //! - `choose_victims` on one node with 8 residents.
 
 use std::sync::Arc;
-use std::time::Instant;
 
+use helexa_policy_runtime::bench_inputs::*;
 use helexa_policy_runtime::*;
 
 const ITERATIONS: usize = 20_000;
@@ -57,87 +57,15 @@ fn main() {
     report("choose_victims, 8 residents", &evict);
 }
 
-fn measure(mut call: impl FnMut()) -> Vec<f64> {
-    for _ in 0..WARMUP {
-        call();
-    }
-    let mut samples = Vec::with_capacity(ITERATIONS);
-    for _ in 0..ITERATIONS {
-        let start = Instant::now();
-        call();
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    samples
+fn measure(call: impl FnMut()) -> Vec<f64> {
+    time_calls(WARMUP, ITERATIONS, call)
 }
 
 fn report(name: &str, sorted: &[f64]) {
-    let at = |q: f64| sorted[((sorted.len() as f64 - 1.0) * q).round() as usize];
     println!(
         "{name:<36} p50 {:>8.2} µs   p99 {:>8.2} µs   ({} calls)",
-        at(0.5),
-        at(0.99),
+        quantile(sorted, 0.5),
+        quantile(sorted, 0.99),
         sorted.len()
     );
-}
-
-fn entry(i: usize) -> CatalogueEntry {
-    CatalogueEntry {
-        id: format!("model-{i}"),
-        aliases: vec![format!("alias-{i}")],
-        vram_mb: 20_000,
-        min_devices: 1,
-        min_device_vram_mb: 0,
-        pinned_on: vec![],
-        residency_priority: None,
-        context_length: 32_768,
-    }
-}
-
-fn catalogue() -> Catalogue {
-    Catalogue {
-        version: 1,
-        entries: (0..12).map(entry).collect(),
-    }
-}
-
-/// A node with 8 devices and `models` residents (`model-<k>` for k in 0..models).
-fn node(i: usize, models: usize) -> Node {
-    Node {
-        name: format!("node-{i:02}"),
-        health: Health::Healthy,
-        labels: vec!["gpu=h200".into(), format!("rack={}", i / 4)],
-        devices: (0..8)
-            .map(|d| Device {
-                index: d,
-                vram_total_mb: 141_000,
-                vram_free_mb: 60_000,
-                compute_capability: 90,
-            })
-            .collect(),
-        models: (0..models)
-            .map(|k| ResidentModel {
-                id: format!("model-{k}"),
-                state: ModelState::Ready,
-                vram_mb: 20_000,
-                devices: vec![k as u32 % 8],
-                idle_ms: (k as u64 + 1) * 1000,
-                in_flight: ((i + k) % 3) as u32,
-                queue_depth: 0,
-                residency_priority: 100,
-            })
-            .collect(),
-        latency: LatencyStats {
-            ttft_p50_ms: 40.0 + i as f32,
-            itl_p50_ms: 12.0,
-            samples: 100,
-        },
-    }
-}
-
-fn fleet(version: u64) -> Fleet {
-    Fleet {
-        version,
-        nodes: (0..16).map(|i| node(i, 4)).collect(),
-    }
 }

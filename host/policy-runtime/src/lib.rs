@@ -44,6 +44,8 @@
 //! # }
 //! ```
 
+#[doc(hidden)]
+pub mod bench_inputs;
 mod engine;
 mod host;
 mod inert_wasi;

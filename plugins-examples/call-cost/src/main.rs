@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
+use helexa_policy_runtime::bench_inputs::*;
 use helexa_policy_runtime::*;
 
 const WARMUP: usize = 1_000;
@@ -130,7 +131,7 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The benchmark's inputs (the same shapes as `policy_call.rs`).
+/// The benchmark's inputs (`bench_inputs`, as `policy_call.rs` uses them).
 struct Fixture {
     catalogue: Arc<Catalogue>,
     fleet: Arc<Fleet>,
@@ -142,14 +143,8 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         Fixture {
-            catalogue: Arc::new(Catalogue {
-                version: 1,
-                entries: (0..12).map(entry).collect(),
-            }),
-            fleet: Arc::new(Fleet {
-                version: 1,
-                nodes: (0..16).map(|i| node(i, 4)).collect(),
-            }),
+            catalogue: Arc::new(catalogue()),
+            fleet: Arc::new(fleet(1)),
             request: RequestInfo {
                 model: "model-3".into(),
                 surface: Surface::OpenaiChat,
@@ -179,7 +174,7 @@ fn measure_set(
             if !matches!(decision, Decision::Serve(_)) {
                 bail!("{name}: expected a serve decision for a ready model, got {decision:?}");
             }
-            time(calls, || {
+            time_calls(WARMUP, calls, || {
                 std::hint::black_box(set.route(
                     &fixture.request,
                     &fixture.catalogue,
@@ -192,13 +187,12 @@ fn measure_set(
             if victims.is_empty() {
                 bail!("{name}: expected victims on a node of idle residents");
             }
-            time(calls, || {
+            time_calls(WARMUP, calls, || {
                 std::hint::black_box(set.choose_victims(&fixture.node, 30_000, &fixture.incoming));
             })
         }
     };
     let status = set.plugin(kind).status();
-    let at = |q: f64| samples[((samples.len() as f64 - 1.0) * q).round() as usize];
     let size = if size == 0 {
         "-".to_owned()
     } else {
@@ -206,8 +200,8 @@ fn measure_set(
     };
     println!(
         "{name:<44} {size:>10} {:>7.2} µs {:>7.2} µs  ({} calls, {} errors)",
-        at(0.5),
-        at(0.99),
+        quantile(&samples, 0.5),
+        quantile(&samples, 0.99),
         samples.len(),
         status.errors
     );
@@ -215,65 +209,4 @@ fn measure_set(
         bail!("{name}: {} calls failed", status.errors);
     }
     Ok(())
-}
-
-fn time(calls: usize, mut call: impl FnMut()) -> Vec<f64> {
-    for _ in 0..WARMUP {
-        call();
-    }
-    let mut samples = Vec::with_capacity(calls);
-    for _ in 0..calls {
-        let start = Instant::now();
-        call();
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    samples
-}
-
-fn entry(i: usize) -> CatalogueEntry {
-    CatalogueEntry {
-        id: format!("model-{i}"),
-        aliases: vec![format!("alias-{i}")],
-        vram_mb: 20_000,
-        min_devices: 1,
-        min_device_vram_mb: 0,
-        pinned_on: vec![],
-        residency_priority: None,
-        context_length: 32_768,
-    }
-}
-
-/// A node with 8 devices and `models` residents (`model-<k>` for k in 0..models).
-fn node(i: usize, models: usize) -> Node {
-    Node {
-        name: format!("node-{i:02}"),
-        health: Health::Healthy,
-        labels: vec!["gpu=h200".into(), format!("rack={}", i / 4)],
-        devices: (0..8)
-            .map(|d| Device {
-                index: d,
-                vram_total_mb: 141_000,
-                vram_free_mb: 60_000,
-                compute_capability: 90,
-            })
-            .collect(),
-        models: (0..models)
-            .map(|k| ResidentModel {
-                id: format!("model-{k}"),
-                state: ModelState::Ready,
-                vram_mb: 20_000,
-                devices: vec![k as u32 % 8],
-                idle_ms: (k as u64 + 1) * 1000,
-                in_flight: ((i + k) % 3) as u32,
-                queue_depth: 0,
-                residency_priority: 100,
-            })
-            .collect(),
-        latency: LatencyStats {
-            ttft_p50_ms: 40.0 + i as f32,
-            itl_p50_ms: 12.0,
-            samples: 100,
-        },
-    }
 }
