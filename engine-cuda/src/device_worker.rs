@@ -136,12 +136,24 @@ impl WorkerModel {
     /// One forward pass, keeping `cached` in step with the KV cache and turning failures into
     /// engine errors: a device failure records a device fault, anything else resets the cache.
     fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<Vec<f32>>, EngineError> {
+        self.run(tokens, all_rows, |logits| logits.to_vec2::<f32>())
+    }
+
+    /// One decode step whose pick is the plain argmax: only the index leaves the device.
+    fn forward_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
+        self.run(&[token], false, |logits| crate::fused::argmax(&logits))
+    }
+
+    /// [`Self::forward`]'s body, with `read` turning the logits tensor into the result.
+    fn run<R>(
+        &mut self,
+        tokens: &[u32],
+        all_rows: bool,
+        read: impl FnOnce(candle_core::Tensor) -> candle_core::Result<R>,
+    ) -> Result<R, EngineError> {
         let result = match self.injected_fault.take() {
             Some(cause) => Err(candle_core::Error::Cuda(cause.into())),
-            None => self
-                .model
-                .forward(tokens, all_rows)
-                .and_then(|t| t.to_vec2::<f32>()),
+            None => self.model.forward(tokens, all_rows).and_then(read),
         };
         match result {
             Ok(rows) => {
@@ -238,11 +250,13 @@ impl WorkerModel {
         self.cached.truncate(reuse);
         let mut generated = 0u32;
         self.maybe_inject(inject, generated);
-        let mut logits = self
+        let logits = self
             .prefill(&prompt[reuse..], false)?
             .pop()
             .ok_or_else(|| EngineError::new(ErrorKind::Internal, "prefill returned no logits"))?;
         let mut sampler = Sampler::new(&request.sampling);
+        let greedy = sampler.is_plain_greedy();
+        let mut next = Next::Logits(logits);
         let ctx = self.model.max_positions();
         // Sized once for the whole decode (the context bounds it) so no token reallocates.
         let mut seen = Vec::with_capacity(ctx.max(prompt.len()) + 1);
@@ -251,7 +265,10 @@ impl WorkerModel {
             if generated >= request.max_tokens {
                 break (Finish::Length, None);
             }
-            let token = sampler.sample(&mut logits, &seen);
+            let token = match &mut next {
+                Next::Logits(logits) => sampler.sample(logits, &seen),
+                Next::Picked(token) => *token,
+            };
             sampler.observe(token);
             seen.push(token);
             generated += 1;
@@ -266,9 +283,13 @@ impl WorkerModel {
                 break (Finish::Length, None);
             }
             self.maybe_inject(inject, generated);
-            logits = self.forward(&[token], false)?.pop().ok_or_else(|| {
-                EngineError::new(ErrorKind::Internal, "decode returned no logits")
-            })?;
+            next = if greedy {
+                Next::Picked(self.forward_greedy(token)?)
+            } else {
+                Next::Logits(self.forward(&[token], false)?.pop().ok_or_else(|| {
+                    EngineError::new(ErrorKind::Internal, "decode returned no logits")
+                })?)
+            };
         };
         Ok(GenerateSummary {
             prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
@@ -288,6 +309,13 @@ impl WorkerModel {
             ));
         }
     }
+}
+
+/// What the decode loop samples the next token from: the logits on the host, or the token
+/// already picked on the device (plain greedy decoding).
+enum Next {
+    Logits(Vec<f32>),
+    Picked(u32),
 }
 
 /// What the worker streams back to a `generate` caller.

@@ -25,6 +25,8 @@ impl Linear {
     /// Applies the layer to `x` of shape `(…, in)`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match &self.weight {
+            // One token: a GEMV kernel streams the weight at close to the memory bandwidth.
+            QMatMul::Tensor(w) if crate::fused::gemv_applies(x, w) => crate::fused::gemv(x, w)?,
             // A 3-D activation times a 2-D weight: flatten so the CPU gemm sees one large matrix
             // product instead of a broadcast batch.
             QMatMul::Tensor(w) if x.rank() == 3 => {
@@ -206,6 +208,14 @@ impl RmsNorm {
     pub fn size_in_bytes(&self) -> usize {
         tensor_bytes(&self.weight)
     }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn eps(&self) -> f32 {
+        self.eps
+    }
 }
 
 /// The rotary-embedding parameters of a Hugging Face config, in either spelling: transformers ≥ 5
@@ -381,6 +391,15 @@ impl Rope {
         self.cos.dims()[0]
     }
 
+    /// The cos and sin tables, `(positions, head_dim / 2)` each.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
     /// Rotates `x` of shape `(batch, heads, len, head_dim)` for positions `offset..offset+len`.
     pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
         let len = x.dim(2)?;
@@ -427,18 +446,23 @@ impl KvCache {
             .map_or(0, |(k, v)| tensor_bytes(k) + tensor_bytes(v))
     }
 
-    /// Appends `k`/`v` of shape `(1, kv_heads, n, head_dim)` and returns the whole cached
-    /// sequence as views into the buffers (rows contiguous, heads `capacity` rows apart).
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let n = k.dim(2)?;
+    /// Makes room for `n` more positions of `kv_heads × head_dim` and returns the buffers,
+    /// `(1, kv_heads, capacity, head_dim)` each.
+    pub fn reserve(
+        &mut self,
+        n: usize,
+        (kv_heads, head_dim): (usize, usize),
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(&Tensor, &Tensor)> {
         let need = self.len + n;
         let capacity = self.buffers.as_ref().map_or(0, |(b, _)| b.dims()[2]);
         if need > capacity {
             // Grow geometrically so decoding costs amortised O(1) copies per token.
             let new_cap = need.max(capacity * 2).max(256).next_multiple_of(256);
-            let (_, h, _, d) = k.dims4()?;
-            let nk = Tensor::zeros((1, h, new_cap, d), k.dtype(), k.device())?;
-            let nv = Tensor::zeros((1, h, new_cap, d), v.dtype(), v.device())?;
+            let shape = (1, kv_heads, new_cap, head_dim);
+            let nk = Tensor::zeros(shape, dtype, device)?;
+            let nv = Tensor::zeros(shape, dtype, device)?;
             if let Some((ok, ov)) = &self.buffers
                 && self.len > 0
             {
@@ -447,17 +471,38 @@ impl KvCache {
             }
             self.buffers = Some((nk, nv));
         }
-        let Some((bk, bv)) = &self.buffers else {
-            candle_core::bail!("kv cache buffers missing after allocation");
-        };
-        bk.slice_set(&k.contiguous()?, 2, self.len)?;
-        bv.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len = need;
-        // Views, not copies: each head's rows are contiguous and the heads sit `capacity` rows
-        // apart, a batch stride the matmuls accept. Copying them out (`contiguous()`) cost a
-        // strided copy of the whole cache per layer per token, a quarter of decode time at
-        // 4096 tokens of context.
-        Ok((bk.narrow(2, 0, need)?, bv.narrow(2, 0, need)?))
+        match &self.buffers {
+            Some((k, v)) => Ok((k, v)),
+            None => candle_core::bail!("kv cache buffers missing after allocation"),
+        }
+    }
+
+    /// Counts `n` rows written into the buffers after the cached ones as cached.
+    pub fn commit(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// The cached sequence as views into the buffers (rows contiguous, heads `capacity` rows
+    /// apart). Views, not copies: the matmuls accept the batch stride, and copying them out
+    /// (`contiguous()`) cost a strided copy of the whole cache per layer per token, a quarter
+    /// of decode time at 4096 tokens of context.
+    pub fn views(&self) -> Result<(Tensor, Tensor)> {
+        match &self.buffers {
+            Some((k, v)) => Ok((k.narrow(2, 0, self.len)?, v.narrow(2, 0, self.len)?)),
+            None => candle_core::bail!("kv cache is empty"),
+        }
+    }
+
+    /// Appends `k`/`v` of shape `(1, kv_heads, n, head_dim)` and returns the whole cached
+    /// sequence ([`KvCache::views`]).
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (_, kv_heads, n, head_dim) = k.dims4()?;
+        let at = self.len;
+        let (bk, bv) = self.reserve(n, (kv_heads, head_dim), k.dtype(), k.device())?;
+        bk.slice_set(&k.contiguous()?, 2, at)?;
+        bv.slice_set(&v.contiguous()?, 2, at)?;
+        self.commit(n);
+        self.views()
     }
 }
 
@@ -509,32 +554,62 @@ impl Attention {
             .forward(x)?
             .try_into()
             .map_err(|_| candle_core::Error::msg("attention needs q, k and v projections"))?;
-        let q = q.reshape((1, len, h, hd))?;
-        let k = k.reshape((1, len, kvh, hd))?;
-        let v = v.reshape((1, len, kvh, hd))?;
-        let q = match &self.q_norm {
-            Some(n) => n.forward(&q)?,
-            None => q,
+        let groups = h / kvh;
+        #[allow(clippy::cast_precision_loss, reason = "head_dim is small")]
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (q, k, v) = if crate::fused::applies(&q) {
+            // One kernel normalises and rotates q and k and writes k and v into the cache.
+            let (k_cache, v_cache) = self.cache.reserve(len, (kvh, hd), q.dtype(), q.device())?;
+            let q = crate::fused::qk_norm_rope_cache(&crate::fused::QkvInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                q_norm: self.q_norm.as_ref(),
+                k_norm: self.k_norm.as_ref(),
+                rope,
+                k_cache,
+                v_cache,
+                offset,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: hd,
+            })?;
+            if len == 1 && crate::fused::decode_attention_supported(hd, groups) {
+                #[allow(clippy::cast_possible_truncation, reason = "scale is ~0.1")]
+                let out =
+                    crate::fused::decode_attention(&q, k_cache, v_cache, offset + 1, scale as f32)?;
+                self.cache.commit(1);
+                return self.o_proj.forward(&out);
+            }
+            self.cache.commit(len);
+            let (k, v) = self.cache.views()?;
+            (q, k, v)
+        } else {
+            let q = q.reshape((1, len, h, hd))?;
+            let k = k.reshape((1, len, kvh, hd))?;
+            let v = v.reshape((1, len, kvh, hd))?;
+            let q = match &self.q_norm {
+                Some(n) => n.forward(&q)?,
+                None => q,
+            };
+            let k = match &self.k_norm {
+                Some(n) => n.forward(&k)?,
+                None => k,
+            };
+            let q = rope.apply(&q.transpose(1, 2)?, offset)?;
+            let k = rope.apply(&k.transpose(1, 2)?, offset)?;
+            let v = v.transpose(1, 2)?.contiguous()?;
+            let (k, v) = self.cache.append(&k, &v)?;
+            (q, k, v)
         };
-        let k = match &self.k_norm {
-            Some(n) => n.forward(&k)?,
-            None => k,
-        };
-        let q = rope.apply(&q.transpose(1, 2)?, offset)?;
-        let k = rope.apply(&k.transpose(1, 2)?, offset)?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        let (k, v) = self.cache.append(&k, &v)?;
         let total = k.dim(2)?;
 
         // Query heads h = kv·groups + g share KV head `kv`: fold the group into the query
         // length instead of repeating K/V in memory.
-        let groups = h / kvh;
         let q = q.reshape((kvh, groups * len, hd))?;
         // `squeeze`, not `reshape`: it keeps the cache views' strides (a reshape would copy).
         let k = k.squeeze(0)?;
         let v = v.squeeze(0)?;
-        #[allow(clippy::cast_precision_loss, reason = "head_dim is small")]
-        let scale = 1.0 / (hd as f64).sqrt();
         let mut att = (q.matmul(&k.t()?)? * scale)?;
         if let Some(mask) = mask {
             att = att
@@ -582,8 +657,7 @@ impl Mlp {
             .forward(x)?
             .try_into()
             .map_err(|_| candle_core::Error::msg("the MLP needs gate and up projections"))?;
-        self.down_proj
-            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        self.down_proj.forward(&crate::fused::silu_mul(&gate, &up)?)
     }
 
     pub fn size_in_bytes(&self) -> usize {

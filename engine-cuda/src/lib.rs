@@ -27,6 +27,7 @@ pub use helexa_engine_abi::{ErrorKind, Flow};
 pub mod device_worker;
 #[allow(unsafe_code, reason = "C ABI exports")]
 pub mod ffi;
+pub mod fused;
 pub mod layers;
 pub mod models;
 pub mod sampling;
@@ -507,8 +508,21 @@ fn probe_cuda(_index: u32) -> Result<CudaProbe, String> {
     Err("built without the cuda feature".to_owned())
 }
 
+#[allow(unsafe_code, reason = "turning off cudarc's event tracking")]
 fn open_cuda(index: u32) -> Result<Device, String> {
-    Device::new_cuda(index as usize).map_err(|e| format!("cuda device {index}: {}", describe(&e)))
+    let device = Device::new_cuda(index as usize)
+        .map_err(|e| format!("cuda device {index}: {}", describe(&e)))?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = &device
+        && std::env::var("HELEXA_ENGINE_EVENT_TRACKING").map_or(true, |v| v != "1")
+    {
+        // cudarc gives every buffer two CUDA events for cross-stream ordering: two driver calls
+        // on each allocation and two on each free, ~4 per kernel at batch 1. A device's work all
+        // runs on its worker thread's one stream, so there is nothing to order.
+        // SAFETY: no buffer of this device is used on another stream (see above).
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 pub(crate) fn unknown(model: u64) -> EngineError {

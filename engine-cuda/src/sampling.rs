@@ -29,6 +29,16 @@ impl Sampler {
         }
     }
 
+    /// Whether the pick is the plain argmax of the logits (temperature 0, no penalties), so the
+    /// logits need not leave the device.
+    pub fn is_plain_greedy(&self) -> bool {
+        let p = &self.params;
+        let penalised = (p.repetition_penalty > 0.0 && p.repetition_penalty != 1.0)
+            || p.presence_penalty != 0.0
+            || p.frequency_penalty != 0.0;
+        !penalised && (p.temperature <= 0.0 || !p.temperature.is_finite())
+    }
+
     /// Records a token produced by this request.
     pub fn observe(&mut self, token: u32) {
         *self.generated.entry(token).or_insert(0) += 1;

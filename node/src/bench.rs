@@ -304,6 +304,10 @@ struct Figure {
     ratio: f64,
     /// The ceiling's input: FLOPs per token (prefill) or bytes read per token (decode).
     per_token: f64,
+    /// Decode: the greedy tokens of the first timed run. Prompts are seeded, so two runs of the
+    /// bench (e.g. an optimisation on and off) can be compared token by token.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    greedy_tokens: Vec<u32>,
 }
 
 /// Loads one model, measures every figure, unloads it.
@@ -397,8 +401,9 @@ fn measure(
     for &c in &args.decode_context {
         eprintln!("  decode @{c}");
         let mut runs = Vec::new();
+        let mut greedy_tokens = Vec::new();
         for i in 0..args.warmup + args.repeats {
-            let s = decode_once(
+            let (s, tokens) = decode_once(
                 engine,
                 loaded.handle,
                 &prompts.fresh(c.max(1)),
@@ -406,17 +411,23 @@ fn measure(
             )?;
             if i >= args.warmup {
                 runs.push(s);
+                if greedy_tokens.is_empty() {
+                    greedy_tokens = tokens;
+                }
             }
         }
         let per_token =
             formulas::decode_bytes_per_token(desc, dtype_bytes, c.max(1), args.decode_tokens);
-        decode.push(Figure::new(
-            c,
-            args.decode_tokens,
-            runs,
-            ceilings.mem_bandwidth / per_token,
-            per_token,
-        ));
+        decode.push(Figure {
+            greedy_tokens,
+            ..Figure::new(
+                c,
+                args.decode_tokens,
+                runs,
+                ceilings.mem_bandwidth / per_token,
+                per_token,
+            )
+        });
     }
 
     Ok(ModelReport {
@@ -459,6 +470,7 @@ impl Figure {
             ceiling_tok_s: ceiling,
             ratio: median_tok_s / ceiling,
             per_token,
+            greedy_tokens: Vec::new(),
         }
     }
 }
@@ -506,24 +518,27 @@ fn prefill_once(engine: &crate::EngineHandle, model: u64, prompt: &[u32]) -> any
     Ok(seconds)
 }
 
-/// One decode: seconds from the first generated token to the `tokens`-th token after it.
+/// One decode: seconds from the first generated token to the `tokens`-th token after it, and
+/// the generated tokens.
 fn decode_once(
     engine: &crate::EngineHandle,
     model: u64,
     prompt: &[u32],
     tokens: u32,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Vec<u32>)> {
     let mut stamps = Vec::with_capacity(tokens as usize + 1);
+    let mut ids = Vec::with_capacity(tokens as usize + 1);
     let summary = engine
-        .generate(model, &params(tokens + 1), prompt, |_| {
+        .generate(model, &params(tokens + 1), prompt, |id| {
             stamps.push(Instant::now());
+            ids.push(id);
             Flow::Continue
         })
         .context("decode run")?;
     check_summary(&summary, prompt.len(), tokens + 1)?;
     match (stamps.first(), stamps.last()) {
         (Some(first), Some(last)) if stamps.len() == tokens as usize + 1 => {
-            Ok(last.duration_since(*first).as_secs_f64())
+            Ok((last.duration_since(*first).as_secs_f64(), ids))
         }
         _ => bail!(
             "engine delivered {} tokens, expected {}",

@@ -2,7 +2,8 @@
 # One device visit, run on the lent GPU machine from the repository root; everything lands
 # under $OUT. What it runs comes from .carry/ (built and packed here by scripts/device/pack.sh).
 #
-#   scripts/device/gpu-check.sh check   # parity (GPU and CPU engines through the C ABI),
+#   scripts/device/gpu-check.sh check   # fused kernels vs candle's ops (unit tests on the GPU),
+#                                       # parity (GPU and CPU engines through the C ABI),
 #                                       # CPU-vs-GPU agreement, the device-fault drill (~2 min)
 #   scripts/device/gpu-check.sh bench [FORMATS]   # helexa-node bench on the synthesized
 #                                       # Qwen3-8B shapes (default bf16,q8_0,q4_k_m)
@@ -22,7 +23,12 @@ unpack() { # unpack NAME: .carry/NAME.xz -> $bin/NAME (skipped when already ther
   chmod +x "$bin/$1"
   touch "$bin/$1.commit"
 }
-for f in engine-cuda.so engine-cpu.so helexa-node; do unpack "$f"; done
+for f in engine-cpu.so helexa-node; do unpack "$f"; done
+if [ ! -s "$bin/engine-cuda.so" ] || [ ".carry/engine-cuda.tar.xz" -nt "$bin/engine-cuda.so" ]; then
+  python3 -c 'import sys,tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
+    .carry/engine-cuda.tar.xz "$bin"
+  touch "$bin/engine-cuda.so"
+fi
 export CUDA_CACHE_PATH=/tmp/jc CUDA_CACHE_MAXSIZE=1073741824
 if [ ! -d /tmp/jc ] && [ -f .carry/jitcache.tgz ]; then tar -C /tmp -xzf .carry/jitcache.tgz; fi
 cp .carry/commit "$OUT/commit.txt"
@@ -32,6 +38,10 @@ status=0
 
 case "$mode" in
 check)
+  "$bin/engine-cuda-tests" --test-threads 1 fused::gpu_tests > "$OUT/fused_kernels.log" 2>&1
+  rc=$?
+  echo "fused kernels vs candle: exit $rc ($(grep 'test result' "$OUT/fused_kernels.log"))"
+  [ $rc -eq 0 ] || status=1
   for engine in cuda cpu; do
     python3 scripts/device/abi_check.py "$bin/engine-$engine.so" fixtures "$OUT/abi_check_$engine.json" \
       > "$OUT/abi_check_$engine.log" 2>&1
@@ -66,7 +76,7 @@ kernels)
   for layers in 1 2; do
     "$bin/helexa-node" synth --preset qwen3-8b --layers "$layers" --formats "${2:-bf16}" \
       --out "/tmp/kernel-models/l$layers" > /dev/null
-    model=$(ls -d /tmp/kernel-models/l$layers/*/ | head -1)
+    model=$(ls -d /tmp/kernel-models/l$layers/*-"${2:-bf16}"/ | head -1)
     for tokens in 4 8; do
       "$ncu" --csv --log-file "/tmp/ncu-l$layers-t$tokens.csv" --metrics gpu__time_duration.sum \
         "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" --prefill 8 \

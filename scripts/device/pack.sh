@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build what a GPU visit needs and pack it into .carry/ (git-ignored, < 64 MiB, xz-compressed):
-#   engine-cuda.so.xz   the CUDA engine (candle + CUDA kernels, sm_90a for H100/H200)
+#   engine-cuda.tar.xz  the CUDA engine (candle + CUDA kernels, sm_90a for H100/H200) and its unit
+#                       tests (fused kernels against candle's ops): one archive, since the two
+#                       share most bytes (candle's kernels) and xz stores them once
 #   engine-cpu.so.xz    the CPU engine, for the CPU-vs-GPU agreement check
 #   helexa-node.xz      the node binary, for `helexa-node bench`
 # The fixtures travel as tracked files. On the device, scripts/device/gpu-check.sh unpacks them.
@@ -24,6 +26,10 @@ cargo build --release --locked -p helexa-engine-cuda -p helexa-node
     eval "$("${HELEXA_CUDA_TOOLKIT:-../shared/cuda/toolkit.sh}")"
   fi
   CARGO_TARGET_DIR=$cuda_target cargo build --release --locked -p helexa-engine-cuda --features cuda
+  CARGO_TARGET_DIR=$cuda_target cargo test --release --locked -p helexa-engine-cuda --features cuda \
+    --lib --no-run --message-format=json \
+    | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("executable")]' \
+    > /tmp/helexa-cuda-tests-path
 )
 
 pack() { # pack SRC NAME: strip debug info, compress
@@ -31,7 +37,11 @@ pack() { # pack SRC NAME: strip debug info, compress
   xz -T2 -6 -c "/tmp/helexa-pack-$2" > ".carry/$2.xz"
   rm -f "/tmp/helexa-pack-$2"
 }
-pack "$cuda_target/release/libhelexa_engine_cuda.so" engine-cuda.so
+rm -rf /tmp/helexa-pack-cuda && mkdir -p /tmp/helexa-pack-cuda
+strip -o /tmp/helexa-pack-cuda/engine-cuda.so "$cuda_target/release/libhelexa_engine_cuda.so"
+strip -o /tmp/helexa-pack-cuda/engine-cuda-tests "$(tail -1 /tmp/helexa-cuda-tests-path)"
+tar -C /tmp/helexa-pack-cuda -cf - . | xz -9 -T1 > .carry/engine-cuda.tar.xz
+rm -rf /tmp/helexa-pack-cuda .carry/engine-cuda.so.xz .carry/engine-cuda-tests.xz
 pack "$cpu_target/release/libhelexa_engine_cuda.so" engine-cpu.so
 pack "$cpu_target/release/helexa-node" helexa-node
 git rev-parse HEAD > .carry/commit

@@ -9,6 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
+use crate::fused;
 use crate::layers::{
     Attention, KvCache, Linear, Mlp, Projections, RmsNorm, Rope, RopeParameters, RopeScaling,
     RopeStyle, causal_mask, last_rows,
@@ -243,17 +244,23 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
         } else {
             None
         };
-        for l in &mut self.layers {
-            let r = x.clone();
-            x = (l
-                .attn
-                .forward(&l.input_norm.forward(&x)?, &self.rope, mask.as_ref())?
-                + r)?;
-            let r = x.clone();
-            x = (l.ffn.forward(&l.post_norm.forward(&x)?)? + r)?;
+        // Each residual add is fused with the norm that follows it: the post-attention norm,
+        // the next layer's input norm, or the final norm.
+        let mut h = match self.layers.first() {
+            Some(l) => l.input_norm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
+        for i in 0..self.layers.len() {
+            let l = &mut self.layers[i];
+            let attn = l.attn.forward(&h, &self.rope, mask.as_ref())?;
+            (x, h) = fused::add_rms_norm(&x, &attn, &l.post_norm)?;
+            let ffn = l.ffn.forward(&h)?;
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = fused::add_rms_norm(&x, &ffn, next_norm)?;
         }
-        let x = self.norm.forward(&last_rows(&x, all_rows)?)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        self.lm_head
+            .forward(&last_rows(&h, all_rows)?)?
+            .to_dtype(DType::F32)
     }
 
     fn truncate(&mut self, len: usize) {

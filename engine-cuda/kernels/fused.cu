@@ -1,0 +1,440 @@
+// Fused kernels for batch-1 decoding (and the same ops at prefill), each replacing a chain of
+// candle kernels whose launches dominate a decoded token once the GEMVs are out of the way
+// (~5 µs per launch on an H200 against ~2-3 µs of useful work for these small ops).
+//
+// Rounding follows the unfused candle path where that is cheap to do: wherever candle would
+// store an intermediate in the activation type T (bf16/f16), the value is rounded through T
+// here too (`rnd<T>`), so greedy output matches the unfused path except where float
+// summation order differs. Decode attention is the exception: it is a flash-decode kernel
+// (online softmax in f32, no rounded scores), as transformers' fused attention is.
+//
+// Compiled to PTX by build.rs when the `cuda` feature is on; launched from src/fused/cuda.rs.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// ---- element conversions ---------------------------------------------------------------------
+
+template <typename T> __device__ __forceinline__ float to_f(T x);
+template <> __device__ __forceinline__ float to_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float to_f<__half>(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// The value a T-typed store of `x` would keep.
+template <typename T> __device__ __forceinline__ float rnd(float x) { return to_f<T>(from_f<T>(x)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum (or max) over the block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// the result.
+template <bool MAX>
+__device__ float block_reduce(float v) {
+    __shared__ float partial[32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const float none = MAX ? -INFINITY : 0.0f;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads(); // `partial` may still be read from a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : none;
+    return MAX ? warp_max(v) : warp_sum(v);
+}
+__device__ float block_sum(float v) { return block_reduce<false>(v); }
+
+// ---- residual add + RMSNorm --------------------------------------------------------------------
+// sum = x + delta (stored in T, the new residual stream); normed = sum / rms(sum) * w.
+// One block per row, each thread keeping its ≤ ADD_NORM_MAX_PER_THREAD elements in registers
+// and loading its weights before the reduction, so the only serial steps are one load, the
+// block reduction and one store. Replaces candle's badd + rmsnorm (two launches per norm).
+#define ADD_NORM_MAX_PER_THREAD 8
+template <typename T>
+__device__ void add_rms_norm(const T *x, const T *delta, T *sum, T *normed, const T *w,
+                             int cols, float eps) {
+    const size_t base = (size_t)blockIdx.x * cols;
+    float s[ADD_NORM_MAX_PER_THREAD], wt[ADD_NORM_MAX_PER_THREAD];
+    float sq = 0.0f;
+#pragma unroll
+    for (int k = 0; k < ADD_NORM_MAX_PER_THREAD; k++) {
+        const int c = threadIdx.x + k * blockDim.x;
+        s[k] = 0.0f;
+        wt[k] = 0.0f;
+        if (c < cols) {
+            s[k] = rnd<T>(to_f(x[base + c]) + to_f(delta[base + c]));
+            wt[k] = to_f(w[c]);
+            sum[base + c] = from_f<T>(s[k]);
+            sq += s[k] * s[k];
+        }
+    }
+    const float scale = rsqrtf(block_sum(sq) / cols + eps);
+#pragma unroll
+    for (int k = 0; k < ADD_NORM_MAX_PER_THREAD; k++) {
+        const int c = threadIdx.x + k * blockDim.x;
+        if (c < cols) normed[base + c] = from_f<T>(scale * s[k] * wt[k]);
+    }
+}
+
+// ---- SwiGLU gate ---------------------------------------------------------------------------------
+// out = silu(gate) * up, rows `rows` of `cols`, gate/up rows `*_stride` elements apart (they are
+// usually the two halves of one stacked projection's output). Replaces silu + bmul.
+template <typename T>
+__device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
+                         long gate_stride, long up_stride) {
+    const long n = (long)rows * cols;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        const long r = i / cols, c = i % cols;
+        const float g = to_f(gate[r * gate_stride + c]);
+        const float s = rnd<T>(g / (1.0f + expf(-g)));
+        out[i] = from_f<T>(s * to_f(up[r * up_stride + c]));
+    }
+}
+
+// ---- per-head q/k RMSNorm + RoPE + KV-cache write --------------------------------------------------
+// One warp per (token, head) over q heads, then k heads, then v heads. q goes to q_out
+// (heads, len, hd); k and v to the caches (kv_heads, cap, hd) at rows offset..offset+len.
+// Replaces q-norm, k-norm, two rope kernels, the transposes' copies and the two cache writes.
+// `q_w`/`k_w` may be null (no per-head norm). style 0: rotate i with i + hd/2 (NEOX / HF),
+// style 1: rotate 2i with 2i+1 (GPT-J / llama.cpp's Llama layout).
+#define ROPE_MAX_HD 256
+#define ROPE_WARPS 4
+template <typename T>
+__device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_stride, long k_stride,
+                                   long v_stride, const T *q_w, const T *k_w, const T *cos,
+                                   const T *sin, T *q_out, T *k_cache, T *v_cache, int len,
+                                   int heads, int kv_heads, int hd, int cap, int offset, float eps,
+                                   int style) {
+    __shared__ float vals[ROPE_WARPS][ROPE_MAX_HD];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int per_token = heads + 2 * kv_heads;
+    const int unit = blockIdx.x * ROPE_WARPS + warp;
+    if (unit >= len * per_token) return;
+    const int t = unit / per_token, j = unit % per_token;
+    float *x = vals[warp];
+
+    if (j >= heads + kv_heads) { // v: straight into the cache
+        const int head = j - heads - kv_heads;
+        const T *src = v + t * v_stride + (long)head * hd;
+        T *dst = v_cache + ((size_t)head * cap + offset + t) * hd;
+        for (int d = lane; d < hd; d += 32) dst[d] = src[d];
+        return;
+    }
+    const bool is_q = j < heads;
+    const int head = is_q ? j : j - heads;
+    const T *src = is_q ? q + t * q_stride + (long)head * hd : k + t * k_stride + (long)head * hd;
+    const T *w = is_q ? q_w : k_w;
+    float sq = 0.0f;
+    for (int d = lane; d < hd; d += 32) {
+        const float e = to_f(src[d]);
+        x[d] = e;
+        sq += e * e;
+    }
+    if (w != nullptr) {
+        const float scale = rsqrtf(warp_sum(sq) / hd + eps);
+        for (int d = lane; d < hd; d += 32) x[d] = rnd<T>(scale * x[d] * to_f(w[d]));
+    }
+    __syncwarp();
+    T *dst = is_q ? q_out + ((size_t)head * len + t) * hd
+                  : k_cache + ((size_t)head * cap + offset + t) * hd;
+    const int half = hd / 2;
+    const T *cs = cos + (size_t)(offset + t) * half, *sn = sin + (size_t)(offset + t) * half;
+    for (int i = lane; i < half; i += 32) {
+        const int i1 = style == 0 ? i : 2 * i, i2 = style == 0 ? i + half : 2 * i + 1;
+        const float c = to_f(cs[i]), s = to_f(sn[i]);
+        const float a = x[i1], b = x[i2];
+        // candle's rope computes in T: each product and the difference are rounded.
+        dst[i1] = from_f<T>(rnd<T>(a * c) - rnd<T>(b * s));
+        dst[i2] = from_f<T>(rnd<T>(a * s) + rnd<T>(b * c));
+    }
+}
+
+// ---- flash-decode attention ---------------------------------------------------------------------
+// One query token against `L` cached positions. Grid (kv_heads, splits); each block serves the
+// G query heads sharing one KV head (each K/V row is read once for all of them) over one chunk of
+// positions. Each warp takes ATTN_ROWS positions at a time (all their K and V loads in flight
+// together: one row at a time left the memory system idle at long contexts) and keeps an online
+// softmax in f32. With one split the block writes the output; with several it writes
+// unnormalised partials and their (max, sum), which `attn_combine` merges. Replaces q·Kᵀ, the
+// scale, the softmax and p·V.
+#define ATTN_WARPS 8
+#define ATTN_ROWS 4
+template <typename T, int EPL, int G>
+__device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
+                                 float *part_o, float *part_ml, int cap, int L, int chunk,
+                                 float scale) {
+    constexpr int HD = EPL * 32;
+    __shared__ float s_o[ATTN_WARPS][G * HD];
+    __shared__ float s_m[ATTN_WARPS][G], s_l[ATTN_WARPS][G];
+    const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int start = split * chunk, end = min(L, start + chunk);
+
+    float qr[G][EPL], acc[G][EPL], m[G], l[G];
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+        const T *qh = q + (size_t)(kvh * G + g) * HD + lane * EPL;
+#pragma unroll
+        for (int e = 0; e < EPL; e++) {
+            qr[g][e] = to_f(qh[e]) * scale;
+            acc[g][e] = 0.0f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+
+    const T *kb = k_cache + (size_t)kvh * cap * HD + lane * EPL;
+    const T *vb = v_cache + (size_t)kvh * cap * HD + lane * EPL;
+    for (int j0 = start + warp * ATTN_ROWS; j0 < end; j0 += ATTN_WARPS * ATTN_ROWS) {
+        float kr[ATTN_ROWS][EPL], vr[ATTN_ROWS][EPL];
+#pragma unroll
+        for (int r = 0; r < ATTN_ROWS; r++) {
+            const int j = min(j0 + r, end - 1); // past the end: a repeat, masked out below
+#pragma unroll
+            for (int e = 0; e < EPL; e++) {
+                kr[r][e] = to_f(kb[(size_t)j * HD + e]);
+                vr[r][e] = to_f(vb[(size_t)j * HD + e]);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < G; g++) {
+            float sc[ATTN_ROWS], m_new = m[g];
+#pragma unroll
+            for (int r = 0; r < ATTN_ROWS; r++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) d += qr[g][e] * kr[r][e];
+                sc[r] = j0 + r < end ? warp_sum(d) : -INFINITY;
+                m_new = fmaxf(m_new, sc[r]);
+            }
+            const float corr = __expf(m[g] - m_new);
+            l[g] *= corr;
+#pragma unroll
+            for (int e = 0; e < EPL; e++) acc[g][e] *= corr;
+#pragma unroll
+            for (int r = 0; r < ATTN_ROWS; r++) {
+                const float p = __expf(sc[r] - m_new);
+                l[g] += p;
+#pragma unroll
+                for (int e = 0; e < EPL; e++) acc[g][e] += p * vr[r][e];
+            }
+            m[g] = m_new;
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+#pragma unroll
+        for (int e = 0; e < EPL; e++) s_o[warp][g * HD + lane * EPL + e] = acc[g][e];
+        if (lane == 0) {
+            s_m[warp][g] = m[g];
+            s_l[warp][g] = l[g];
+        }
+    }
+    __syncthreads();
+    // Merge the warps: each thread one output element of one query head.
+    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+        const int g = i / HD, d = i % HD, head = kvh * G + g;
+        float mx = -INFINITY;
+        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, s_m[w][g]);
+        float sum = 0.0f, o = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) {
+            if (s_m[w][g] == -INFINITY) continue; // this warp saw no position
+            const float f = __expf(s_m[w][g] - mx);
+            sum += s_l[w][g] * f;
+            o += s_o[w][i] * f;
+        }
+        if (splits == 1) {
+            out[(size_t)head * HD + d] = from_f<T>(o / sum);
+        } else {
+            part_o[((size_t)head * splits + split) * HD + d] = o;
+            if (d == 0) {
+                part_ml[((size_t)head * splits + split) * 2] = mx;
+                part_ml[((size_t)head * splits + split) * 2 + 1] = sum;
+            }
+        }
+    }
+}
+
+// Merges the splits of `decode_attention`: one block per query head (at least as many threads
+// as splits). The per-split weights exp(m_s - max) are computed once, in parallel, into shared
+// memory; each thread then sums one output dimension over the splits with independent loads.
+#define ATTN_MAX_SPLITS 1024
+template <typename T>
+__device__ void attn_combine(const float *part_o, const float *part_ml, T *out, int splits, int hd) {
+    __shared__ float weight[ATTN_MAX_SPLITS];
+    const int head = blockIdx.x, t = threadIdx.x;
+    const float *ml = part_ml + (size_t)head * splits * 2;
+    const float m = t < splits ? ml[2 * t] : -INFINITY;
+    const float mx = block_reduce<true>(m);
+    const float f = m > -INFINITY ? __expf(m - mx) : 0.0f; // -inf: an empty chunk
+    if (t < splits) weight[t] = f;
+    const float sum = block_sum(t < splits ? ml[2 * t + 1] * f : 0.0f);
+    __syncthreads();
+    for (int d = t; d < hd; d += blockDim.x) {
+        const float *po = part_o + (size_t)head * splits * hd + d;
+        float o = 0.0f;
+#pragma unroll 8
+        for (int sp = 0; sp < splits; sp++) o += po[(size_t)sp * hd] * weight[sp];
+        out[(size_t)head * hd + d] = from_f<T>(o / sum);
+    }
+}
+
+// ---- batch-1 matrix-vector product ---------------------------------------------------------------
+// y = W x for W (rows, cols) row-major, x (cols), 16-bit T, f32 accumulation. One warp per row;
+// each lane streams 16-byte chunks of the row (8 elements) with the weights marked read-once,
+// four chunks in flight per lane. x is re-read by every warp and stays in L1. Replaces cuBLAS's
+// split-K GEMV + its reduction kernel at one token (cols % 8 == 0).
+#define GEMV_WARPS 8
+template <typename T>
+__device__ __forceinline__ float dot8(uint4 w, uint4 x);
+template <>
+__device__ __forceinline__ float dot8<__nv_bfloat16>(uint4 w, uint4 x) {
+    const __nv_bfloat162 *wp = reinterpret_cast<const __nv_bfloat162 *>(&w);
+    const __nv_bfloat162 *xp = reinterpret_cast<const __nv_bfloat162 *>(&x);
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 a = __bfloat1622float2(wp[i]), b = __bfloat1622float2(xp[i]);
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+    }
+    return acc;
+}
+template <>
+__device__ __forceinline__ float dot8<__half>(uint4 w, uint4 x) {
+    const __half2 *wp = reinterpret_cast<const __half2 *>(&w);
+    const __half2 *xp = reinterpret_cast<const __half2 *>(&x);
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 a = __half22float2(wp[i]), b = __half22float2(xp[i]);
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+    }
+    return acc;
+}
+
+template <typename T>
+__device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
+    const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
+    const uint4 *xr = reinterpret_cast<const uint4 *>(x);
+    const int chunks = cols / 8;
+    float acc = 0.0f;
+    int c = lane;
+    for (; c + 96 < chunks; c += 128) {
+        const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
+                    w3 = __ldcs(wr + c + 96);
+        acc += dot8<T>(w0, __ldg(xr + c)) + dot8<T>(w1, __ldg(xr + c + 32)) +
+               dot8<T>(w2, __ldg(xr + c + 64)) + dot8<T>(w3, __ldg(xr + c + 96));
+    }
+    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), __ldg(xr + c));
+    acc = warp_sum(acc);
+    if (lane == 0) y[row] = from_f<T>(acc);
+}
+
+// ---- greedy sampling -----------------------------------------------------------------------------
+// Index of the largest of `n` f32 logits, the lowest index on ties (as torch.argmax and the
+// host sampler); NaN never wins. One block of 1024 threads reading 16 bytes at a time, eight
+// loads in flight per thread: at batch 1 this replaces copying the whole logits row (600 KB for
+// a 152k vocabulary) to the host for every token. `x` must be 16-byte aligned.
+__device__ __forceinline__ void argmax_take(float &v, int &idx, float e, int i, int n) {
+    if (e > v || (e == v && i < idx) || (idx == n && e == e)) { v = e; idx = i; }
+}
+
+__device__ __forceinline__ void argmax_merge(float &v, int &idx, int n) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (oi < n) argmax_take(v, idx, ov, oi, n);
+    }
+}
+
+extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
+    __shared__ float best_v[32];
+    __shared__ int best_i[32];
+    float v = -INFINITY;
+    int idx = n; // past the end: loses every comparison
+    const float4 *x4 = reinterpret_cast<const float4 *>(x);
+    const int n4 = n / 4;
+#pragma unroll 8
+    for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 e = x4[i];
+        argmax_take(v, idx, e.x, 4 * i, n);
+        argmax_take(v, idx, e.y, 4 * i + 1, n);
+        argmax_take(v, idx, e.z, 4 * i + 2, n);
+        argmax_take(v, idx, e.w, 4 * i + 3, n);
+    }
+    for (int i = 4 * n4 + threadIdx.x; i < n; i += blockDim.x) argmax_take(v, idx, x[i], i, n);
+    argmax_merge(v, idx, n);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { best_v[warp] = v; best_i[warp] = idx; }
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < blockDim.x / 32 ? best_v[lane] : -INFINITY;
+        idx = lane < blockDim.x / 32 ? best_i[lane] : n;
+        argmax_merge(v, idx, n);
+        if (lane == 0) *out = idx < n ? idx : 0;
+    }
+}
+
+// ---- entry points, one per element type --------------------------------------------------------
+
+#define ENTRY_POINTS(T, SUF)                                                                        \
+    extern "C" __global__ void add_rms_norm_##SUF(const T *x, const T *delta, T *sum, T *normed,   \
+                                                  const T *w, int cols, float eps) {               \
+        add_rms_norm<T>(x, delta, sum, normed, w, cols, eps);                                      \
+    }                                                                                               \
+    extern "C" __global__ void silu_mul_##SUF(const T *gate, const T *up, T *out, int rows,         \
+                                              int cols, long gate_stride, long up_stride) {         \
+        silu_mul<T>(gate, up, out, rows, cols, gate_stride, up_stride);                            \
+    }                                                                                               \
+    extern "C" __global__ void qk_norm_rope_cache_##SUF(                                            \
+        const T *q, const T *k, const T *v, long q_stride, long k_stride, long v_stride,           \
+        const T *q_w, const T *k_w, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache,  \
+        int len, int heads, int kv_heads, int hd, int cap, int offset, float eps, int style) {     \
+        qk_norm_rope_cache<T>(q, k, v, q_stride, k_stride, v_stride, q_w, k_w, cos, sin, q_out,    \
+                              k_cache, v_cache, len, heads, kv_heads, hd, cap, offset, eps, style);\
+    }                                                                                               \
+    extern "C" __global__ void attn_combine_##SUF(const float *part_o, const float *part_ml, T *out,\
+                                                  int splits, int hd) {                            \
+        attn_combine<T>(part_o, part_ml, out, splits, hd);                                         \
+    }                                                                                               \
+    DECODE_ATTN(T, SUF, 2, 1) DECODE_ATTN(T, SUF, 2, 2) DECODE_ATTN(T, SUF, 2, 4)                   \
+    DECODE_ATTN(T, SUF, 2, 8) DECODE_ATTN(T, SUF, 4, 1) DECODE_ATTN(T, SUF, 4, 2)                   \
+    DECODE_ATTN(T, SUF, 4, 4) DECODE_ATTN(T, SUF, 4, 8) DECODE_ATTN(T, SUF, 8, 1)                   \
+    DECODE_ATTN(T, SUF, 8, 2) DECODE_ATTN(T, SUF, 8, 4)
+
+// decode_attention_<type>_e<elements per lane>_g<query heads per KV head>
+#define DECODE_ATTN(T, SUF, EPL, G)                                                                 \
+    extern "C" __global__ void decode_attention_##SUF##_e##EPL##_g##G(                              \
+        const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
+        int cap, int L, int chunk, float scale) {                                                   \
+        decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
+                                    scale);                                                         \
+    }
+
+ENTRY_POINTS(float, f32)
+ENTRY_POINTS(__nv_bfloat16, bf16)
+ENTRY_POINTS(__half, f16)
+
+#define GEMV(T, SUF)                                                                                \
+    extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
+        gemv<T>(w, x, y, rows, cols);                                                              \
+    }
+GEMV(__nv_bfloat16, bf16)
+GEMV(__half, f16)

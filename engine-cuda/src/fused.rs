@@ -1,0 +1,386 @@
+//! Fused CUDA kernels for the small operations around the matrix products (`kernels/fused.cu`).
+//!
+//! At batch 1 a decoded token is ~20 kernel launches per layer, and each small one (a norm, a
+//! residual add, a rotation, a softmax) costs ~5 µs of GPU time on an H200 whatever its size.
+//! These kernels do the same work in fewer launches:
+//! - [`add_rms_norm`]: residual add + RMSNorm (was 2 launches);
+//! - [`silu_mul`]: the SwiGLU gate (was 2);
+//! - [`qk_norm_rope_cache`]: per-head q/k RMSNorm, RoPE and the K/V cache writes (was ~8);
+//! - [`decode_attention`]: one query over the cache, flash-decode style (was 4, and scales to
+//!   long contexts by splitting the positions over thread blocks).
+//!
+//! Each has the unfused candle composition as its reference: [`applies`] is false on the CPU,
+//! for other dtypes and when `HELEXA_ENGINE_KERNELS=0` (to measure the kernels' effect or rule
+//! them out), and callers then take the unfused path.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::layers::{RmsNorm, Rope};
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+/// Whether the fused kernels are switched on (`HELEXA_ENGINE_KERNELS=0` turns them off).
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("HELEXA_ENGINE_KERNELS").map_or(true, |v| v != "0"))
+}
+
+/// Whether the fused kernels serve activations like `x`: on a CUDA device, in f32/bf16/f16,
+/// and switched on.
+pub fn applies(x: &Tensor) -> bool {
+    cfg!(feature = "cuda")
+        && enabled()
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+}
+
+/// Whether [`gemv`] serves `x · wᵀ`: one row of 16-bit activations on a CUDA device, a dense
+/// contiguous weight of the same dtype, 16-byte-aligned rows; and neither
+/// `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_GEMV=0` (which turns off only this kernel).
+pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let gemv_enabled =
+        *ENABLED.get_or_init(|| std::env::var("HELEXA_ENGINE_GEMV").map_or(true, |v| v != "0"));
+    let Ok((_, cols)) = w.dims2() else {
+        return false;
+    };
+    gemv_enabled
+        && applies(x)
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && w.dtype() == x.dtype()
+        && x.elem_count() == cols
+        && cols.is_multiple_of(8)
+        && x.is_contiguous()
+        && w.is_contiguous()
+        && x.layout().start_offset().is_multiple_of(8)
+        && w.layout().start_offset().is_multiple_of(8)
+}
+
+/// `x · wᵀ` for one row `x` (any shape of `cols` elements) and `w` `(rows, cols)`; the result
+/// has `x`'s shape with `rows` as its last dimension. Only call when [`gemv_applies`] holds.
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::gemv(x, w)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// The greedy pick from f32 logits `(1, vocab)`: the index of the largest, the lowest on ties
+/// (as [`crate::sampling::argmax`]). On the GPU only the index crosses to the host.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    #[cfg(feature = "cuda")]
+    if applies(logits) && logits.dtype() == DType::F32 && logits.is_contiguous() {
+        return cuda::argmax(logits);
+    }
+    Ok(crate::sampling::argmax(
+        &logits.flatten_all()?.to_vec1::<f32>()?,
+    ))
+}
+
+/// `(x + delta, rms_norm(x + delta))` for `x`, `delta` of shape `(…, hidden)`: the new residual
+/// stream and the next block's input.
+pub fn add_rms_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if applies(x)
+        && x.is_contiguous()
+        && delta.is_contiguous()
+        && x.dims() == delta.dims()
+        && x.dim(candle_core::D::Minus1)? <= 8 * 1024
+    {
+        return cuda::add_rms_norm(x, delta, norm.weight(), norm.eps());
+    }
+    let sum = (x + delta)?;
+    let normed = norm.forward(&sum)?;
+    Ok((sum, normed))
+}
+
+/// `silu(gate) · up` for `gate`, `up` of shape `(1, len, intermediate)` (rows may be strided
+/// views of one stacked projection).
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if applies(gate) && gate.dims() == up.dims() && gate.rank() == 3 {
+        return cuda::silu_mul(gate, up);
+    }
+    candle_nn::ops::silu(gate)? * up
+}
+
+/// What [`qk_norm_rope_cache`] works on: the outputs of the q, k and v projections (each
+/// `(1, len, heads·head_dim)`, rows possibly strided), the per-head norms if the model has them,
+/// the rotary tables, and the caches `(1, kv_heads, capacity, head_dim)` with room for rows
+/// `offset..offset+len`.
+pub struct QkvInputs<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub q_norm: Option<&'a RmsNorm>,
+    pub k_norm: Option<&'a RmsNorm>,
+    pub rope: &'a Rope,
+    pub k_cache: &'a Tensor,
+    pub v_cache: &'a Tensor,
+    pub offset: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Per-head q/k normalisation, rotary embedding at positions `offset..offset+len`, and the K/V
+/// cache writes at the same rows, in one kernel. Returns q as `(1, heads, len, head_dim)`. Only
+/// call when [`applies`] holds.
+pub fn qk_norm_rope_cache(inputs: &QkvInputs<'_>) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::qk_norm_rope_cache(inputs)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = inputs;
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// Whether [`decode_attention`] has a kernel for this head size and grouping.
+pub fn decode_attention_supported(head_dim: usize, groups: usize) -> bool {
+    matches!(head_dim, 64 | 128 | 256)
+        && matches!(groups, 1 | 2 | 4 | 8)
+        && !(head_dim == 256 && groups == 8)
+}
+
+/// Attention of one query `q` `(1, heads, 1, head_dim)` over the first `len` positions of the
+/// caches `(1, kv_heads, capacity, head_dim)`; returns `(1, 1, heads·head_dim)`. Only call when
+/// [`applies`] and [`decode_attention_supported`] hold.
+pub fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    len: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::decode_attention(q, k_cache, v_cache, len, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k_cache, v_cache, len, scale);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// Each kernel against the unfused candle composition it replaces, on the GPU (run by
+/// `scripts/device/gpu-check.sh check`; needs the `cuda` feature and a device).
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use candle_core::{D, DType, Device, Tensor};
+
+    use super::*;
+    use crate::layers::{RopeScaling, RopeStyle};
+
+    fn device() -> Device {
+        Device::new_cuda(0).expect("a CUDA device")
+    }
+
+    fn random(shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+        Tensor::randn(0f32, 1f32, shape, dev)
+            .and_then(|t| t.to_dtype(dtype))
+            .expect("random tensor")
+    }
+
+    /// Largest difference relative to the largest reference magnitude.
+    fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+        let f = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .expect("f32")
+        };
+        let (g, w) = (f(got), f(want));
+        assert_eq!(g.dims(), w.dims());
+        let scale = w
+            .abs()
+            .and_then(|t| t.max(0))
+            .and_then(|t| t.to_scalar::<f32>());
+        let diff = (g - &w).and_then(|t| t.abs()).and_then(|t| t.max(0));
+        diff.and_then(|t| t.to_scalar::<f32>()).expect("diff") / scale.expect("scale").max(1e-6)
+    }
+
+    /// bf16 keeps 8 bits of mantissa: a different summation order may move a value by an ulp.
+    fn tolerance(dtype: DType) -> f32 {
+        if dtype == DType::F32 { 1e-5 } else { 1e-2 }
+    }
+
+    #[test]
+    fn add_rms_norm_matches_add_then_norm() {
+        let dev = device();
+        for dtype in [DType::F32, DType::BF16] {
+            for rows in [1, 5] {
+                let x = random(&[1, rows, 4096], dtype, &dev);
+                let d = random(&[1, rows, 4096], dtype, &dev);
+                let norm = RmsNorm::new(random(&[4096], dtype, &dev), 1e-6);
+                let (sum, normed) =
+                    cuda::add_rms_norm(&x, &d, norm.weight(), norm.eps()).expect("fused");
+                let want_sum = (&x + &d).expect("add");
+                let want = norm.forward(&want_sum).expect("norm");
+                assert_eq!(rel_diff(&sum, &want_sum), 0.0, "{dtype:?} sum");
+                let e = rel_diff(&normed, &want);
+                assert!(e <= tolerance(dtype), "{dtype:?} rows {rows}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn gemv_matches_matmul() {
+        let dev = device();
+        for dtype in [DType::BF16, DType::F16] {
+            for (rows, cols) in [
+                (1, 64),
+                (7, 4096),
+                (6144, 4096),
+                (4096, 12288),
+                (1000, 2056),
+            ] {
+                // A row range of a larger matrix, as the stacked projections' views are.
+                let stacked = random(&[rows + 16, cols], dtype, &dev);
+                let w = stacked.narrow(0, 16, rows).expect("rows");
+                let x = random(&[1, 1, cols], dtype, &dev);
+                assert!(gemv_applies(&x, &w), "{dtype:?} {rows}×{cols}");
+                let got = gemv(&x, &w).expect("gemv");
+                let want = x
+                    .reshape((1, cols))
+                    .and_then(|x| x.matmul(&w.t()?))
+                    .expect("matmul");
+                let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &want);
+                assert!(e <= tolerance(dtype), "{dtype:?} {rows}×{cols}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn argmax_matches_the_host_sampler_including_ties() {
+        let dev = device();
+        for n in [1, 1001, 151_936] {
+            let mut host: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1013) as f32 * 0.01).collect();
+            for case in 0..3 {
+                if case == 1 {
+                    // Equal maxima far apart: the lowest index wins.
+                    host[n / 2] = 1e3;
+                    host[n - 1] = 1e3;
+                }
+                if case == 2 {
+                    host.iter_mut().for_each(|x| *x = f32::NEG_INFINITY);
+                }
+                let t = Tensor::from_slice(&host, (1, n), &dev).expect("logits");
+                let want = crate::sampling::argmax(&host);
+                assert_eq!(argmax(&t).expect("argmax"), want, "n {n} case {case}");
+            }
+        }
+    }
+
+    #[test]
+    fn silu_mul_matches_on_strided_halves() {
+        let dev = device();
+        for dtype in [DType::F32, DType::BF16] {
+            for rows in [1, 3] {
+                let both = random(&[1, rows, 2 * 1536], dtype, &dev);
+                let gate = both.narrow(D::Minus1, 0, 1536).expect("gate");
+                let up = both.narrow(D::Minus1, 1536, 1536).expect("up");
+                let got = cuda::silu_mul(&gate, &up).expect("fused");
+                let want = (candle_nn::ops::silu(&gate).expect("silu") * &up).expect("mul");
+                assert_eq!(rel_diff(&got, &want), 0.0, "{dtype:?} rows {rows}");
+            }
+        }
+    }
+
+    #[test]
+    fn qk_norm_rope_cache_matches_the_unfused_steps() {
+        let dev = device();
+        let (h, kvh, hd) = (8, 2, 128);
+        for dtype in [DType::F32, DType::BF16] {
+            for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+                for (len, offset) in [(1, 37), (6, 0)] {
+                    let rope = Rope::new(hd, 1e6, &RopeScaling::None, style, 256, &dev)
+                        .and_then(|r| r.in_dtype(dtype))
+                        .expect("rope");
+                    let qkv = random(&[1, len, (h + 2 * kvh) * hd], dtype, &dev);
+                    let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
+                    let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
+                    let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
+                    let q_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
+                    let k_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
+                    let k_cache = Tensor::zeros((1, kvh, 256, hd), dtype, &dev).expect("cache");
+                    let v_cache = Tensor::zeros((1, kvh, 256, hd), dtype, &dev).expect("cache");
+                    let got_q = qk_norm_rope_cache(&QkvInputs {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        q_norm: Some(&q_norm),
+                        k_norm: Some(&k_norm),
+                        rope: &rope,
+                        k_cache: &k_cache,
+                        v_cache: &v_cache,
+                        offset,
+                        heads: h,
+                        kv_heads: kvh,
+                        head_dim: hd,
+                    })
+                    .expect("fused");
+                    let unfused = |x: &Tensor, heads: usize, n: &RmsNorm| {
+                        let x = x.reshape((1, len, heads, hd)).expect("reshape");
+                        let x = n.forward(&x).expect("norm").transpose(1, 2).expect("t");
+                        rope.apply(&x, offset).expect("rope")
+                    };
+                    let rows = |c: &Tensor| c.narrow(2, offset, len).expect("rows");
+                    let want_v = v.reshape((1, len, kvh, hd)).and_then(|v| v.transpose(1, 2));
+                    let case = format!("{dtype:?} {style:?} len {len}");
+                    let e = rel_diff(&got_q, &unfused(&q, h, &q_norm));
+                    assert!(e <= tolerance(dtype), "{case}: q {e}");
+                    let e = rel_diff(&rows(&k_cache), &unfused(&k, kvh, &k_norm));
+                    assert!(e <= tolerance(dtype), "{case}: k {e}");
+                    assert_eq!(
+                        rel_diff(&rows(&v_cache), &want_v.expect("v")),
+                        0.0,
+                        "{case}: v"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_attention_matches_softmax_attention() {
+        let dev = device();
+        for dtype in [DType::F32, DType::BF16] {
+            for (h, kvh, hd) in [(32, 8, 128), (16, 16, 64), (8, 4, 256)] {
+                for len in [1usize, 31, 33, 300, 4096] {
+                    let cap = len.next_multiple_of(256);
+                    let q = random(&[1, h, 1, hd], dtype, &dev);
+                    let k_cache = random(&[1, kvh, cap, hd], dtype, &dev);
+                    let v_cache = random(&[1, kvh, cap, hd], dtype, &dev);
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let got = decode_attention(&q, &k_cache, &v_cache, len, scale).expect("fused");
+                    let f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
+                    let k = f32(&k_cache.narrow(2, 0, len).expect("k").squeeze(0).expect("k"));
+                    let v = f32(&v_cache.narrow(2, 0, len).expect("v").squeeze(0).expect("v"));
+                    let qg = f32(&q).reshape((kvh, h / kvh, hd)).expect("q");
+                    let att = (qg.matmul(&k.t().expect("t")).expect("qk") * f64::from(scale))
+                        .expect("scale");
+                    let p = candle_nn::ops::softmax_last_dim(&att).expect("softmax");
+                    let want = p
+                        .matmul(&v)
+                        .expect("pv")
+                        .reshape((1, 1, h * hd))
+                        .expect("out");
+                    let e = rel_diff(&got, &want);
+                    assert!(
+                        e <= tolerance(dtype),
+                        "{dtype:?} {h}/{kvh}×{hd} len {len}: {e}"
+                    );
+                }
+            }
+        }
+    }
+}

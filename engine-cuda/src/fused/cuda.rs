@@ -1,0 +1,430 @@
+//! Launches the kernels of `kernels/fused.cu` (PTX compiled by build.rs) on candle's stream for
+//! the device, reading candle's buffers in place and wrapping fresh buffers as tensors.
+//!
+//! Unsafe because a kernel launch is: each launch below states the sizes it relies on. Buffers
+//! a kernel writes that belong to an existing tensor (the KV cache) are passed through candle's
+//! read guard: all work on a device runs on its one stream, in order, so no other kernel can see
+//! the rows while they are written, and the guard keeps the buffer alive.
+#![allow(
+    unsafe_code,
+    reason = "kernel launches and uninitialised device buffers"
+)]
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use std::sync::Arc;
+
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, bail};
+
+use super::QkvInputs;
+use crate::layers::{RmsNorm, RopeStyle};
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
+/// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
+const ATTENTION_TARGET_BLOCKS: usize = 264;
+/// Threads per decode-attention block (`ATTN_WARPS` in the kernel).
+const ATTENTION_THREADS: u32 = 256;
+/// Warps per block of the GEMV (`GEMV_WARPS` in the kernel), one row each.
+const GEMV_WARPS: usize = 8;
+/// Warps per block of the q/k/v kernel (`ROPE_WARPS` in the kernel), one (token, head) each.
+const ROPE_WARPS: usize = 4;
+
+/// Runs `$f::<T>(args…, suffix)` for the tensor dtype `$dtype`.
+macro_rules! by_dtype {
+    ($dtype:expr, $f:ident($($arg:expr),*)) => {
+        match $dtype {
+            DType::F32 => $f::<f32>($($arg,)* "f32"),
+            DType::BF16 => $f::<half::bf16>($($arg,)* "bf16"),
+            DType::F16 => $f::<half::f16>($($arg,)* "f16"),
+            other => bail!("fused kernels do not support {other:?}"),
+        }
+    };
+}
+
+/// A kernel of the module (loaded into the device's context on first use) and the device's
+/// stream to launch it on.
+fn function(dev: &CudaDevice, name: &str) -> Result<(CudaFunction, Arc<CudaStream>)> {
+    let f = dev.get_or_load_custom_func(name, "helexa_fused", PTX)?;
+    Ok((f.into_cuda_function(), dev.cuda_stream()))
+}
+
+/// The buffer of a CUDA tensor's storage.
+fn buffer<T: CudaDType>(storage: &Storage) -> Result<&CudaSlice<T>> {
+    match storage {
+        Storage::Cuda(s) => s.as_cuda_slice::<T>(),
+        _ => bail!("fused kernels need CUDA tensors"),
+    }
+}
+
+/// The elements of a tensor from its first one on.
+fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> Result<CudaView<'a, T>> {
+    Ok(buffer::<T>(storage)?.slice(layout.start_offset()..))
+}
+
+/// Row stride of a `(1, rows, cols)` tensor whose rows are contiguous.
+fn row_stride(layout: &Layout) -> Result<i64> {
+    match layout.stride() {
+        [_, rows, 1] => i64::try_from(*rows).map_err(candle_core::Error::wrap),
+        other => bail!("fused kernels need contiguous rows, got strides {other:?}"),
+    }
+}
+
+fn wrap<T: CudaDType>(buf: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+fn int(x: usize) -> Result<i32> {
+    i32::try_from(x).map_err(candle_core::Error::wrap)
+}
+
+fn grid(x: usize) -> Result<u32> {
+    u32::try_from(x).map_err(candle_core::Error::wrap)
+}
+
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    by_dtype!(x.dtype(), add_rms_norm_t(x, delta, weight, eps))
+}
+
+fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    delta: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    sfx: &str,
+) -> Result<(Tensor, Tensor)> {
+    let dev = x.device().as_cuda_device()?;
+    let cols = x.dim(candle_core::D::Minus1)?;
+    if weight.dims() != [cols] || !weight.is_contiguous() {
+        bail!("rms norm weight {:?} for rows of {cols}", weight.dims());
+    }
+    let rows = x.elem_count() / cols;
+    let (xs, xl) = x.storage_and_layout();
+    let (ds, dl) = delta.storage_and_layout();
+    let (ws, wl) = weight.storage_and_layout();
+    let (xv, dv, wv) = (
+        view::<T>(&xs, xl)?,
+        view::<T>(&ds, dl)?,
+        view::<T>(&ws, wl)?,
+    );
+    // SAFETY: uninitialised, and every element is written by the kernel below.
+    let mut sum = unsafe { dev.alloc::<T>(rows * cols) }?;
+    // SAFETY: as `sum`.
+    let mut normed = unsafe { dev.alloc::<T>(rows * cols) }?;
+    let cols_arg = int(cols)?;
+    let (f, stream) = function(dev, &format!("add_rms_norm_{sfx}"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&xv).arg(&dv).arg(&mut sum).arg(&mut normed).arg(&wv);
+    b.arg(&cols_arg).arg(&eps);
+    // One block per row: up to 1024 threads, each keeping ≤ 8 elements in registers.
+    if cols > 8 * 1024 {
+        bail!("add_rms_norm: rows of {cols} exceed 8 × 1024 elements");
+    }
+    let threads = cols.next_multiple_of(32).clamp(32, 1024);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(rows)?, 1, 1),
+        block_dim: (grid(threads)?, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x, delta, sum and normed hold rows × cols elements, weight cols; argument types
+    // match `add_rms_norm_<T>`.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok((
+        wrap(sum, dev, x.shape().clone()),
+        wrap(normed, dev, x.shape().clone()),
+    ))
+}
+
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    by_dtype!(gate.dtype(), silu_mul_t(gate, up))
+}
+
+fn silu_mul_t<T: CudaDType + DeviceRepr>(gate: &Tensor, up: &Tensor, sfx: &str) -> Result<Tensor> {
+    let dev = gate.device().as_cuda_device()?;
+    let (_, rows, cols) = gate.dims3()?;
+    let (gs, gl) = gate.storage_and_layout();
+    let (us, ul) = up.storage_and_layout();
+    let (gv, uv) = (view::<T>(&gs, gl)?, view::<T>(&us, ul)?);
+    let (g_stride, u_stride) = (row_stride(gl)?, row_stride(ul)?);
+    let n = rows * cols;
+    // SAFETY: every element is written by the kernel below.
+    let mut out = unsafe { dev.alloc::<T>(n) }?;
+    let (rows_arg, cols_arg) = (int(rows)?, int(cols)?);
+    let (f, stream) = function(dev, &format!("silu_mul_{sfx}"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&gv)
+        .arg(&uv)
+        .arg(&mut out)
+        .arg(&rows_arg)
+        .arg(&cols_arg);
+    b.arg(&g_stride).arg(&u_stride);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(n.div_ceil(256).clamp(1, 1 << 16))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: gate/up rows are `*_stride` apart with `cols` valid elements each, out holds
+    // rows × cols; argument types match `silu_mul_<T>`.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(wrap(out, dev, (1, rows, cols)))
+}
+
+pub fn qk_norm_rope_cache(i: &QkvInputs<'_>) -> Result<Tensor> {
+    by_dtype!(i.q.dtype(), qk_norm_rope_cache_t(i))
+}
+
+fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str) -> Result<Tensor> {
+    let dev = i.q.device().as_cuda_device()?;
+    let (_, len, _) = i.q.dims3()?;
+    let (h, kvh, hd) = (i.heads, i.kv_heads, i.head_dim);
+    let (_, cache_heads, cap, cache_hd) = i.k_cache.dims4()?;
+    let (cos, sin) = i.rope.tables();
+    if hd > 256 || hd % 2 != 0 || cache_heads != kvh || cache_hd != hd {
+        bail!(
+            "qk_norm_rope_cache: head_dim {hd}, cache {:?}",
+            i.k_cache.dims()
+        );
+    }
+    if i.offset + len > cap || i.offset + len > cos.dim(0)? || cos.dtype() != i.q.dtype() {
+        bail!(
+            "qk_norm_rope_cache: rows {}..{} beyond the cache or rope tables",
+            i.offset,
+            i.offset + len
+        );
+    }
+    if !i.k_cache.is_contiguous() || !i.v_cache.is_contiguous() {
+        bail!("qk_norm_rope_cache: the caches must be contiguous");
+    }
+    let guards = [i.q, i.k, i.v, i.k_cache, i.v_cache, cos, sin].map(Tensor::storage_and_layout);
+    let [qv, kv, vv, kc, vc, cv, sv] = [0, 1, 2, 3, 4, 5, 6].map(|n| {
+        let (s, l) = &guards[n];
+        view::<T>(s, l)
+    });
+    let (qv, kv, vv, kc, vc, cv, sv) = (qv?, kv?, vv?, kc?, vc?, cv?, sv?);
+    let strides = [guards[0].1, guards[1].1, guards[2].1].map(row_stride);
+    let [qs, ks, vs] = strides;
+    let (qs, ks, vs) = (qs?, ks?, vs?);
+    // Norm weights, or a null pointer for a model without per-head norms.
+    let norm_guards = [i.q_norm, i.k_norm].map(|n| n.map(|n| n.weight().storage_and_layout()));
+    let norm_views = norm_guards
+        .iter()
+        .map(|g| g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    let eps = i.q_norm.or(i.k_norm).map_or(0.0, RmsNorm::eps);
+    let null: u64 = 0;
+    let units = len * (h + 2 * kvh);
+    // SAFETY: every element is written by the kernel below (one warp per q head and token).
+    let mut q_out = unsafe { dev.alloc::<T>(h * len * hd) }?;
+    let ints = [len, h, kvh, hd, cap, i.offset].map(int);
+    let [len_a, h_a, kvh_a, hd_a, cap_a, off_a] = ints;
+    let (len_a, h_a, kvh_a, hd_a, cap_a, off_a) = (len_a?, h_a?, kvh_a?, hd_a?, cap_a?, off_a?);
+    let style: i32 = match i.rope.style() {
+        RopeStyle::Half => 0,
+        RopeStyle::Interleaved => 1,
+    };
+    let (f, stream) = function(dev, &format!("qk_norm_rope_cache_{sfx}"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&qv).arg(&kv).arg(&vv).arg(&qs).arg(&ks).arg(&vs);
+    for w in &norm_views {
+        match w {
+            Some(w) => b.arg(w),
+            None => b.arg(&null),
+        };
+    }
+    b.arg(&cv).arg(&sv).arg(&mut q_out).arg(&kc).arg(&vc);
+    b.arg(&len_a)
+        .arg(&h_a)
+        .arg(&kvh_a)
+        .arg(&hd_a)
+        .arg(&cap_a)
+        .arg(&off_a);
+    b.arg(&eps).arg(&style);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(units.div_ceil(ROPE_WARPS))?, 1, 1),
+        block_dim: (grid(ROPE_WARPS * 32)?, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q/k/v rows hold heads × hd elements `*_stride` apart; the caches hold kv_heads ×
+    // cap × hd and rows offset..offset+len < cap (checked); the rope tables cover the positions
+    // (checked); q_out holds heads × len × hd; argument types match `qk_norm_rope_cache_<T>`.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(wrap(q_out, dev, (1, h, len, hd)))
+}
+
+pub fn decode_attention(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    len: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    by_dtype!(
+        q.dtype(),
+        decode_attention_t(q, k_cache, v_cache, len, scale)
+    )
+}
+
+fn decode_attention_t<T: CudaDType + DeviceRepr>(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    len: usize,
+    scale: f32,
+    sfx: &str,
+) -> Result<Tensor> {
+    let dev = q.device().as_cuda_device()?;
+    let (_, h, q_len, hd) = q.dims4()?;
+    let (_, kvh, cap, cache_hd) = k_cache.dims4()?;
+    if q_len != 1 || !q.is_contiguous() || cache_hd != hd || h % kvh != 0 || len == 0 || len > cap {
+        bail!(
+            "decode_attention: q {:?}, cache {:?}, len {len}",
+            q.dims(),
+            k_cache.dims()
+        );
+    }
+    if !k_cache.is_contiguous() || !v_cache.is_contiguous() || v_cache.dims() != k_cache.dims() {
+        bail!("decode_attention: the caches must be contiguous and alike");
+    }
+    let groups = h / kvh;
+    if !super::decode_attention_supported(hd, groups) {
+        bail!("decode_attention: no kernel for head_dim {hd} with {groups} heads per KV head");
+    }
+    // Split the positions so the grid fills the GPU at long contexts; short ones stay whole
+    // (no merge launch) below 32 positions per block.
+    let max_splits = ATTENTION_TARGET_BLOCKS.div_ceil(kvh);
+    let splits = len.div_ceil(32).clamp(1, max_splits);
+    let chunk = len.div_ceil(splits);
+    let splits = len.div_ceil(chunk);
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k_cache.storage_and_layout();
+    let (vs, vl) = v_cache.storage_and_layout();
+    let (qv, kv, vv) = (
+        view::<T>(&qs, ql)?,
+        view::<T>(&ks, kl)?,
+        view::<T>(&vs, vl)?,
+    );
+    // SAFETY: every element is written: by the attention kernel with one split, else by the
+    // merge kernel; the partials by the attention kernel for every (head, split).
+    let mut out = unsafe { dev.alloc::<T>(h * hd) }?;
+    let parts = if splits > 1 { splits } else { 1 };
+    // SAFETY: as `out`.
+    let mut part_o = unsafe { dev.alloc::<f32>(h * parts * hd) }?;
+    // SAFETY: as `out`.
+    let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
+    let (cap_a, len_a, chunk_a) = (int(cap)?, int(len)?, int(chunk)?);
+    let name = format!("decode_attention_{sfx}_e{}_g{groups}", hd / 32);
+    let (f, stream) = function(dev, &name)?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&qv)
+        .arg(&kv)
+        .arg(&vv)
+        .arg(&mut out)
+        .arg(&mut part_o)
+        .arg(&mut part_ml);
+    b.arg(&cap_a).arg(&len_a).arg(&chunk_a).arg(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(kvh)?, grid(splits)?, 1),
+        block_dim: (ATTENTION_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked), the
+    // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
+    // name); argument types match `decode_attention_<T>_e<hd/32>_g<groups>`.
+    unsafe { b.launch(cfg) }.w()?;
+    if splits > 1 {
+        let (splits_a, hd_a) = (int(splits)?, int(hd)?);
+        let (f, stream) = function(dev, &format!("attn_combine_{sfx}"))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&part_o)
+            .arg(&part_ml)
+            .arg(&mut out)
+            .arg(&splits_a)
+            .arg(&hd_a);
+        let cfg = LaunchConfig {
+            grid_dim: (grid(h)?, 1, 1),
+            block_dim: (grid(hd.max(splits).next_multiple_of(32))?, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the partials were written above for heads × splits (≤ 1024, the kernel's
+        // ATTN_MAX_SPLITS, since splits ≤ ATTENTION_TARGET_BLOCKS); out holds heads × hd.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(wrap(out, dev, (1, 1, h * hd)))
+}
+
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    by_dtype!(x.dtype(), gemv_t(x, w))
+}
+
+fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Result<Tensor> {
+    let dev = x.device().as_cuda_device()?;
+    let (rows, cols) = w.dims2()?;
+    if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
+        bail!("gemv: x {:?} against w {:?}", x.dims(), w.dims());
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    if xl.start_offset() % 8 != 0 || wl.start_offset() % 8 != 0 {
+        bail!("gemv: operands not 16-byte aligned");
+    }
+    let (xv, wv) = (view::<T>(&xs, xl)?, view::<T>(&ws, wl)?);
+    // SAFETY: every element is written by the kernel below (one warp per row).
+    let mut y = unsafe { dev.alloc::<T>(rows) }?;
+    let (rows_a, cols_a) = (int(rows)?, int(cols)?);
+    let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&wv).arg(&xv).arg(&mut y).arg(&rows_a).arg(&cols_a);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
+        block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
+    // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
+    // `gemv_<T>`.
+    unsafe { b.launch(cfg) }.w()?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    Ok(wrap(y, dev, dims))
+}
+
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    let dev = logits.device().as_cuda_device()?;
+    let n = logits.elem_count();
+    let (ls, ll) = logits.storage_and_layout();
+    if !ll.start_offset().is_multiple_of(4) {
+        bail!("argmax: logits not 16-byte aligned");
+    }
+    let lv = view::<f32>(&ls, ll)?;
+    // SAFETY: written by the kernel below (thread 0 of its one block).
+    let mut out = unsafe { dev.alloc::<u32>(1) }?;
+    let n_a = int(n)?;
+    let (f, stream) = function(dev, "argmax_f32")?;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&lv).arg(&n_a).arg(&mut out);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: logits hold n f32 values from a 16-byte boundary (checked), out one u32;
+    // argument types match `argmax_f32`.
+    unsafe { b.launch(cfg) }.w()?;
+    let picked = stream.clone_dtoh(&out).w()?;
+    picked
+        .first()
+        .copied()
+        .ok_or_else(|| candle_core::Error::msg("argmax returned nothing"))
+}
