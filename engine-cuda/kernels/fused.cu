@@ -298,29 +298,27 @@ __device__ void attn_combine(const float *part_o, const float *part_ml, T *out, 
 // four chunks in flight per lane. x is re-read by every warp and stays in L1. Replaces cuBLAS's
 // split-K GEMV + its reduction kernel at one token (cols % 8 == 0).
 #define GEMV_WARPS 8
+// A pair of 16-bit elements and its conversion to two floats.
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> {
+    using type = __nv_bfloat162;
+    static __device__ __forceinline__ float2 to_f2(type v) { return __bfloat1622float2(v); }
+};
+template <> struct Pair<__half> {
+    using type = __half2;
+    static __device__ __forceinline__ float2 to_f2(type v) { return __half22float2(v); }
+};
+
+// Dot product of 8 elements of T held in 16 bytes each.
 template <typename T>
-__device__ __forceinline__ float dot8(uint4 w, uint4 x);
-template <>
-__device__ __forceinline__ float dot8<__nv_bfloat16>(uint4 w, uint4 x) {
-    const __nv_bfloat162 *wp = reinterpret_cast<const __nv_bfloat162 *>(&w);
-    const __nv_bfloat162 *xp = reinterpret_cast<const __nv_bfloat162 *>(&x);
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    using P = Pair<T>;
+    const typename P::type *wp = reinterpret_cast<const typename P::type *>(&w);
+    const typename P::type *xp = reinterpret_cast<const typename P::type *>(&x);
     float acc = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        const float2 a = __bfloat1622float2(wp[i]), b = __bfloat1622float2(xp[i]);
-        acc = fmaf(a.x, b.x, acc);
-        acc = fmaf(a.y, b.y, acc);
-    }
-    return acc;
-}
-template <>
-__device__ __forceinline__ float dot8<__half>(uint4 w, uint4 x) {
-    const __half2 *wp = reinterpret_cast<const __half2 *>(&w);
-    const __half2 *xp = reinterpret_cast<const __half2 *>(&x);
-    float acc = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 a = __half22float2(wp[i]), b = __half22float2(xp[i]);
+        const float2 a = P::to_f2(wp[i]), b = P::to_f2(xp[i]);
         acc = fmaf(a.x, b.x, acc);
         acc = fmaf(a.y, b.y, acc);
     }

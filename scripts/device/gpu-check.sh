@@ -60,9 +60,10 @@ check)
   ;;
 bench)
   formats=${2:-bf16,q8_0,q4_k_m}
-  name="bench-${formats//,/-}${BENCH_TAG:+-$BENCH_TAG}" # BENCH_TAG: e.g. the switches set
+  # BENCH_TAG: e.g. the switches set; BENCH_ARGS: more `helexa-node bench` flags.
+  name="bench-${formats//,/-}${BENCH_TAG:+-$BENCH_TAG}"
   "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --synth qwen3-8b --formats "$formats" \
-    --workdir /tmp/bench-models --label "h200${BENCH_TAG:+-$BENCH_TAG}" --json "$OUT/$name.json" \
+    --workdir /tmp/bench-models --label "h200${BENCH_TAG:+-$BENCH_TAG}" --json "$OUT/$name.json" ${BENCH_ARGS:-} \
     2>&1 | tee "$OUT/$name.txt"
   status=${PIPESTATUS[0]}
   ;;
