@@ -172,6 +172,53 @@ pub fn decode_attention(
     }
 }
 
+/// On the CPU every entry point takes candle's path; these pin what that path computes.
+#[cfg(test)]
+mod cpu_tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    #[test]
+    fn fallbacks_compute_the_unfused_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[1f32, -2.0, 3.0, 0.5]]], &dev).expect("x");
+        let d = Tensor::new(&[[[0.5f32, 0.5, -1.0, 0.5]]], &dev).expect("delta");
+        assert!(!applies(&x));
+        let norm = RmsNorm::new(Tensor::new(&[1f32, 2.0, 1.0, 1.0], &dev).expect("w"), 1e-6);
+        let (sum, normed) = add_rms_norm(&x, &d, &norm).expect("add_rms_norm");
+        let sum_v: Vec<f32> = sum.flatten_all().and_then(|t| t.to_vec1()).expect("sum");
+        assert_eq!(sum_v, [1.5, -1.5, 2.0, 1.0]);
+        let rms = (sum_v.iter().map(|v| v * v).sum::<f32>() / 4.0 + 1e-6).sqrt();
+        let want: Vec<f32> = [1.5f32, -3.0, 2.0, 1.0].iter().map(|v| v / rms).collect();
+        let got: Vec<f32> = normed
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("normed");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        let gated: Vec<f32> = silu_mul(&x, &d)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("silu_mul");
+        let silu = |v: f32| v / (1.0 + (-v).exp());
+        for ((g, a), b) in gated
+            .iter()
+            .zip([1f32, -2.0, 3.0, 0.5])
+            .zip([0.5f32, 0.5, -1.0, 0.5])
+        {
+            assert!((g - silu(a) * b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn argmax_takes_the_lowest_index_on_ties() {
+        let logits = Tensor::new(&[[0.5f32, 2.0, -1.0, 2.0]], &Device::Cpu).expect("logits");
+        assert_eq!(argmax(&logits).expect("argmax"), 1);
+    }
+}
+
 /// Each kernel against the unfused candle composition it replaces, on the GPU (run by
 /// `scripts/device/gpu-check.sh check`; needs the `cuda` feature and a device).
 #[cfg(all(test, feature = "cuda"))]

@@ -153,6 +153,23 @@ mod tests {
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.9, -1.0], &[]), 1);
     }
 
+    /// Only temperature 0 without penalties may pick on the device (`fused::argmax`): any
+    /// penalty or temperature needs the logits on the host.
+    #[test]
+    fn plain_greedy_is_temperature_zero_without_penalties() {
+        let with = |f: &dyn Fn(&mut Sampling)| {
+            let mut p = params();
+            f(&mut p);
+            Sampler::new(&p).is_plain_greedy()
+        };
+        assert!(with(&|_| {}));
+        assert!(with(&|p| p.repetition_penalty = 1.0));
+        assert!(!with(&|p| p.temperature = 0.7));
+        assert!(!with(&|p| p.repetition_penalty = 1.1));
+        assert!(!with(&|p| p.presence_penalty = 0.5));
+        assert!(!with(&|p| p.frequency_penalty = -0.5));
+    }
+
     #[test]
     fn repetition_penalty_changes_greedy_choice() {
         let mut p = params();
