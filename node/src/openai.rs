@@ -120,7 +120,8 @@ pub struct ChatRequest {
     /// Tool definitions.
     #[serde(default)]
     pub tools: Option<Vec<Json>>,
-    /// `none` disables tools for this request.
+    /// `auto` (default), `none` (no tools), `required` (some tool call), or
+    /// `{"type": "function", "function": {"name": …}}` (that tool); see [`ToolChoice`].
     #[serde(default)]
     pub tool_choice: Option<Json>,
     /// Extra template variables (`enable_thinking`).
@@ -443,20 +444,128 @@ pub fn render_chat(
     })?)
 }
 
+/// What a chat request's `tool_choice` asks for (OpenAI's values).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ToolChoice {
+    /// The model decides (the default).
+    Auto,
+    /// No tools: they are not shown to the model and markers in its output are text.
+    None,
+    /// At least one tool call.
+    Required,
+    /// A call of this tool.
+    Named(String),
+}
+
+impl ToolChoice {
+    fn parse(value: Option<&Json>) -> Result<Self, ApiError> {
+        let invalid = || {
+            ApiError::bad_param(
+                "tool_choice",
+                "`tool_choice` must be \"auto\", \"none\", \"required\" or \
+                 {\"type\": \"function\", \"function\": {\"name\": …}}",
+            )
+        };
+        match value {
+            None | Some(Json::Null) => Ok(Self::Auto),
+            Some(Json::String(s)) => match s.as_str() {
+                "auto" => Ok(Self::Auto),
+                "none" => Ok(Self::None),
+                "required" => Ok(Self::Required),
+                _ => Err(invalid()),
+            },
+            Some(Json::Object(o)) if o.get("type").and_then(Json::as_str) == Some("function") => o
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Json::as_str)
+                .map(|n| Self::Named(n.to_owned()))
+                .ok_or_else(invalid),
+            Some(_) => Err(invalid()),
+        }
+    }
+
+    /// The text that starts the assistant's reply when a call is forced: the model's tool-call
+    /// marker, and for a named tool the call's opening up to its arguments, so the model only
+    /// writes the arguments. Errors when nothing can be forced.
+    fn forced_call(
+        &self,
+        model: &Model,
+        tools: Option<&[Json]>,
+    ) -> Result<Option<(String, String)>, ApiError> {
+        if matches!(self, Self::Auto | Self::None) {
+            return Ok(None);
+        }
+        let Some(tools) = tools else {
+            return Err(ApiError::bad_param(
+                "tool_choice",
+                "`tool_choice` asks for a tool call but the request offers no `tools`",
+            ));
+        };
+        let Some(marker) = model.tokenizer.markers.tool_start.clone() else {
+            return Err(ApiError::bad_param(
+                "tool_choice",
+                format!(
+                    "model {:?} has no tool-call markers, so a call cannot be required",
+                    model.id
+                ),
+            ));
+        };
+        let body = match self {
+            Self::Named(name) => {
+                let offered = tools.iter().any(|t| {
+                    t.get("function")
+                        .and_then(|f| f.get("name"))
+                        .and_then(Json::as_str)
+                        == Some(name.as_str())
+                });
+                if !offered {
+                    return Err(ApiError::bad_param(
+                        "tool_choice",
+                        format!("`tool_choice` names {name:?}, which is not among `tools`"),
+                    ));
+                }
+                format!(
+                    "\n{{\"name\": {}, \"arguments\": ",
+                    Json::String(name.clone())
+                )
+            }
+            _ => "\n".to_owned(),
+        };
+        Ok(Some((marker, body)))
+    }
+}
+
 async fn prepare_chat(state: &AppState, request: ChatRequest) -> Result<Prepared, ApiError> {
     validate_common(&request.common)?;
     let model = state.model(&request.common.model)?;
-    let tools_off = request.tool_choice.as_ref().and_then(Json::as_str) == Some("none");
-    let tools: Option<Vec<Json>> = request.tools.filter(|t| !t.is_empty() && !tools_off);
+    let choice = ToolChoice::parse(request.tool_choice.as_ref())?;
+    let tools: Option<Vec<Json>> = request
+        .tools
+        .filter(|t| !t.is_empty() && choice != ToolChoice::None);
+    let forced = choice.forced_call(&model, tools.as_deref())?;
     // Template rendering and tokenization are CPU-bound: keep them off the async workers.
-    let (text, prompt, tools) = {
+    let (text, prompt, tools, forced_body) = {
         let model = model.clone();
         let messages = request.messages;
         let kwargs = request.chat_template_kwargs;
         tokio::task::spawn_blocking(move || {
-            let text = render_chat(&model, &messages, tools.as_deref(), kwargs.as_ref(), true)?;
+            let mut text = render_chat(&model, &messages, tools.as_deref(), kwargs.as_ref(), true)?;
+            // A forced call starts the reply: it is part of the prompt, and the parser starts
+            // inside the call. An open reasoning block is closed first (no reasoning then).
+            let forced_body = forced.map(|(marker, body)| {
+                let markers = &model.tokenizer.markers;
+                if let Some(end) = &markers.think_end
+                    && markers.prompt_opens_reasoning(&text)
+                {
+                    text.push_str(end);
+                    text.push_str("\n\n");
+                }
+                text.push_str(&marker);
+                text.push_str(&body);
+                body
+            });
             let prompt = model.tokenizer.encode(&text)?;
-            Ok::<_, ApiError>((text, prompt, tools))
+            Ok::<_, ApiError>((text, prompt, tools, forced_body))
         })
         .await
         .map_err(ApiError::internal)??
@@ -469,11 +578,14 @@ async fn prepare_chat(state: &AppState, request: ChatRequest) -> Result<Prepared
         markers.tool_end = None;
     }
     let starts_in_reasoning = markers.prompt_opens_reasoning(&text);
-    let parser = OutputParser::new(
+    let mut parser = OutputParser::new(
         markers,
         tools.as_deref().unwrap_or_default(),
         starts_in_reasoning,
     );
+    if let Some(body) = &forced_body {
+        parser.start_in_tool_call(body);
+    }
     let (include_usage, continuous_usage) =
         StreamOptions::flags(request.common.stream_options.as_ref());
     Ok(Prepared {

@@ -211,6 +211,14 @@ impl OutputParser {
         }
     }
 
+    /// The prompt ended inside a tool call whose text so far (after the opening marker) is
+    /// `body` (`tool_choice` forcing a call): the output continues that call.
+    pub fn start_in_tool_call(&mut self, body: &str) {
+        self.mode = Mode::ToolCall;
+        self.buffer = body.to_owned();
+        self.trim_next = false;
+    }
+
     /// Whether the parser is inside a reasoning block (for reasoning-token accounting).
     pub fn in_reasoning(&self) -> bool {
         self.mode == Mode::Reasoning
@@ -528,6 +536,35 @@ mod tests {
             Markers::from_added_tokens(["<s>", "</s>"]),
             Markers::default()
         );
+    }
+
+    /// `tool_choice` forcing a call: the prompt ends inside the call, the output finishes it.
+    #[test]
+    fn output_continuing_a_forced_call() {
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "get_weather"}})];
+        for (body, output) in [
+            (
+                "\n{\"name\": \"get_weather\", \"arguments\": ",
+                "{\"city\": \"Oslo\"}}\n</tool_call>\nDone.",
+            ),
+            (
+                "\n",
+                "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>\nDone.",
+            ),
+        ] {
+            let mut parser = OutputParser::new(qwen_markers(), &tools, false);
+            parser.start_in_tool_call(body);
+            let mut events = parser.push(output);
+            events.extend(parser.finish());
+            assert_eq!(
+                normalize(events),
+                [
+                    call(0, "get_weather", "{\"city\":\"Oslo\"}"),
+                    Event::Content("Done.".into())
+                ],
+                "{body:?}"
+            );
+        }
     }
 
     #[test]

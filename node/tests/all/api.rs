@@ -931,3 +931,97 @@ async fn stop_limits_and_prompt_param() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["param"], "messages", "{body}");
 }
+
+/// A fake engine that records the prompt it was given and answers with `reply` (text encoded
+/// with the fixture's tokenizer).
+fn recording(reply: &str) -> (FakeBackend, Arc<std::sync::Mutex<Vec<u32>>>) {
+    let tokenizer = tokenizers::Tokenizer::from_file(fixtures().join("tiny-qwen3/tokenizer.json"))
+        .expect("tokenizer");
+    let ids = tokenizer
+        .encode(reply, false)
+        .expect("encode")
+        .get_ids()
+        .to_vec();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let backend = FakeBackend::new(Box::new(move |prompt: &[u32]| {
+        *record.lock().expect("lock") = prompt.to_vec();
+        ids.clone()
+    }));
+    (backend, seen)
+}
+
+fn decode(ids: &[u32]) -> String {
+    tokenizers::Tokenizer::from_file(fixtures().join("tiny-qwen3/tokenizer.json"))
+        .expect("tokenizer")
+        .decode(ids, false)
+        .expect("decode")
+}
+
+/// `tool_choice` naming a tool, or `required`: the reply starts inside a call (its opening is
+/// part of the prompt), so the model writes only what follows and the response is that call.
+#[tokio::test]
+async fn tool_choice_forces_a_call() {
+    let reference = reference();
+    let chat = &reference["prompts"]["chat"];
+    let tools = &reference["prompts"]["tools"]["tools"];
+    let cases = [
+        (
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": ",
+            "{\"city\": \"Oslo\"}}\n</tool_call><|im_end|>",
+        ),
+        (
+            json!("required"),
+            "<tool_call>\n",
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call><|im_end|>",
+        ),
+    ];
+    for (choice, prompt_end, reply) in cases {
+        let (backend, seen) = recording(reply);
+        let app = app_with(backend, Admission::default()).await;
+        let request = json!({"model": "tiny", "messages": chat["messages"], "tools": tools,
+                             "tool_choice": choice, "temperature": 0});
+        let (status, body) = post(&app, "/v1/chat/completions", request).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let prompt = decode(&seen.lock().expect("lock"));
+        assert!(prompt.ends_with(prompt_end), "{choice}: {prompt:?}");
+        let choice_out = &body["choices"][0];
+        assert_eq!(choice_out["finish_reason"], "tool_calls", "{body}");
+        assert_eq!(choice_out["message"]["content"], Value::Null, "{body}");
+        let calls = choice_out["message"]["tool_calls"]
+            .as_array()
+            .expect("calls");
+        assert_eq!(calls.len(), 1, "{body}");
+        assert_weather_call(&calls[0]);
+    }
+}
+
+/// A `tool_choice` that cannot be honoured is a 400 naming the field, not silently ignored.
+#[tokio::test]
+async fn impossible_tool_choice_is_a_400() {
+    let app = app().await;
+    let reference = reference();
+    let chat = &reference["prompts"]["chat"];
+    let tools = &reference["prompts"]["tools"]["tools"];
+    for (choice, with_tools) in [
+        (json!("sometimes"), true),
+        (json!({"type": "function"}), true),
+        (
+            json!({"type": "function", "function": {"name": "get_time"}}),
+            true,
+        ),
+        (json!("required"), false),
+        (json!(42), true),
+    ] {
+        let mut request = json!({"model": "tiny", "messages": chat["messages"],
+                                 "tool_choice": choice});
+        if with_tools {
+            request["tools"] = tools.clone();
+        }
+        let (status, body) = post(&app, "/v1/chat/completions", request).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{choice}: {body}");
+        assert_eq!(body["error"]["param"], "tool_choice", "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+}

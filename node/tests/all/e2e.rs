@@ -178,6 +178,22 @@ async fn real_node_real_engine_tool_call() {
         258
     );
 
+    // `tool_choice` naming the tool on a prompt that asks for no tool: the reply starts inside
+    // that call, and the real model completes its arguments.
+    let chat = &reference["prompts"]["chat"];
+    let forced = json!({"model": "tiny-qwen3", "messages": chat["messages"], "tools": tools["tools"],
+                        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                        "temperature": 0, "max_tokens": 64});
+    let (status, body) = post(&client, format!("{base}/v1/chat/completions"), forced).await;
+    assert_eq!(status, 200, "{body}");
+    let choice = &body["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{body}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["function"]["name"], "get_weather", "{body}");
+    let args: Value = serde_json::from_str(call["function"]["arguments"].as_str().expect("string"))
+        .expect("the model completed the arguments as JSON");
+    assert!(args["city"].is_string(), "{body}");
+
     // Bad input is a 4xx envelope, not a crash.
     let (status, body) = post(
         &client,
