@@ -7,11 +7,16 @@
 //! - [`silu_mul`]: the SwiGLU gate (was 2);
 //! - [`qk_norm_rope_cache`]: per-head q/k RMSNorm, RoPE and the K/V cache writes (was ~8);
 //! - [`decode_attention`]: one query over the cache, flash-decode style (was 4, and scales to
-//!   long contexts by splitting the positions over thread blocks).
+//!   long contexts by splitting the positions over thread blocks);
+//! - [`gemv`]: the batch-1 matrix-vector product over dense 16-bit weights (cuBLAS's split-K
+//!   GEMV and its reduction);
+//! - [`argmax`]: the greedy pick, so only the index leaves the device.
 //!
 //! Each has the unfused candle composition as its reference: [`applies`] is false on the CPU,
 //! for other dtypes and when `HELEXA_ENGINE_KERNELS=0` (to measure the kernels' effect or rule
 //! them out), and callers then take the unfused path.
+
+use std::sync::OnceLock;
 
 use candle_core::{DType, Result, Tensor};
 
@@ -20,10 +25,15 @@ use crate::layers::{RmsNorm, Rope};
 #[cfg(feature = "cuda")]
 mod cuda;
 
+/// A performance switch: on unless the environment variable `name` is `0`, read once.
+pub(crate) fn switch(cell: &'static OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).map_or(true, |v| v != "0"))
+}
+
 /// Whether the fused kernels are switched on (`HELEXA_ENGINE_KERNELS=0` turns them off).
 pub fn enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("HELEXA_ENGINE_KERNELS").map_or(true, |v| v != "0"))
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch(&ON, "HELEXA_ENGINE_KERNELS")
 }
 
 /// Whether the fused kernels serve activations like `x`: on a CUDA device, in f32/bf16/f16,
@@ -39,13 +49,11 @@ pub fn applies(x: &Tensor) -> bool {
 /// contiguous weight of the same dtype, 16-byte-aligned rows; and neither
 /// `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_GEMV=0` (which turns off only this kernel).
 pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let gemv_enabled =
-        *ENABLED.get_or_init(|| std::env::var("HELEXA_ENGINE_GEMV").map_or(true, |v| v != "0"));
+    static ON: OnceLock<bool> = OnceLock::new();
     let Ok((_, cols)) = w.dims2() else {
         return false;
     };
-    gemv_enabled
+    switch(&ON, "HELEXA_ENGINE_GEMV")
         && applies(x)
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && w.dtype() == x.dtype()

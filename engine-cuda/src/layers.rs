@@ -63,8 +63,8 @@ impl Linear {
 /// Whether projections of the same input are stacked into one matrix product
 /// (`HELEXA_ENGINE_FUSE=0` turns it off, to measure its effect or rule it out).
 pub fn fusion_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var("HELEXA_ENGINE_FUSE").map_or(true, |v| v != "0"))
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::fused::switch(&ON, "HELEXA_ENGINE_FUSE")
 }
 
 /// Projections of one input (attention's q/k/v, the MLP's gate/up). At batch 1 each matrix

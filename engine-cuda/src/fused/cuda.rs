@@ -10,12 +10,12 @@
     reason = "kernel launches and uninitialised device buffers"
 )]
 
+use std::sync::Arc;
+
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
-use std::sync::Arc;
-
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, bail};
 
