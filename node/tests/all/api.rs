@@ -994,6 +994,40 @@ async fn tool_choice_forces_a_call() {
             .expect("calls");
         assert_eq!(calls.len(), 1, "{body}");
         assert_weather_call(&calls[0]);
+
+        // Streamed, the same call arrives as one delta and no markup leaks into content.
+        let streamed = json!({"model": "tiny", "messages": chat["messages"], "tools": tools,
+                              "tool_choice": choice, "temperature": 0, "stream": true});
+        let request = Request::post("/v1/chat/completions")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(streamed.to_string()))
+            .expect("request");
+        let (status, _, text) = send(&app, request).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let data = sse_data(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).expect("chunk json"))
+            .collect();
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert_eq!(calls.len(), 1, "{text}");
+        assert_weather_call(calls[0]);
+        assert!(
+            chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_none_or(str::is_empty)),
+            "{text}"
+        );
+        assert!(
+            chunks
+                .iter()
+                .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"),
+            "{text}"
+        );
     }
 }
 
