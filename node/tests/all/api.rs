@@ -83,11 +83,15 @@ async fn send(app: &Router, request: Request<Body>) -> (StatusCode, axum::http::
     )
 }
 
-async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
-    let request = Request::post(path)
+fn json_request(path: &str, body: &Value) -> Request<Body> {
+    Request::post(path)
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(body.to_string()))
-        .expect("request");
+        .expect("request")
+}
+
+async fn post(app: &Router, path: &str, body: Value) -> (StatusCode, Value) {
+    let request = json_request(path, &body);
     let (status, _, text) = send(app, request).await;
     (
         status,
@@ -201,10 +205,7 @@ async fn chat_tool_call_streaming() {
 
 /// The JSON chunks of a streamed response (the final `[DONE]` checked and dropped).
 async fn stream_chunks(app: &Router, path: &str, body: Value) -> Vec<Value> {
-    let request = Request::post(path)
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request");
+    let request = json_request(path, &body);
     let (status, _, text) = send(app, request).await;
     assert_eq!(status, StatusCode::OK, "{text}");
     let data = sse_data(&text);
@@ -714,10 +715,7 @@ async fn wait_for_state(app: &Router, id: &str, state: Option<&str>) -> Value {
 }
 
 fn load_request(body: Value) -> Request<Body> {
-    Request::post("/models/load")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(body.to_string()))
-        .expect("request")
+    json_request("/models/load", &body)
 }
 
 #[tokio::test]
@@ -742,10 +740,7 @@ async fn abandoned_load_and_unload_still_finish() {
     // A non-streaming generation whose client goes away must not leave the gauge raised.
     let prompt = &reference()["prompts"]["chat"];
     let chat = json!({"model": "tiny", "messages": prompt["messages"], "max_tokens": 10});
-    let request = Request::post("/v1/chat/completions")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(chat.to_string()))
-        .expect("request");
+    let request = json_request("/v1/chat/completions", &chat);
     let dropped = tokio::time::timeout(Duration::from_millis(60), app.clone().oneshot(request));
     assert!(
         dropped.await.is_err(),
@@ -809,10 +804,7 @@ async fn device_fault_marks_the_model_failed_until_reloaded() {
     let health: Value = serde_json::from_str(&text).expect("json");
     assert_eq!(health["status"], "degraded", "{text}");
     // Later requests are refused at once, without reaching the engine.
-    let request = Request::post("/v1/chat/completions")
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from(chat.to_string()))
-        .expect("request");
+    let request = json_request("/v1/chat/completions", &chat);
     let (status, headers, text) = send(&app, request).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("\"model_failed\""), "{text}");
@@ -998,35 +990,24 @@ async fn tool_choice_forces_a_call() {
         // Streamed, the same call arrives as one delta and no markup leaks into content.
         let streamed = json!({"model": "tiny", "messages": chat["messages"], "tools": tools,
                               "tool_choice": choice, "temperature": 0, "stream": true});
-        let request = Request::post("/v1/chat/completions")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(Body::from(streamed.to_string()))
-            .expect("request");
-        let (status, _, text) = send(&app, request).await;
-        assert_eq!(status, StatusCode::OK, "{text}");
-        let data = sse_data(&text);
-        assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "{text}");
-        let chunks: Vec<Value> = data[..data.len() - 1]
-            .iter()
-            .map(|d| serde_json::from_str(d).expect("chunk json"))
-            .collect();
+        let chunks = stream_chunks(&app, "/v1/chat/completions", streamed).await;
         let calls: Vec<&Value> = chunks
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
             .collect();
-        assert_eq!(calls.len(), 1, "{text}");
+        assert_eq!(calls.len(), 1, "{chunks:?}");
         assert_weather_call(calls[0]);
         assert!(
             chunks.iter().all(|c| c["choices"][0]["delta"]["content"]
                 .as_str()
                 .is_none_or(str::is_empty)),
-            "{text}"
+            "{chunks:?}"
         );
         assert!(
             chunks
                 .iter()
                 .any(|c| c["choices"][0]["finish_reason"] == "tool_calls"),
-            "{text}"
+            "{chunks:?}"
         );
     }
 }
