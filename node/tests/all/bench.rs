@@ -107,6 +107,14 @@ fn synth_then_bench_every_format_on_the_cpu_engine() {
             assert!(median > 0.0 && best >= median, "{label}: {f}");
             assert!((f["ratio"].as_f64().unwrap() - median / ceiling).abs() < 1e-9);
         }
+        // Each decode figure records the greedy tokens of its first timed run (the timed 6 and
+        // the first, from the prefill); prefill figures record none.
+        for f in decode {
+            let tokens = f["greedy_tokens"].as_array().unwrap();
+            assert_eq!(tokens.len(), 7, "{label}: {f}");
+            assert!(tokens.iter().all(Value::is_u64), "{label}: {f}");
+        }
+        assert!(prefill.iter().all(|f| f.get("greedy_tokens").is_none()));
         // More context reads more KV cache per token.
         assert!(decode[1]["per_token"].as_f64() > decode[0]["per_token"].as_f64());
         decode_bytes.push(decode[0]["per_token"].as_f64().unwrap());
