@@ -26,7 +26,7 @@ use serde_json::json;
 use crate::api::openai::ApiError;
 use crate::error::GatewayError;
 use crate::gateway::AppState;
-use crate::policy::{Decision, Health, LoadPlan, ModelState, RequestInfo, Surface};
+use crate::policy::{Decision, Health, LoadPlan, RequestInfo, Surface};
 use crate::routing::upstream_error;
 
 #[derive(Clone)]
@@ -62,10 +62,19 @@ async fn load(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(response) = crate::admin::authorize(state.key.as_deref(), &headers) {
+    answer(&state, &headers, do_load(&state.gateway, &body)).await
+}
+
+/// The admin key check, then `action`'s JSON answer or its error in the gateway's envelope.
+async fn answer(
+    state: &FleetAdmin,
+    headers: &HeaderMap,
+    action: impl std::future::Future<Output = Result<serde_json::Value, GatewayError>>,
+) -> Response {
+    if let Err(response) = crate::admin::authorize(state.key.as_deref(), headers) {
         return *response;
     }
-    match do_load(&state.gateway, &body).await {
+    match action.await {
         Ok(answer) => axum::Json(answer).into_response(),
         Err(e) => ApiError(e).into_response(),
     }
@@ -105,12 +114,12 @@ async fn do_load(gateway: &AppState, body: &[u8]) -> Result<serde_json::Value, G
         .ok_or_else(|| crate::routing::not_in_catalogue(&target.model))?;
     let started = Instant::now();
     let ready_on = |node: &str| {
-        gateway.fleet().view().nodes.iter().any(|n| {
-            n.name == node
-                && n.models
-                    .iter()
-                    .any(|m| m.id == spec.id && m.state == ModelState::Ready)
-        })
+        gateway
+            .fleet()
+            .view()
+            .nodes
+            .iter()
+            .any(|n| n.name == node && n.has_ready(&spec.id))
     };
     let plan = match &target.node {
         Some(node) => {
@@ -185,13 +194,7 @@ async fn unload(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if let Err(response) = crate::admin::authorize(state.key.as_deref(), &headers) {
-        return *response;
-    }
-    match do_unload(&state.gateway, &body).await {
-        Ok(answer) => axum::Json(answer).into_response(),
-        Err(e) => ApiError(e).into_response(),
-    }
+    answer(&state, &headers, do_unload(&state.gateway, &body)).await
 }
 
 async fn do_unload(gateway: &AppState, body: &[u8]) -> Result<serde_json::Value, GatewayError> {

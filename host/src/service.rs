@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::gateway::Gateway;
-use crate::policy::{Health, ModelState, RequestInfo, Surface, TranslateError};
+use crate::policy::{Health, RequestInfo, Surface, TranslateError};
 use crate::proxy::{self, Observer};
 use crate::routing::{RequestHead, Routed, upstream_error};
 
@@ -324,12 +324,10 @@ impl Gateway {
         payload: Bytes,
     ) -> Result<Routed, GatewayError> {
         let fleet = self.fleet.view();
-        let ready = fleet.nodes.iter().filter(|n| {
-            n.health != Health::Unreachable
-                && n.models
-                    .iter()
-                    .any(|m| m.id == model && m.state == ModelState::Ready)
-        });
+        let ready = fleet
+            .nodes
+            .iter()
+            .filter(|n| n.health != Health::Unreachable && n.has_ready(model));
         let mut last = None;
         for node in ready {
             match self
@@ -363,11 +361,7 @@ impl Gateway {
                 let locations: Vec<&str> = fleet
                     .nodes
                     .iter()
-                    .filter(|n| {
-                        n.models
-                            .iter()
-                            .any(|m| m.id == spec.id && m.state == ModelState::Ready)
-                    })
+                    .filter(|n| n.has_ready(&spec.id))
                     .map(|n| n.name.as_str())
                     .collect();
                 let feasible_on: Vec<&str> = fleet

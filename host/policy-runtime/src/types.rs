@@ -188,6 +188,15 @@ pub struct Node {
     pub latency: LatencyStats,
 }
 
+impl Node {
+    /// Whether `model_id` is resident here and ready to serve.
+    pub fn has_ready(&self, model_id: &str) -> bool {
+        self.models
+            .iter()
+            .any(|m| m.id == model_id && m.state == ModelState::Ready)
+    }
+}
+
 /// The whole fleet view.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct Fleet {

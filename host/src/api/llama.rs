@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 
 use crate::error::GatewayError;
 use crate::gateway::AppState;
-use crate::policy::ModelState;
 
 use super::openai::ApiError;
 
@@ -44,15 +43,7 @@ fn describe_all(gateway: &AppState) -> Vec<Described> {
         .specs
         .iter()
         .map(|spec| {
-            let ready_on = fleet
-                .nodes
-                .iter()
-                .filter(|n| {
-                    n.models
-                        .iter()
-                        .any(|m| m.id == spec.id && m.state == ModelState::Ready)
-                })
-                .count();
+            let ready_on = fleet.nodes.iter().filter(|n| n.has_ready(&spec.id)).count();
             Described {
                 id: spec.id.clone(),
                 loaded: ready_on > 0,

@@ -424,11 +424,7 @@ fn configured_key(
     let policy = policies.get(kind);
     let file = match &policy.plugin {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|source| PolicyLoadError::Read {
-                kind,
-                path: path.display().to_string(),
-                source,
-            })?;
+            let bytes = super::runtime::read_plugin(kind, path)?;
             format!("{}|{}", path.display(), sha256_hex(&bytes))
         }
         None if policy.settings_json != "{}" => "embedded".to_owned(),

@@ -2,6 +2,7 @@
 //! hot-swappable [`PolicyHandle`] (each call loads the current set; in-flight streams
 //! keep the instance they started with).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use helexa_policy_runtime::{
@@ -100,6 +101,15 @@ pub(crate) fn default_cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("helexa").join("policies"))
 }
 
+/// The bytes of a configured plugin file.
+pub(crate) fn read_plugin(kind: PolicyKind, path: &Path) -> Result<Vec<u8>, PolicyLoadError> {
+    std::fs::read(path).map_err(|source| PolicyLoadError::Read {
+        kind,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 pub(crate) fn load_one(
     runtime: &PolicyRuntime,
     kind: PolicyKind,
@@ -108,11 +118,7 @@ pub(crate) fn load_one(
 ) -> Result<Option<helexa_policy_runtime::Plugin>, PolicyLoadError> {
     match &policy.plugin {
         Some(path) => {
-            let bytes = std::fs::read(path).map_err(|source| PolicyLoadError::Read {
-                kind,
-                path: path.display().to_string(),
-                source,
-            })?;
+            let bytes = read_plugin(kind, path)?;
             let name = path
                 .file_stem()
                 .and_then(|s| s.to_str())

@@ -276,3 +276,23 @@ impl Policies for TestPolicies {
         serde_json::json!([{"name": "test", "kind": "router"}])
     }
 }
+
+/// Sum of `helexa_policy_calls_total` over the series carrying every `labels` pair
+/// (`("plugin", "trap")`, …), read from the gateway's metrics listener at `metrics_url`.
+pub async fn policy_calls(gw: &Gw, metrics_url: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = gw
+        .http
+        .get(metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter(|l| l.starts_with("helexa_policy_calls_total{"))
+        .filter(|l| labels.iter().all(|label| l.contains(label.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}

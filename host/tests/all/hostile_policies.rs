@@ -101,27 +101,10 @@ fn chat() -> Value {
     json!({"model": "qwen3-8b", "messages": [{"role": "user", "content": "hi"}]})
 }
 
-/// Sum of `helexa_policy_calls_total` for `plugin` and `outcome`, read from `GET /metrics`.
+/// Router calls of `plugin` that ended in `outcome`, from `GET /metrics`.
 async fn policy_calls(served: &Served, plugin: &str, outcome: &str) -> u64 {
-    let text = served
-        .gw
-        .http
-        .get(&served.metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let (plugin, outcome) = (
-        format!("plugin=\"{plugin}\""),
-        format!("outcome=\"{outcome}\""),
-    );
-    text.lines()
-        .filter(|l| l.starts_with("helexa_policy_calls_total{"))
-        .filter(|l| l.contains(&plugin) && l.contains(&outcome) && l.contains("kind=\"router\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    let labels = [("plugin", plugin), ("outcome", outcome), ("kind", "router")];
+    crate::harness::policy_calls(&served.gw, &served.metrics_url, &labels).await
 }
 
 /// Configure `bytes` as the router, send 20 chats: every one is served (by the default

@@ -218,26 +218,23 @@ impl Live {
         request.send().await.unwrap()
     }
 
+    /// `POST /admin/plugins/reload` with the admin key.
+    async fn reload(&self) -> reqwest::Response {
+        self.admin(
+            reqwest::Method::POST,
+            "/admin/plugins/reload",
+            Some(ADMIN_KEY),
+        )
+        .await
+    }
+
     async fn policy_calls(&self, plugin: &str, outcome: &str) -> u64 {
-        let text = self
-            .gw
-            .http
-            .get(&self.metrics_url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        let (plugin, outcome) = (
-            format!("plugin=\"{plugin}\""),
-            format!("outcome=\"{outcome}\""),
-        );
-        text.lines()
-            .filter(|l| l.starts_with("helexa_policy_calls_total{"))
-            .filter(|l| l.contains(&plugin) && l.contains(&outcome))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum()
+        crate::harness::policy_calls(
+            &self.gw,
+            &self.metrics_url,
+            &[("plugin", plugin), ("outcome", outcome)],
+        )
+        .await
     }
 }
 
@@ -347,13 +344,7 @@ async fn a_bad_plugin_keeps_the_running_set_and_says_why() {
     live.store
         .set_active(PolicyKind::Router, Some("pin-c"))
         .unwrap();
-    let response = live
-        .admin(
-            reqwest::Method::POST,
-            "/admin/plugins/reload",
-            Some(ADMIN_KEY),
-        )
-        .await;
+    let response = live.reload().await;
     assert_eq!(response.status(), 422);
     let report: Value = response.json().await.unwrap();
     assert!(
@@ -406,13 +397,7 @@ async fn a_bad_plugin_keeps_the_running_set_and_says_why() {
     live.store
         .set_active(PolicyKind::Router, Some("pin-a"))
         .unwrap();
-    let response = live
-        .admin(
-            reqwest::Method::POST,
-            "/admin/plugins/reload",
-            Some(ADMIN_KEY),
-        )
-        .await;
+    let response = live.reload().await;
     assert_eq!(response.status(), 200);
     let health = live.health().await;
     assert_eq!(
