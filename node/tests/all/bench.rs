@@ -2,24 +2,10 @@
 //! preset in every format, then the CPU engine library loads each one through the ABI and
 //! generates; the JSON report must hold every figure with consistent ceilings.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
-
-/// The CPU engine cdylib cargo built for the dev-dependency (as `e2e.rs` finds it).
-fn engine_library() -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let deps = exe.parent().expect("deps dir").to_path_buf();
-    let profile = deps.parent().expect("profile dir").to_path_buf();
-    [deps, profile]
-        .into_iter()
-        .map(|d| d.join("libhelexa_engine_cuda.so"))
-        .find(|p| p.is_file())
-        .expect(
-            "libhelexa_engine_cuda.so next to the test binary (cargo build -p helexa-engine-cuda)",
-        )
-}
 
 fn node(args: &[&str], dir: &Path) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_helexa-node"))
@@ -41,7 +27,7 @@ fn node(args: &[&str], dir: &Path) -> String {
 #[test]
 fn synth_then_bench_every_format_on_the_cpu_engine() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = engine_library();
+    let engine = crate::engine_library();
     let engine = engine.to_str().unwrap();
     let stdout = node(
         &[
@@ -146,7 +132,7 @@ fn bench_refuses_a_missing_model_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_helexa-node"))
         .args(["bench", "--engine"])
-        .arg(engine_library())
+        .arg(crate::engine_library())
         .args(["--model", "no-such-model"])
         .current_dir(dir.path())
         .output()

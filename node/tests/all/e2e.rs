@@ -1,33 +1,12 @@
 //! End to end: the real `helexa-node` binary with the real CPU engine library and the trained
 //! tiny-qwen3 fixture, over TCP.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
 use crate::{fixtures, read_json};
-
-/// The CPU engine cdylib cargo built for the dev-dependency (or the uplifted copy).
-fn engine_library() -> PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    // target/debug/deps/all-<hash> → target/debug
-    let deps = exe.parent().expect("deps dir").to_path_buf();
-    let profile = deps.parent().expect("profile dir").to_path_buf();
-    for candidate in [
-        deps.join("libhelexa_engine_cuda.so"),
-        profile.join("libhelexa_engine_cuda.so"),
-    ] {
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!(
-        "libhelexa_engine_cuda.so not found next to {}; build it with `cargo build -p helexa-engine-cuda`",
-        exe.display()
-    );
-}
 
 struct Node {
     child: Child,
@@ -43,7 +22,7 @@ impl Node {
         let child = Command::new(env!("CARGO_BIN_EXE_helexa-node"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--engine")
-            .arg(engine_library())
+            .arg(crate::engine_library())
             .env("RUST_LOG", "warn")
             .env_remove("HELEXA_NODE_CONFIG")
             .stdout(Stdio::null())

@@ -26,3 +26,21 @@ pub fn read_json(path: &std::path::Path) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
 }
+
+/// The CPU engine cdylib cargo built for the `helexa-engine-cuda` dev-dependency, next to this
+/// test binary (in `deps/` or the profile directory).
+pub fn engine_library() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let deps = exe.parent().expect("deps dir").to_path_buf();
+    let profile = deps.parent().expect("profile dir").to_path_buf();
+    [deps, profile]
+        .into_iter()
+        .map(|d| d.join("libhelexa_engine_cuda.so"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "libhelexa_engine_cuda.so not found next to {}; build it with `cargo build -p helexa-engine-cuda`",
+                exe.display()
+            )
+        })
+}

@@ -184,18 +184,6 @@ async fn recovery_stops_when_the_operator_unloads_the_model() {
     assert!(backend.memory().expect("memory").models.is_empty());
 }
 
-/// The CPU engine cdylib next to this test binary (as in `e2e.rs`).
-fn engine_library() -> std::path::PathBuf {
-    let exe = std::env::current_exe().expect("test exe");
-    let deps = exe.parent().expect("deps dir").to_path_buf();
-    let profile = deps.parent().expect("profile dir").to_path_buf();
-    [deps, profile]
-        .into_iter()
-        .map(|d| d.join("libhelexa_engine_cuda.so"))
-        .find(|p| p.is_file())
-        .expect("libhelexa_engine_cuda.so; build it with `cargo build -p helexa-engine-cuda`")
-}
-
 /// The node binary as a child process, killed on drop.
 struct Child(std::process::Child);
 
@@ -217,7 +205,7 @@ async fn real_engine_injected_fault_is_recovered_by_the_node() {
         std::process::Command::new(env!("CARGO_BIN_EXE_helexa-node"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--engine")
-            .arg(engine_library())
+            .arg(crate::engine_library())
             .env("RUST_LOG", "warn")
             .env("HELEXA_ENGINE_INJECT_FAULT", "0:victim")
             .env_remove("HELEXA_NODE_CONFIG")
