@@ -10,6 +10,9 @@
 //!   long contexts by splitting the positions over thread blocks);
 //! - [`gemv`]: the batch-1 matrix-vector product over dense 16-bit weights (cuBLAS's split-K
 //!   GEMV and its reduction);
+//! - [`quant_gemv`]: the batch-1 matrix-vector product over GGUF Q8_0/Q4_K/Q6_K blocks read in
+//!   place (candle's MMVQ kernel and the launch that quantizes x before it), in
+//!   `kernels/quant_gemv.cu`;
 //! - [`argmax`]: the greedy pick, so only the index leaves the device.
 //!
 //! Each has the unfused candle composition as its reference: [`applies`] is false on the CPU,
@@ -18,6 +21,7 @@
 
 use std::sync::OnceLock;
 
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 use crate::layers::{RmsNorm, Rope};
@@ -71,6 +75,82 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
         cuda::gemv(x, w)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), and the weights each warp
+/// stages in shared memory at a time (`QG_CHUNK`).
+const QUANT_GEMV_WARPS: usize = 8;
+const QUANT_GEMV_CHUNK: usize = 2048;
+/// Dynamic shared memory a block may have without opting in to more.
+const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
+
+/// The kernel name suffix of a GGUF block type [`quant_gemv`] reads.
+fn quant_gemv_format(dtype: GgmlDType) -> Option<&'static str> {
+    match dtype {
+        GgmlDType::Q8_0 => Some("q8_0"),
+        GgmlDType::Q4K => Some("q4k"),
+        GgmlDType::Q6K => Some("q6k"),
+        _ => None,
+    }
+}
+
+/// Bytes of one row of `cols` weights in `dtype`'s blocks.
+fn quant_row_bytes(dtype: GgmlDType, cols: usize) -> usize {
+    cols / dtype.block_size() * dtype.type_size()
+}
+
+/// Shared memory a [`quant_gemv`] block needs: a chunk buffer per warp, then x quantized (one
+/// byte per value, and a scale and a sum per 32 values).
+fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize) -> usize {
+    QUANT_GEMV_WARPS * quant_row_bytes(dtype, QUANT_GEMV_CHUNK) + cols + cols / 32 * 8
+}
+
+/// Whether [`quant_gemv`] serves `x · wᵀ`: one row of activations on a CUDA device, `w` in
+/// Q8_0, Q4_K or Q6_K with rows a multiple of 64 weights and of 16 bytes (true of the usual
+/// model widths: 2048, 4096, 12288…), x small enough to sit quantized in shared memory; and
+/// neither `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_QUANT_GEMV=0` (which turns off only
+/// this kernel, leaving candle's MMVQ).
+pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let Ok((_, cols)) = w.shape().dims2() else {
+        return false;
+    };
+    switch(&ON, "HELEXA_ENGINE_QUANT_GEMV")
+        && applies(x)
+        && quant_gemv_format(w.dtype()).is_some()
+        && w.device().is_cuda()
+        && x.elem_count() == cols
+        && x.is_contiguous()
+        && cols.is_multiple_of(64)
+        && quant_row_bytes(w.dtype(), cols).is_multiple_of(16)
+        && quant_gemv_shared_bytes(w.dtype(), cols) <= SHARED_MEMORY_DEFAULT
+}
+
+/// `x · wᵀ` for one row `x` (any shape of `cols` elements) and quantized `w` `(rows, cols)`, x
+/// quantized per 32 values as llama.cpp does; the result has `x`'s shape and dtype with `rows`
+/// as its last dimension. Only call when [`quant_gemv_applies`] holds.
+pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let format = quant_gemv_format(w.dtype())
+            .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
+        let (_, cols) = w.shape().dims2()?;
+        cuda::quant_gemv(
+            x,
+            w,
+            &cuda::QuantGemv {
+                format,
+                row_bytes: quant_row_bytes(w.dtype(), cols),
+                shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
+                warps: QUANT_GEMV_WARPS,
+            },
+        )
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -221,6 +301,27 @@ mod cpu_tests {
     }
 
     #[test]
+    fn quant_gemv_is_gpu_only_and_sized_for_its_formats() {
+        let w = Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).expect("w");
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).expect("quantize");
+        let x = Tensor::zeros((1, 1, 256), candle_core::DType::F32, &Device::Cpu).expect("x");
+        assert!(!quant_gemv_applies(&x, &q));
+        // Chunks of 2048 weights are whole 16-byte loads in each format.
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            assert!(quant_gemv_format(dtype).is_some());
+            assert_eq!(
+                quant_row_bytes(dtype, QUANT_GEMV_CHUNK) % 16,
+                0,
+                "{dtype:?}"
+            );
+        }
+        assert_eq!(quant_row_bytes(GgmlDType::Q8_0, 4096), 4352);
+        assert_eq!(quant_gemv_format(GgmlDType::Q4_0), None);
+        // x of 12288 values (an 8B model's MLP) fits the default shared memory.
+        assert!(quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288) <= SHARED_MEMORY_DEFAULT);
+    }
+
+    #[test]
     fn argmax_takes_the_lowest_index_on_ties() {
         let logits = Tensor::new(&[[0.5f32, 2.0, -1.0, 2.0]], &Device::Cpu).expect("logits");
         assert_eq!(argmax(&logits).expect("argmax"), 1);
@@ -310,6 +411,56 @@ mod gpu_tests {
                     .expect("matmul");
                 let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &want);
                 assert!(e <= tolerance(dtype), "{dtype:?} {rows}×{cols}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn quant_gemv_matches_candles_quantized_matmul() {
+        use candle_core::Module;
+        use candle_core::quantized::QMatMul;
+        let dev = device();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            // Several rows per warp (6144 > 8 warps × 4 blocks × 132 SMs), several chunks per
+            // row (12288), a partial last chunk (2560), and widths for the grid's edges.
+            for (rows, cols) in [
+                (5, 2048),
+                (6144, 4096),
+                (4096, 12288),
+                (1000, 2560),
+                (33, 512),
+            ] {
+                let case = format!("{dtype:?} {rows}×{cols}");
+                let w = random(&[rows, cols], DType::F32, &dev);
+                let q = QTensor::quantize(&w, dtype).expect("quantize");
+                let x32 = random(&[1, 1, cols], DType::F32, &dev);
+                for act in [DType::F32, DType::BF16] {
+                    let x = x32.to_dtype(act).expect("x");
+                    if !quant_gemv_applies(&x, &q) {
+                        // Q6_K rows of 10 blocks are 2100 bytes: not whole 16-byte loads.
+                        assert!(dtype == GgmlDType::Q6K && cols == 2560, "{case} not served");
+                        continue;
+                    }
+                    let got = quant_gemv(&x, &q).expect("quant_gemv");
+                    assert_eq!(got.dims(), [1, 1, rows], "{case}");
+                    assert_eq!(got.dtype(), act, "{case}");
+                    // candle's MMVQ quantizes x the same way: only summation order differs.
+                    let mmvq = QMatMul::QTensor(std::sync::Arc::new(
+                        QTensor::quantize(&w, dtype).expect("quantize"),
+                    ));
+                    let want = mmvq.forward(&x).expect("mmvq");
+                    let e = rel_diff(&got, &want);
+                    let tol = if act == DType::F32 { 1e-4 } else { 1e-2 };
+                    assert!(e <= tol, "{case} {act:?} vs MMVQ: {e}");
+                    // And against the dequantized weights in f32: x's 8-bit quantization costs
+                    // well under a percent of the largest output.
+                    let dense = q
+                        .dequantize(&dev)
+                        .and_then(|d| x32.reshape((1, cols))?.matmul(&d.t()?))
+                        .expect("dense");
+                    let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &dense);
+                    assert!(e <= 2e-2, "{case} {act:?} vs dequantized: {e}");
+                }
             }
         }
     }

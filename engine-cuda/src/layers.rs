@@ -27,6 +27,9 @@ impl Linear {
         let y = match &self.weight {
             // One token: a GEMV kernel streams the weight at close to the memory bandwidth.
             QMatMul::Tensor(w) if crate::fused::gemv_applies(x, w) => crate::fused::gemv(x, w)?,
+            QMatMul::QTensor(w) if crate::fused::quant_gemv_applies(x, w) => {
+                crate::fused::quant_gemv(x, w)?
+            }
             // A 3-D activation times a 2-D weight: flatten so the CPU gemm sees one large matrix
             // product instead of a broadcast batch.
             QMatMul::Tensor(w) if x.rank() == 3 => {

@@ -1,4 +1,5 @@
-//! Launches the kernels of `kernels/fused.cu` (PTX compiled by build.rs) on candle's stream for
+//! Launches the kernels of `kernels/fused.cu` and `kernels/quant_gemv.cu` (PTX compiled by
+//! build.rs) on candle's stream for
 //! the device, reading candle's buffers in place and wrapping fresh buffers as tensors.
 //!
 //! Unsafe because a kernel launch is: each launch below states the sizes it relies on. Buffers
@@ -17,12 +18,14 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, bail};
 
 use super::QkvInputs;
 use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+const QUANT_GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant_gemv.ptx"));
 
 /// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
 /// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
@@ -49,7 +52,16 @@ macro_rules! by_dtype {
 /// A kernel of the module (loaded into the device's context on first use) and the device's
 /// stream to launch it on.
 fn function(dev: &CudaDevice, name: &str) -> Result<(CudaFunction, Arc<CudaStream>)> {
-    let f = dev.get_or_load_custom_func(name, "helexa_fused", PTX)?;
+    module_function(dev, "helexa_fused", PTX, name)
+}
+
+fn module_function(
+    dev: &CudaDevice,
+    module: &str,
+    ptx: &'static str,
+    name: &str,
+) -> Result<(CudaFunction, Arc<CudaStream>)> {
+    let f = dev.get_or_load_custom_func(name, module, ptx)?;
     Ok((f.into_cuda_function(), dev.cuda_stream()))
 }
 
@@ -392,6 +404,80 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
     // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
     // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
     // `gemv_<T>`.
+    unsafe { b.launch(cfg) }.w()?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    Ok(wrap(y, dev, dims))
+}
+
+/// How to launch the quantized GEMV for one weight (worked out by the caller in `fused.rs`).
+pub struct QuantGemv {
+    /// Kernel name part of the block type (`q8_0`, `q4k`, `q6k`).
+    pub format: &'static str,
+    /// Bytes of one weight row.
+    pub row_bytes: usize,
+    /// Dynamic shared memory per block.
+    pub shared_bytes: usize,
+    /// Warps per block (`QG_WARPS` in the kernel).
+    pub warps: usize,
+}
+
+/// Blocks per SM the quantized GEMV's grid aims for (`QG_MIN_BLOCKS` in the kernel).
+const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+
+pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
+    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
+}
+
+fn quant_gemv_t<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    w: &QTensor,
+    launch: &QuantGemv,
+    sfx: &str,
+) -> Result<Tensor> {
+    let dev = x.device().as_cuda_device()?;
+    let (rows, cols) = w.shape().dims2()?;
+    if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
+        bail!("quant_gemv: x {:?} against w {:?}", x.dims(), w.shape());
+    }
+    let (xs, xl) = x.storage_and_layout();
+    let xv = view::<T>(&xs, xl)?;
+    let (f, stream) = module_function(
+        dev,
+        "helexa_quant_gemv",
+        QUANT_GEMV_PTX,
+        &format!("quant_gemv_{}_{sfx}", launch.format),
+    )?;
+    let (w_ptr, _w_guard) = w.device_ptr_with_guard(&stream)?;
+    let w_addr = w_ptr as u64;
+    if !w_addr.is_multiple_of(16) {
+        bail!("quant_gemv: weight not 16-byte aligned");
+    }
+    // SAFETY: every element is written by the kernel below (one warp per row).
+    let mut y = unsafe { dev.alloc::<T>(rows) }?;
+    let sms = stream
+        .context()
+        .attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let blocks = rows
+        .div_ceil(launch.warps)
+        .min(QUANT_GEMV_BLOCKS_PER_SM * usize::try_from(sms).unwrap_or(1).max(1));
+    let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&w_addr).arg(&xv).arg(&mut y);
+    b.arg(&rows_a).arg(&cols_a).arg(&row_bytes_a);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(blocks)?, 1, 1),
+        block_dim: (grid(launch.warps * 32)?, 1, 1),
+        shared_mem_bytes: u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?,
+    };
+    // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
+    // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
+    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (within
+    // the default limit, checked by the caller); argument types match `quant_gemv_<format>_<T>`
+    // (the weight pointer travels as a u64, the size of a device pointer).
     unsafe { b.launch(cfg) }.w()?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {

@@ -1,0 +1,242 @@
+// Batch-1 matrix-vector products over GGUF block-quantized weights (Q8_0, Q4_K, Q6_K), read in
+// place in their GGUF layout: y = W x for one activation row x.
+//
+// Why not candle's (llama.cpp's) MMVQ kernel: it has each thread read its own block with 2- and
+// 4-byte loads, so one warp-wide load touches ~17 cache lines and the load units, not the
+// memory, set the pace (~2.3 TB/s of 4.8 on an H200); and it needs a separate launch to quantize
+// x first. Here one warp owns one row at a time and copies it into shared memory 16 bytes per
+// lane, coalesced and marked read-once, in chunks of 2048 weights; then each lane takes 64 of
+// the chunk's weights from shared memory (where unaligned reads are cheap) and multiplies them
+// with 4-byte integer dot products. The next chunk's loads are issued before the current one is
+// computed, so a warp always has memory requests in flight.
+//
+// x is quantized per 32 elements as llama.cpp's q8_1 (scale amax/127, round to nearest, the float
+// sum of the 32 values kept for Q4_K's minimums), by every thread block into its shared memory
+// while its first chunk of weights is on the way: no extra launch, and the arithmetic is the one
+// MMVQ and llama.cpp's CPU path do, up to summation order.
+//
+// Compiled to PTX by build.rs when the `cuda` feature is on; launched from src/fused/cuda.rs.
+
+#include "common.cuh"
+
+#define QG_WARPS 8
+// Blocks per SM to keep resident (the launcher sizes its grid to match): enough warps in flight
+// to cover the memory latency, which caps registers at 64 per thread.
+#define QG_MIN_BLOCKS 4
+// Weights per lane per chunk, and per chunk (a warp of lanes).
+#define QG_UNIT 64
+#define QG_CHUNK (32 * QG_UNIT)
+
+// Quantized x in shared memory: int8 values, and per 32 values the scale and the float sum.
+struct QuantX {
+    const int8_t *q;
+    const float *d;
+    const float *sum;
+    // The 16 int8 values from element `i` (a multiple of 16) as four packed words.
+    __device__ __forceinline__ int4 at(int i) const { return *reinterpret_cast<const int4 *>(q + i); }
+};
+
+__device__ __forceinline__ float half_bits(uint32_t bits) {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+
+__device__ __forceinline__ int dot4x4(int4 w, int4 x, int acc) {
+    acc = __dp4a(w.x, x.x, acc);
+    acc = __dp4a(w.y, x.y, acc);
+    acc = __dp4a(w.z, x.z, acc);
+    return __dp4a(w.w, x.w, acc);
+}
+
+// A 32-bit word from a 2-byte-aligned shared-memory address.
+__device__ __forceinline__ uint32_t word_a2(const uint8_t *p) {
+    const uint16_t *h = reinterpret_cast<const uint16_t *>(p);
+    return static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+}
+
+// Each format: its block (weights, bytes) and `dot`, the lane's 64 weights of a staged chunk
+// (starting at weight `k` of the row) times x.
+
+// Q8_0: 34-byte blocks of 32: f16 scale, 32 int8. A lane takes two blocks (68 bytes, so 4-byte
+// aligned, and lane strides of 17 words hit distinct shared-memory banks).
+struct Q8_0 {
+    static constexpr int BLOCK = 32, BYTES = 34;
+    static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
+        const uint32_t *s = reinterpret_cast<const uint32_t *>(chunk + 68 * lane);
+        uint32_t w[17];
+#pragma unroll
+        for (int i = 0; i < 17; i++) w[i] = s[i];
+        // Block 0: scale in bytes 0-1, values from byte 2 (straddling words); block 1: scale
+        // in bytes 34-35, values word-aligned from byte 36.
+        int4 a0, a1, b0, b1;
+        a0.x = __funnelshift_r(w[0], w[1], 16); a0.y = __funnelshift_r(w[1], w[2], 16);
+        a0.z = __funnelshift_r(w[2], w[3], 16); a0.w = __funnelshift_r(w[3], w[4], 16);
+        a1.x = __funnelshift_r(w[4], w[5], 16); a1.y = __funnelshift_r(w[5], w[6], 16);
+        a1.z = __funnelshift_r(w[6], w[7], 16); a1.w = __funnelshift_r(w[7], w[8], 16);
+        b0 = make_int4(w[9], w[10], w[11], w[12]);
+        b1 = make_int4(w[13], w[14], w[15], w[16]);
+        const int s0 = dot4x4(a1, x.at(k + 16), dot4x4(a0, x.at(k), 0));
+        const int s1 = dot4x4(b1, x.at(k + 48), dot4x4(b0, x.at(k + 32), 0));
+        const int g = k / 32;
+        return half_bits(w[0]) * x.d[g] * s0 + half_bits(w[8] >> 16) * x.d[g + 1] * s1;
+    }
+};
+
+// Q4_K: 144-byte blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and
+// minimums, then 128 bytes of 4-bit values; weight = d·scale·q − dmin·min per 32. A lane takes
+// a quarter block: 32 bytes whose low nibbles are sub-block 2j and high nibbles 2j+1.
+struct Q4K {
+    static constexpr int BLOCK = 256, BYTES = 144;
+    // ggml's get_scale_min_k4.
+    static __device__ __forceinline__ void scale_min(const uint8_t *q, int is, int &sc, int &m) {
+        if (is < 4) {
+            sc = q[is] & 63;
+            m = q[is + 4] & 63;
+        } else {
+            sc = (q[is + 4] & 0xF) | ((q[is - 4] >> 6) << 4);
+            m = (q[is + 4] >> 4) | ((q[is] >> 6) << 4);
+        }
+    }
+    static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
+        const uint8_t *blk = chunk + BYTES * (lane / 4);
+        const int j = lane % 4;
+        const uint32_t dm = *reinterpret_cast<const uint32_t *>(blk);
+        const int4 v0 = *reinterpret_cast<const int4 *>(blk + 16 + 32 * j);
+        const int4 v1 = *reinterpret_cast<const int4 *>(blk + 32 + 32 * j);
+        const int lo_mask = 0x0F0F0F0F;
+        const int4 l0 = make_int4(v0.x & lo_mask, v0.y & lo_mask, v0.z & lo_mask, v0.w & lo_mask);
+        const int4 l1 = make_int4(v1.x & lo_mask, v1.y & lo_mask, v1.z & lo_mask, v1.w & lo_mask);
+        const int4 h0 = make_int4((v0.x >> 4) & lo_mask, (v0.y >> 4) & lo_mask, (v0.z >> 4) & lo_mask,
+                                  (v0.w >> 4) & lo_mask);
+        const int4 h1 = make_int4((v1.x >> 4) & lo_mask, (v1.y >> 4) & lo_mask, (v1.z >> 4) & lo_mask,
+                                  (v1.w >> 4) & lo_mask);
+        const int s_lo = dot4x4(l1, x.at(k + 16), dot4x4(l0, x.at(k), 0));
+        const int s_hi = dot4x4(h1, x.at(k + 48), dot4x4(h0, x.at(k + 32), 0));
+        int sc_lo, m_lo, sc_hi, m_hi;
+        scale_min(blk + 4, 2 * j, sc_lo, m_lo);
+        scale_min(blk + 4, 2 * j + 1, sc_hi, m_hi);
+        const float d = half_bits(dm), dmin = half_bits(dm >> 16);
+        const int g = k / 32;
+        return d * (sc_lo * x.d[g] * s_lo + sc_hi * x.d[g + 1] * s_hi) -
+               dmin * (m_lo * x.sum[g] + m_hi * x.sum[g + 1]);
+    }
+};
+
+// Q6_K: 210-byte blocks of 256: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8
+// scales (one per 16 weights), f16 d; weight = d·scale·(q − 32). A lane takes a quarter: in
+// half n of the block, the 16 positions l ∈ [16h, 16h + 16) of each of its four 32-runs.
+struct Q6K {
+    static constexpr int BLOCK = 256, BYTES = 210;
+    static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
+        const uint8_t *blk = chunk + BYTES * (lane / 4);
+        const int n = (lane % 4) / 2, h = lane % 2;
+        const uint8_t *ql = blk + 64 * n + 16 * h, *qh = blk + 128 + 32 * n + 16 * h;
+        const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192) + 8 * n + h;
+        const int base = k - 64 * (lane % 4) + 128 * n + 16 * h; // element of run 0, position 0
+        int run[4][4]; // run r: positions 128n + 32r + 16h + (0..15), as signed int8 × 4
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const uint32_t a = word_a2(ql + 4 * i), b = word_a2(ql + 32 + 4 * i),
+                           hi = word_a2(qh + 4 * i);
+            run[0][i] = __vsubss4((a & 0x0F0F0F0F) | ((hi << 4) & 0x30303030), 0x20202020);
+            run[1][i] = __vsubss4((b & 0x0F0F0F0F) | ((hi << 2) & 0x30303030), 0x20202020);
+            run[2][i] = __vsubss4(((a >> 4) & 0x0F0F0F0F) | (hi & 0x30303030), 0x20202020);
+            run[3][i] = __vsubss4(((b >> 4) & 0x0F0F0F0F) | ((hi >> 2) & 0x30303030), 0x20202020);
+        }
+        float acc = 0.0f;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int e = base + 32 * r;
+            const int4 w4 = make_int4(run[r][0], run[r][1], run[r][2], run[r][3]);
+            acc += sc[2 * r] * x.d[e / 32] * dot4x4(w4, x.at(e), 0);
+        }
+        return half_bits(word_a2(blk + 208)) * acc;
+    }
+};
+
+// Quantizes x (`cols` values, a multiple of 32) into shared memory, one warp per 32 values.
+template <typename T>
+__device__ void quantize_x(const T *x, int cols, int8_t *q, float *d, float *sum) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int g = warp; g < cols / 32; g += QG_WARPS) {
+        const float v = to_f<T>(x[32 * g + lane]);
+        const float amax = warp_max(fabsf(v)), s = warp_sum(v);
+        const float scale = amax / 127.0f;
+        q[32 * g + lane] = amax == 0.0f ? 0 : static_cast<int8_t>(roundf(v / scale));
+        if (lane == 0) {
+            d[g] = scale;
+            sum[g] = s;
+        }
+    }
+}
+
+// Shared memory: QG_WARPS chunk buffers, then the quantized x (cols + cols/32·8 bytes).
+// Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a multiple
+// of 16, w 16-byte aligned.
+template <class F, typename T>
+__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
+                           int rows, int cols, int row_bytes) {
+    constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
+    static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte loads");
+    constexpr int CHUNK_LOADS = CHUNK_BYTES / 16;
+    constexpr int LOADS = (CHUNK_LOADS + 31) / 32;
+    extern __shared__ __align__(16) uint8_t smem[];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    uint8_t *stage = smem + warp * CHUNK_BYTES;
+    int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * CHUNK_BYTES);
+    float *xd = reinterpret_cast<float *>(xq + cols);
+    float *xs = xd + cols / 32;
+
+    const int chunks = (cols + QG_CHUNK - 1) / QG_CHUNK;
+    const int row_step = gridDim.x * QG_WARPS;
+    int row = blockIdx.x * QG_WARPS + warp, chunk = 0;
+    uint4 buf[LOADS];
+    // Loads of (row, chunk) into `buf`, lane-strided 16-byte pieces.
+    auto fetch = [&](int r, int c) {
+        const uint4 *src = reinterpret_cast<const uint4 *>(w + (size_t)r * row_bytes + (size_t)c * CHUNK_BYTES);
+        const int n = min(CHUNK_LOADS, (row_bytes - c * CHUNK_BYTES) / 16);
+#pragma unroll
+        for (int i = 0; i < LOADS; i++)
+            if (lane + 32 * i < n) buf[i] = __ldcs(src + lane + 32 * i);
+    };
+    if (row < rows) fetch(row, 0);
+    quantize_x<T>(x, cols, xq, xd, xs);
+    __syncthreads();
+    const QuantX qx{xq, xd, xs};
+
+    float acc = 0.0f;
+    while (row < rows) {
+        const int n = min(CHUNK_LOADS, (row_bytes - chunk * CHUNK_BYTES) / 16);
+#pragma unroll
+        for (int i = 0; i < LOADS; i++)
+            if (lane + 32 * i < n) reinterpret_cast<uint4 *>(stage)[lane + 32 * i] = buf[i];
+        __syncwarp();
+        const int cur_row = row, cur_chunk = chunk;
+        const bool last = ++chunk == chunks;
+        if (last) {
+            chunk = 0;
+            row += row_step;
+        }
+        if (row < rows) fetch(row, chunk);
+        const int units = min(32, (cols - cur_chunk * QG_CHUNK) / QG_UNIT);
+        if (lane < units) acc += F::dot(stage, lane, cur_chunk * QG_CHUNK + lane * QG_UNIT, qx);
+        if (last) {
+            acc = warp_sum(acc);
+            if (lane == 0) y[cur_row] = from_f<T>(acc);
+            acc = 0.0f;
+        }
+        __syncwarp(); // the stage is rewritten next round
+    }
+}
+
+// quant_gemv_<format>_<activation type>
+#define QUANT_GEMV(F, FSUF, T, SUF)                                                                 \
+    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS) quant_gemv_##FSUF##_##SUF(          \
+        const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes) {                   \
+        quant_gemv<F, T>(w, x, y, rows, cols, row_bytes);                                          \
+    }
+#define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
+    QUANT_GEMV(F, FSUF, float, f32) QUANT_GEMV(F, FSUF, __nv_bfloat16, bf16)                       \
+    QUANT_GEMV(F, FSUF, __half, f16)
+QUANT_GEMV_TYPES(Q8_0, q8_0)
+QUANT_GEMV_TYPES(Q4K, q4k)
+QUANT_GEMV_TYPES(Q6K, q6k)
