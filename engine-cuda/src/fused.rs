@@ -112,7 +112,7 @@ fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize) -> usize {
 }
 
 /// Whether [`quant_gemv`] serves `x · wᵀ`: one row of activations on a CUDA device, `w` in
-/// Q8_0, Q4_K or Q6_K with rows a multiple of 64 weights and of 16 bytes (true of the usual
+/// Q8_0, Q4_K or Q6_K with rows a multiple of 64 weights and of 16 bytes, x 16-byte aligned (true of the usual
 /// model widths: 2048, 4096, 12288…), x small enough to sit quantized in shared memory; and
 /// neither `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_QUANT_GEMV=0` (which turns off only
 /// this kernel, leaving candle's MMVQ).
@@ -127,6 +127,7 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
         && w.device().is_cuda()
         && x.elem_count() == cols
         && x.is_contiguous()
+        && x.layout().start_offset().is_multiple_of(8)
         && cols.is_multiple_of(64)
         && quant_row_bytes(w.dtype(), cols).is_multiple_of(16)
         && quant_gemv_shared_bytes(w.dtype(), cols) <= SHARED_MEMORY_DEFAULT
@@ -444,13 +445,14 @@ mod gpu_tests {
                     let got = quant_gemv(&x, &q).expect("quant_gemv");
                     assert_eq!(got.dims(), [1, 1, rows], "{case}");
                     assert_eq!(got.dtype(), act, "{case}");
-                    // candle's MMVQ quantizes x the same way: only summation order differs.
+                    // candle's MMVQ quantizes x the same way, but keeps each 32-group's scale in
+                    // f16 (2⁻¹¹ relative) where this kernel keeps f32.
                     let mmvq = QMatMul::QTensor(std::sync::Arc::new(
                         QTensor::quantize(&w, dtype).expect("quantize"),
                     ));
                     let want = mmvq.forward(&x).expect("mmvq");
                     let e = rel_diff(&got, &want);
-                    let tol = if act == DType::F32 { 1e-4 } else { 1e-2 };
+                    let tol = if act == DType::F32 { 2e-3 } else { 1e-2 };
                     assert!(e <= tol, "{case} {act:?} vs MMVQ: {e}");
                     // And against the dequantized weights in f32: x's 8-bit quantization costs
                     // well under a percent of the largest output.
