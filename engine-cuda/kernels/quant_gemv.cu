@@ -5,10 +5,13 @@
 // 4-byte loads, so one warp-wide load touches ~17 cache lines and the load units, not the
 // memory, set the pace (~2.3 TB/s of 4.8 on an H200); and it needs a separate launch to quantize
 // x first. Here one warp owns one row at a time and copies it into shared memory 16 bytes per
-// lane, coalesced and marked read-once, in chunks of 2048 weights; then each lane takes 64 of
-// the chunk's weights from shared memory (where unaligned reads are cheap) and multiplies them
-// with 4-byte integer dot products. The next chunk's loads are issued before the current one is
-// computed, so a warp always has memory requests in flight.
+// lane, coalesced and bypassing L1, in chunks of 2048 weights; then each lane takes 64 of the
+// chunk's weights from shared memory (where unaligned reads are cheap) and multiplies them with
+// 4-byte integer dot products.
+//
+// The copies are asynchronous (cp.async, global to shared without registers), QG_STAGES chunks
+// deep per warp: a warp asks for its next chunks while it computes the current one, so even a
+// warp with one short row has its whole row in flight at once.
 //
 // x is quantized per 32 elements as llama.cpp's q8_1 (scale amax/127, round to nearest, the float
 // sum of the 32 values kept for Q4_K's minimums), by every thread block into its shared memory
@@ -20,9 +23,10 @@
 #include "common.cuh"
 
 #define QG_WARPS 8
-// Blocks per SM to keep resident (the launcher sizes its grid to match): enough warps in flight
-// to cover the memory latency, which caps registers at 64 per thread.
-#define QG_MIN_BLOCKS 4
+// Chunks in flight per warp, and blocks per SM to keep resident (shared memory allows two; the
+// launcher sizes its grid to match).
+#define QG_STAGES 4
+#define QG_MIN_BLOCKS 2
 // Weights per lane per chunk, and per chunk (a warp of lanes).
 #define QG_UNIT 64
 #define QG_CHUNK (32 * QG_UNIT)
@@ -211,63 +215,71 @@ __device__ void quantize_x(const T *x, int cols, int8_t *q, float *d, float *sum
     }
 }
 
-// Shared memory: QG_WARPS chunk buffers, then the quantized x (cols + cols/32·8 bytes).
-// Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a multiple
-// of 16, w 16-byte aligned.
+// 16 bytes global → shared, asynchronously, not cached in L1.
+__device__ __forceinline__ void copy16_async(void *dst, const void *src) {
+    const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(src));
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most N of this thread's committed copy groups are still in flight.
+template <int N> __device__ __forceinline__ void copies_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Shared memory: QG_STAGES chunk buffers per warp, then the quantized x (cols + cols/32·8
+// bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
+// multiple of 16, w and x 16-byte aligned.
 template <class F, typename T>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
-    static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte loads");
-    constexpr int CHUNK_LOADS = CHUNK_BYTES / 16;
-    constexpr int LOADS = (CHUNK_LOADS + 31) / 32;
+    static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    uint8_t *stage = smem + warp * CHUNK_BYTES;
-    int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * CHUNK_BYTES);
+    uint8_t *stages = smem + warp * QG_STAGES * CHUNK_BYTES;
+    int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * QG_STAGES * CHUNK_BYTES);
     float *xd = reinterpret_cast<float *>(xq + cols);
     float *xs = xd + cols / 32;
 
+    // The warp's work: chunk t % chunks of its (t / chunks)-th row, rows strided over the grid.
     const int chunks = (cols + QG_CHUNK - 1) / QG_CHUNK;
-    const int row_step = gridDim.x * QG_WARPS;
-    int row = blockIdx.x * QG_WARPS + warp, chunk = 0;
-    uint4 buf[LOADS];
-    // Loads of (row, chunk) into `buf`, lane-strided 16-byte pieces.
-    auto fetch = [&](int r, int c) {
-        const uint4 *src = reinterpret_cast<const uint4 *>(w + (size_t)r * row_bytes + (size_t)c * CHUNK_BYTES);
-        const int n = min(CHUNK_LOADS, (row_bytes - c * CHUNK_BYTES) / 16);
-#pragma unroll
-        for (int i = 0; i < LOADS; i++)
-            if (lane + 32 * i < n) buf[i] = __ldcs(src + lane + 32 * i);
+    const int first_row = blockIdx.x * QG_WARPS + warp, row_step = gridDim.x * QG_WARPS;
+    const int items = first_row < rows ? (rows - first_row + row_step - 1) / row_step * chunks : 0;
+    // Starts copying item t into its stage (one commit group per item, empty past the end, so
+    // the groups in flight always count QG_STAGES - 1).
+    auto issue = [&](int t) {
+        if (t < items) {
+            const int c = t % chunks;
+            const uint8_t *src = w + (size_t)(first_row + t / chunks * row_step) * row_bytes +
+                                 (size_t)c * CHUNK_BYTES;
+            uint8_t *dst = stages + (t % QG_STAGES) * CHUNK_BYTES;
+            const int n = min(CHUNK_BYTES, row_bytes - c * CHUNK_BYTES) / 16;
+            for (int i = lane; i < n; i += 32) copy16_async(dst + 16 * i, src + 16 * i);
+        }
+        copies_commit();
     };
-    if (row < rows) fetch(row, 0);
+#pragma unroll
+    for (int t = 0; t < QG_STAGES - 1; t++) issue(t);
     quantize_x<T>(x, cols, xq, xd, xs);
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
     float acc = 0.0f;
-    while (row < rows) {
-        const int n = min(CHUNK_LOADS, (row_bytes - chunk * CHUNK_BYTES) / 16);
-#pragma unroll
-        for (int i = 0; i < LOADS; i++)
-            if (lane + 32 * i < n) reinterpret_cast<uint4 *>(stage)[lane + 32 * i] = buf[i];
-        __syncwarp();
-        const int cur_row = row, cur_chunk = chunk;
-        const bool last = ++chunk == chunks;
-        if (last) {
-            chunk = 0;
-            row += row_step;
-        }
-        if (row < rows) fetch(row, chunk);
-        const int units = min(32, (cols - cur_chunk * QG_CHUNK) / QG_UNIT);
-        if (lane < units) acc += F::dot(stage, lane, cur_chunk * QG_CHUNK + lane * QG_UNIT, qx);
-        if (last) {
+    for (int t = 0; t < items; t++) {
+        issue(t + QG_STAGES - 1); // into the stage computed last round
+        copies_wait<QG_STAGES - 1>();
+        __syncwarp(); // every lane's copies of item t have landed
+        const int c = t % chunks;
+        const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
+        if (lane < units) acc += F::dot(stages + (t % QG_STAGES) * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
+        if (c == chunks - 1) {
             acc = warp_sum(acc);
-            if (lane == 0) y[cur_row] = from_f<T>(acc);
+            if (lane == 0) y[first_row + t / chunks * row_step] = from_f<T>(acc);
             acc = 0.0f;
         }
-        __syncwarp(); // the stage is rewritten next round
+        __syncwarp(); // the stage is refilled next round
     }
+    copies_wait<0>();
 }
 
 // quant_gemv_<format>_<activation type>

@@ -83,12 +83,14 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), and the weights each warp
-/// stages in shared memory at a time (`QG_CHUNK`).
+/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), the weights each warp stages
+/// in shared memory at a time (`QG_CHUNK`) and the chunks it has in flight (`QG_STAGES`).
 const QUANT_GEMV_WARPS: usize = 8;
 const QUANT_GEMV_CHUNK: usize = 2048;
-/// Dynamic shared memory a block may have without opting in to more.
-const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
+const QUANT_GEMV_STAGES: usize = 4;
+/// Dynamic shared memory [`quant_gemv`] may ask for: what every GPU from compute 8.0 grants a
+/// block that opts in (99 KB on 8.6/8.9, more on 8.0 and 9.0).
+const QUANT_GEMV_SHARED_MAX: usize = 96 * 1024;
 
 /// The kernel name suffix of a GGUF block type [`quant_gemv`] reads.
 fn quant_gemv_format(dtype: GgmlDType) -> Option<&'static str> {
@@ -105,17 +107,19 @@ fn quant_row_bytes(dtype: GgmlDType, cols: usize) -> usize {
     cols / dtype.block_size() * dtype.type_size()
 }
 
-/// Shared memory a [`quant_gemv`] block needs: a chunk buffer per warp, then x quantized (one
-/// byte per value, and a scale and a sum per 32 values).
+/// Shared memory a [`quant_gemv`] block needs: the chunk buffers of each warp, then x quantized
+/// (one byte per value, and a scale and a sum per 32 values).
 fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize) -> usize {
-    QUANT_GEMV_WARPS * quant_row_bytes(dtype, QUANT_GEMV_CHUNK) + cols + cols / 32 * 8
+    QUANT_GEMV_WARPS * QUANT_GEMV_STAGES * quant_row_bytes(dtype, QUANT_GEMV_CHUNK)
+        + cols
+        + cols / 32 * 8
 }
 
-/// Whether [`quant_gemv`] serves `x · wᵀ`: one row of activations on a CUDA device, `w` in
-/// Q8_0, Q4_K or Q6_K with rows a multiple of 64 weights and of 16 bytes, x 16-byte aligned (true of the usual
-/// model widths: 2048, 4096, 12288…), x small enough to sit quantized in shared memory; and
-/// neither `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_QUANT_GEMV=0` (which turns off only
-/// this kernel, leaving candle's MMVQ).
+/// Whether [`quant_gemv`] serves `x · wᵀ`: one 16-byte-aligned row of activations on a CUDA
+/// device, `w` in Q8_0, Q4_K or Q6_K with rows a multiple of 64 weights and of 16 bytes (true of
+/// the usual model widths: 2048, 4096, 12288…), x small enough to sit quantized in shared
+/// memory (up to ~22k values); and neither `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_QUANT_GEMV=0` (which turns
+/// off only this kernel, leaving candle's MMVQ).
 pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let Ok((_, cols)) = w.shape().dims2() else {
@@ -130,7 +134,7 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
         && x.layout().start_offset().is_multiple_of(8)
         && cols.is_multiple_of(64)
         && quant_row_bytes(w.dtype(), cols).is_multiple_of(16)
-        && quant_gemv_shared_bytes(w.dtype(), cols) <= SHARED_MEMORY_DEFAULT
+        && quant_gemv_shared_bytes(w.dtype(), cols) <= QUANT_GEMV_SHARED_MAX
 }
 
 /// `x · wᵀ` for one row `x` (any shape of `cols` elements) and quantized `w` `(rows, cols)`, x
@@ -318,8 +322,8 @@ mod cpu_tests {
         }
         assert_eq!(quant_row_bytes(GgmlDType::Q8_0, 4096), 4352);
         assert_eq!(quant_gemv_format(GgmlDType::Q4_0), None);
-        // x of 12288 values (an 8B model's MLP) fits the default shared memory.
-        assert!(quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288) <= SHARED_MEMORY_DEFAULT);
+        // x of 12288 values (an 8B model's MLP) fits, with two blocks per SM.
+        assert!(quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288) <= QUANT_GEMV_SHARED_MAX);
     }
 
     #[test]
@@ -445,23 +449,29 @@ mod gpu_tests {
                     let got = quant_gemv(&x, &q).expect("quant_gemv");
                     assert_eq!(got.dims(), [1, 1, rows], "{case}");
                     assert_eq!(got.dtype(), act, "{case}");
-                    // candle's MMVQ quantizes x the same way, but keeps each 32-group's scale in
-                    // f16 (2⁻¹¹ relative) where this kernel keeps f32.
-                    let mmvq = QMatMul::QTensor(std::sync::Arc::new(
-                        QTensor::quantize(&w, dtype).expect("quantize"),
-                    ));
-                    let want = mmvq.forward(&x).expect("mmvq");
-                    let e = rel_diff(&got, &want);
-                    let tol = if act == DType::F32 { 2e-3 } else { 1e-2 };
-                    assert!(e <= tol, "{case} {act:?} vs MMVQ: {e}");
-                    // And against the dequantized weights in f32: x's 8-bit quantization costs
-                    // well under a percent of the largest output.
+                    // The reference is the dequantized weights times x in f32. Both this kernel
+                    // and candle's MMVQ round x to 8 bits per value first (as llama.cpp does),
+                    // which costs a fraction of a percent of the largest output; MMVQ also keeps
+                    // x's scales and sums in f16. So: within 2% of the reference, and no further
+                    // from it than MMVQ (plus 0.1% for summation order).
                     let dense = q
                         .dequantize(&dev)
                         .and_then(|d| x32.reshape((1, cols))?.matmul(&d.t()?))
                         .expect("dense");
-                    let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &dense);
+                    let mmvq = QMatMul::QTensor(std::sync::Arc::new(
+                        QTensor::quantize(&w, dtype).expect("quantize"),
+                    ))
+                    .forward(&x)
+                    .expect("mmvq");
+                    let flat = |t: &Tensor| t.reshape((1, rows)).expect("shape");
+                    let e = rel_diff(&flat(&got), &dense);
+                    let e_mmvq = rel_diff(&flat(&mmvq), &dense);
+                    let bf16 = if act == DType::BF16 { 1e-2 } else { 0.0 };
                     assert!(e <= 2e-2, "{case} {act:?} vs dequantized: {e}");
+                    assert!(
+                        e <= e_mmvq + 1e-3 + bf16,
+                        "{case} {act:?}: {e} vs dequantized, MMVQ {e_mmvq}"
+                    );
                 }
             }
         }

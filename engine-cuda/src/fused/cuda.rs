@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -425,7 +426,7 @@ pub struct QuantGemv {
 }
 
 /// Blocks per SM the quantized GEMV's grid aims for (`QG_MIN_BLOCKS` in the kernel).
-const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+const QUANT_GEMV_BLOCKS_PER_SM: usize = 2;
 
 pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
     by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
@@ -459,7 +460,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let sms = stream
         .context()
-        .attribute(candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
     let blocks = rows
         .div_ceil(launch.warps)
@@ -468,15 +469,23 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     let mut b = stream.launch_builder(&f);
     b.arg(&w_addr).arg(&xv).arg(&mut y);
     b.arg(&rows_a).arg(&cols_a).arg(&row_bytes_a);
+    let shared = u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?;
+    // More than the default 48 KB needs the function's opt-in (idempotent, and cheap next to
+    // the launch).
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        i32::try_from(shared).map_err(candle_core::Error::wrap)?,
+    )
+    .w()?;
     let cfg = LaunchConfig {
         grid_dim: (grid(blocks)?, 1, 1),
         block_dim: (grid(launch.warps * 32)?, 1, 1),
-        shared_mem_bytes: u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?,
+        shared_mem_bytes: shared,
     };
     // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
     // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
-    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (within
-    // the default limit, checked by the caller); argument types match `quant_gemv_<format>_<T>`
+    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (opted
+    // in above); argument types match `quant_gemv_<format>_<T>`
     // (the weight pointer travels as a u64, the size of a device pointer).
     unsafe { b.launch(cfg) }.w()?;
     let mut dims = x.dims().to_vec();
