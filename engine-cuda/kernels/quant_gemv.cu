@@ -9,12 +9,14 @@
 // chunk's weights from shared memory (where unaligned reads are cheap) and multiplies them with
 // 4-byte integer dot products.
 //
-// The copies are asynchronous (cp.async, global to shared without registers), QG_STAGES chunks
+// The copies are asynchronous (cp.async, global to shared without registers), STAGES chunks
 // deep per warp: a warp asks for its next chunks while it computes the current one, so even a
 // warp with one short row has its whole row in flight at once.
 //
-// x is quantized per 32 elements as llama.cpp's q8_1 (scale amax/127, round to nearest, the float
-// sum of the 32 values kept for Q4_K's minimums), by every thread block into its shared memory
+// x is quantized per 32 elements as llama.cpp's q8_1 (scale amax/127, round to nearest, and the
+// sum of the 32 quantized values times the scale for Q4_K's minimums: the whole product is then
+// W times the quantized x; mixing in the exact sum instead measured 2.5× further from the
+// dequantized reference), by every thread block into its shared memory
 // while its first chunk of weights is on the way: no extra launch, and the arithmetic is the one
 // MMVQ and llama.cpp's CPU path do, up to summation order.
 //
@@ -23,15 +25,15 @@
 #include "common.cuh"
 
 #define QG_WARPS 8
-// Chunks in flight per warp, and blocks per SM to keep resident (shared memory allows two; the
-// launcher sizes its grid to match).
-#define QG_STAGES 4
-#define QG_MIN_BLOCKS 2
+// Registers are capped for four resident blocks per SM; the chunks in flight per warp (the
+// STAGES parameter, 2 to 4) and so the shared memory set how many fit (the launcher sizes its
+// grid to match).
+#define QG_MIN_BLOCKS 4
 // Weights per lane per chunk, and per chunk (a warp of lanes).
 #define QG_UNIT 64
 #define QG_CHUNK (32 * QG_UNIT)
 
-// Quantized x in shared memory: int8 values, and per 32 values the scale and the float sum.
+// Quantized x in shared memory: int8 values, and per 32 values the scale and scale · Σ values.
 struct QuantX {
     const int8_t *q;
     const float *d;
@@ -173,29 +175,29 @@ __device__ __forceinline__ void load8(const T *x, int e, int cols, float v[8]) {
 
 // Quantizes the eight values `v` at element `e`; four neighbouring lanes hold one 32-group.
 __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int8_t *q, float *d, float *sum) {
-    float amax = 0.0f, s = 0.0f;
+    float amax = 0.0f;
 #pragma unroll
-    for (int i = 0; i < 8; i++) {
-        amax = fmaxf(amax, fabsf(v[i]));
-        s += v[i];
-    }
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
 #pragma unroll
-    for (int o = 1; o < 4; o <<= 1) {
-        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-        s += __shfl_xor_sync(0xffffffffu, s, o);
-    }
-    if (e >= cols) return;
+    for (int o = 1; o < 4; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
     const float scale = amax / 127.0f;
     uint32_t packed[2] = {0, 0};
+    int qsum = 0;
     if (amax != 0.0f) {
 #pragma unroll
-        for (int i = 0; i < 8; i++)
-            packed[i / 4] |= (static_cast<uint32_t>(static_cast<int>(roundf(v[i] / scale))) & 0xFF) << (8 * (i % 4));
+        for (int i = 0; i < 8; i++) {
+            const int qi = static_cast<int>(roundf(v[i] / scale));
+            qsum += qi;
+            packed[i / 4] |= (static_cast<uint32_t>(qi) & 0xFF) << (8 * (i % 4));
+        }
     }
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) qsum += __shfl_xor_sync(0xffffffffu, qsum, o);
+    if (e >= cols) return;
     *reinterpret_cast<uint2 *>(q + e) = make_uint2(packed[0], packed[1]);
     if (threadIdx.x % 4 == 0) {
         d[e / 32] = scale;
-        sum[e / 32] = s;
+        sum[e / 32] = scale * static_cast<float>(qsum);
     }
 }
 
@@ -226,18 +228,18 @@ template <int N> __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Shared memory: QG_STAGES chunk buffers per warp, then the quantized x (cols + cols/32·8
+// Shared memory: STAGES chunk buffers per warp, then the quantized x (cols + cols/32·8
 // bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
 // multiple of 16, w and x 16-byte aligned.
-template <class F, typename T>
+template <class F, typename T, int STAGES>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    uint8_t *stages = smem + warp * QG_STAGES * CHUNK_BYTES;
-    int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * QG_STAGES * CHUNK_BYTES);
+    uint8_t *stages = smem + warp * STAGES * CHUNK_BYTES;
+    int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * STAGES * CHUNK_BYTES);
     float *xd = reinterpret_cast<float *>(xq + cols);
     float *xs = xd + cols / 32;
 
@@ -246,32 +248,32 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     const int first_row = blockIdx.x * QG_WARPS + warp, row_step = gridDim.x * QG_WARPS;
     const int items = first_row < rows ? (rows - first_row + row_step - 1) / row_step * chunks : 0;
     // Starts copying item t into its stage (one commit group per item, empty past the end, so
-    // the groups in flight always count QG_STAGES - 1).
+    // the groups in flight always count STAGES - 1).
     auto issue = [&](int t) {
         if (t < items) {
             const int c = t % chunks;
             const uint8_t *src = w + (size_t)(first_row + t / chunks * row_step) * row_bytes +
                                  (size_t)c * CHUNK_BYTES;
-            uint8_t *dst = stages + (t % QG_STAGES) * CHUNK_BYTES;
+            uint8_t *dst = stages + (t % STAGES) * CHUNK_BYTES;
             const int n = min(CHUNK_BYTES, row_bytes - c * CHUNK_BYTES) / 16;
             for (int i = lane; i < n; i += 32) copy16_async(dst + 16 * i, src + 16 * i);
         }
         copies_commit();
     };
 #pragma unroll
-    for (int t = 0; t < QG_STAGES - 1; t++) issue(t);
+    for (int t = 0; t < STAGES - 1; t++) issue(t);
     quantize_x<T>(x, cols, xq, xd, xs);
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
     float acc = 0.0f;
     for (int t = 0; t < items; t++) {
-        issue(t + QG_STAGES - 1); // into the stage computed last round
-        copies_wait<QG_STAGES - 1>();
+        issue(t + STAGES - 1); // into the stage computed last round
+        copies_wait<STAGES - 1>();
         __syncwarp(); // every lane's copies of item t have landed
         const int c = t % chunks;
         const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
-        if (lane < units) acc += F::dot(stages + (t % QG_STAGES) * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
+        if (lane < units) acc += F::dot(stages + (t % STAGES) * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
         if (c == chunks - 1) {
             acc = warp_sum(acc);
             if (lane == 0) y[first_row + t / chunks * row_step] = from_f<T>(acc);
@@ -282,15 +284,18 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>
-#define QUANT_GEMV(F, FSUF, T, SUF)                                                                 \
-    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS) quant_gemv_##FSUF##_##SUF(          \
-        const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes) {                   \
-        quant_gemv<F, T>(w, x, y, rows, cols, row_bytes);                                          \
+// quant_gemv_<format>_<activation type>_s<stages>
+#define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
+    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
+        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
+                                         int row_bytes) {                                           \
+        quant_gemv<F, T, S>(w, x, y, rows, cols, row_bytes);                                       \
     }
+#define QUANT_GEMV_STAGES(F, FSUF, T, SUF)                                                          \
+    QUANT_GEMV(F, FSUF, T, SUF, 2) QUANT_GEMV(F, FSUF, T, SUF, 3) QUANT_GEMV(F, FSUF, T, SUF, 4)
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
-    QUANT_GEMV(F, FSUF, float, f32) QUANT_GEMV(F, FSUF, __nv_bfloat16, bf16)                       \
-    QUANT_GEMV(F, FSUF, __half, f16)
+    QUANT_GEMV_STAGES(F, FSUF, float, f32) QUANT_GEMV_STAGES(F, FSUF, __nv_bfloat16, bf16)         \
+    QUANT_GEMV_STAGES(F, FSUF, __half, f16)
 QUANT_GEMV_TYPES(Q8_0, q8_0)
 QUANT_GEMV_TYPES(Q4K, q4k)
 QUANT_GEMV_TYPES(Q6K, q6k)

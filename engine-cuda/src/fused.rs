@@ -83,11 +83,24 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), the weights each warp stages
-/// in shared memory at a time (`QG_CHUNK`) and the chunks it has in flight (`QG_STAGES`).
+/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), and the weights each warp
+/// stages in shared memory at a time (`QG_CHUNK`).
 const QUANT_GEMV_WARPS: usize = 8;
 const QUANT_GEMV_CHUNK: usize = 2048;
-const QUANT_GEMV_STAGES: usize = 4;
+
+/// Chunks each warp of [`quant_gemv`] has in flight: 2 to 4, from
+/// `HELEXA_ENGINE_QUANT_GEMV_STAGES` (a tuning knob; more stages hide more memory latency but
+/// take more shared memory, so fewer blocks fit on an SM).
+fn quant_gemv_stages() -> usize {
+    static STAGES: OnceLock<usize> = OnceLock::new();
+    *STAGES.get_or_init(|| {
+        std::env::var("HELEXA_ENGINE_QUANT_GEMV_STAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|s| (2..=4).contains(s))
+            .unwrap_or(3)
+    })
+}
 /// Dynamic shared memory [`quant_gemv`] may ask for: what every GPU from compute 8.0 grants a
 /// block that opts in (99 KB on 8.6/8.9, more on 8.0 and 9.0).
 const QUANT_GEMV_SHARED_MAX: usize = 96 * 1024;
@@ -110,7 +123,7 @@ fn quant_row_bytes(dtype: GgmlDType, cols: usize) -> usize {
 /// Shared memory a [`quant_gemv`] block needs: the chunk buffers of each warp, then x quantized
 /// (one byte per value, and a scale and a sum per 32 values).
 fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize) -> usize {
-    QUANT_GEMV_WARPS * QUANT_GEMV_STAGES * quant_row_bytes(dtype, QUANT_GEMV_CHUNK)
+    QUANT_GEMV_WARPS * quant_gemv_stages() * quant_row_bytes(dtype, QUANT_GEMV_CHUNK)
         + cols
         + cols / 32 * 8
 }
@@ -154,6 +167,7 @@ pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
                 row_bytes: quant_row_bytes(w.dtype(), cols),
                 shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
                 warps: QUANT_GEMV_WARPS,
+                stages: quant_gemv_stages(),
             },
         )
     }

@@ -423,10 +423,14 @@ pub struct QuantGemv {
     pub shared_bytes: usize,
     /// Warps per block (`QG_WARPS` in the kernel).
     pub warps: usize,
+    /// Chunks in flight per warp (the kernel's `STAGES`).
+    pub stages: usize,
 }
 
-/// Blocks per SM the quantized GEMV's grid aims for (`QG_MIN_BLOCKS` in the kernel).
-const QUANT_GEMV_BLOCKS_PER_SM: usize = 2;
+/// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
+const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+/// Shared memory the driver reserves per block on top of what the kernel asks for.
+const SHARED_MEMORY_RESERVED: usize = 1024;
 
 pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
     by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
@@ -449,7 +453,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         dev,
         "helexa_quant_gemv",
         QUANT_GEMV_PTX,
-        &format!("quant_gemv_{}_{sfx}", launch.format),
+        &format!("quant_gemv_{}_{sfx}_s{}", launch.format, launch.stages),
     )?;
     let (w_ptr, _w_guard) = w.device_ptr_with_guard(&stream)?;
     let w_addr = w_ptr as u64;
@@ -458,13 +462,21 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     }
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
-    let sms = stream
-        .context()
+    let ctx = stream.context();
+    let sms = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .w()?;
+    let sm_shared = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+        .w()?;
+    // As many blocks as are resident at once (shared memory or registers permitting); warps
+    // then take further rows in turn.
+    let per_sm = (usize::try_from(sm_shared).unwrap_or(0)
+        / (launch.shared_bytes + SHARED_MEMORY_RESERVED))
+        .clamp(1, QUANT_GEMV_BLOCKS_PER_SM);
     let blocks = rows
         .div_ceil(launch.warps)
-        .min(QUANT_GEMV_BLOCKS_PER_SM * usize::try_from(sms).unwrap_or(1).max(1));
+        .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let mut b = stream.launch_builder(&f);
     b.arg(&w_addr).arg(&xv).arg(&mut y);
