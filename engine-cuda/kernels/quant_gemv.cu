@@ -92,15 +92,16 @@ struct Q8_0 {
 // a quarter block: 32 bytes whose low nibbles are sub-block 2j and high nibbles 2j+1.
 struct Q4K {
     static constexpr int BLOCK = 256, BYTES = 144;
-    // ggml's get_scale_min_k4.
-    static __device__ __forceinline__ void scale_min(const uint8_t *q, int is, int &sc, int &m) {
-        if (is < 4) {
-            sc = q[is] & 63;
-            m = q[is + 4] & 63;
-        } else {
-            sc = (q[is + 4] & 0xF) | ((q[is - 4] >> 6) << 4);
-            m = (q[is + 4] >> 4) | ((q[is] >> 6) << 4);
-        }
+    // The 6-bit scales and minimums of sub-blocks 2j and 2j+1 (ggml's get_scale_min_k4 for
+    // both), packed two per 16-bit word: sc = both scales, m = both minimums. Computed for the
+    // j < 2 and j >= 2 layouts alike and selected, so the lanes of a warp (all four j) never
+    // diverge.
+    static __device__ __forceinline__ void scales_mins(const uint8_t *q, int j, uint32_t &sc, uint32_t &m) {
+        const uint16_t *w = reinterpret_cast<const uint16_t *>(q);
+        const uint32_t a = w[j], b = w[j + 2], c = w[j ^ 2];
+        const bool low = j < 2;
+        sc = low ? a & 0x3f3f : (b & 0x0f0f) | ((c & 0xc0c0) >> 2);
+        m = low ? b & 0x3f3f : ((b >> 4) & 0x0f0f) | ((a & 0xc0c0) >> 2);
     }
     static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
         const uint8_t *blk = chunk + BYTES * (lane / 4);
@@ -117,13 +118,14 @@ struct Q4K {
                                   (v1.w >> 4) & lo_mask);
         const int s_lo = dot4x4(l1, x.at(k + 16), dot4x4(l0, x.at(k), 0));
         const int s_hi = dot4x4(h1, x.at(k + 48), dot4x4(h0, x.at(k + 32), 0));
-        int sc_lo, m_lo, sc_hi, m_hi;
-        scale_min(blk + 4, 2 * j, sc_lo, m_lo);
-        scale_min(blk + 4, 2 * j + 1, sc_hi, m_hi);
+        uint32_t sc, m;
+        scales_mins(blk + 4, j, sc, m);
         const float d = half_bits(dm), dmin = half_bits(dm >> 16);
-        const int g = k / 32;
-        return d * (sc_lo * x.d[g] * s_lo + sc_hi * x.d[g + 1] * s_hi) -
-               dmin * (m_lo * x.sum[g] + m_hi * x.sum[g + 1]);
+        const int g = k / 32; // even: the pair of scales and of sums is one 8-byte read
+        const float2 xd = *reinterpret_cast<const float2 *>(x.d + g);
+        const float2 xs = *reinterpret_cast<const float2 *>(x.sum + g);
+        return d * (float(sc & 0xff) * xd.x * s_lo + float(sc >> 8) * xd.y * s_hi) -
+               dmin * (float(m & 0xff) * xs.x + float(m >> 8) * xs.y);
     }
 };
 
