@@ -101,6 +101,7 @@ fn quant_gemv_stages() -> usize {
             .unwrap_or(2)
     })
 }
+
 /// Dynamic shared memory [`quant_gemv`] may ask for: what every GPU from compute 8.0 grants a
 /// block that opts in (99 KB on 8.6/8.9, more on 8.0 and 9.0).
 const QUANT_GEMV_SHARED_MAX: usize = 96 * 1024;
@@ -131,8 +132,9 @@ fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize) -> usize {
 /// Whether [`quant_gemv`] serves `x · wᵀ`: one 16-byte-aligned row of activations on a CUDA
 /// device, `w` in Q8_0, Q4_K or Q6_K with rows a multiple of 64 weights and of 16 bytes (true of
 /// the usual model widths: 2048, 4096, 12288…), x small enough to sit quantized in shared
-/// memory (up to ~22k values); and neither `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_QUANT_GEMV=0` (which turns
-/// off only this kernel, leaving candle's MMVQ).
+/// memory next to the chunk buffers (≥ 21k values at four stages, ~50k at the default two);
+/// and neither `HELEXA_ENGINE_KERNELS=0` nor `HELEXA_ENGINE_QUANT_GEMV=0` (which turns off
+/// only this kernel, leaving candle's MMVQ).
 pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     let Ok((_, cols)) = w.shape().dims2() else {

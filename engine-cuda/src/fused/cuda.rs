@@ -1,6 +1,6 @@
 //! Launches the kernels of `kernels/fused.cu` and `kernels/quant_gemv.cu` (PTX compiled by
-//! build.rs) on candle's stream for
-//! the device, reading candle's buffers in place and wrapping fresh buffers as tensors.
+//! build.rs) on candle's stream for the device, reading candle's buffers in place and wrapping
+//! fresh buffers as tensors.
 //!
 //! Unsafe because a kernel launch is: each launch below states the sizes it relies on. Buffers
 //! a kernel writes that belong to an existing tensor (the KV cache) are passed through candle's
@@ -56,6 +56,7 @@ fn function(dev: &CudaDevice, name: &str) -> Result<(CudaFunction, Arc<CudaStrea
     module_function(dev, "helexa_fused", PTX, name)
 }
 
+/// A kernel of the PTX module `module` (loaded on first use) and the stream to launch it on.
 fn module_function(
     dev: &CudaDevice,
     module: &str,
