@@ -9,10 +9,17 @@ With k(L, T) the launches of a run: per token = (k(L,8) - k(L,4)) / 4; per layer
 per token at 2 layers - per token at 1 layer; outside the layers = per token at 1 layer - per
 layer. The full model (LAYERS layers) launches outside + LAYERS x per layer per token. GPU time
 is split the same way, per kernel name, so the table says which kernels the time goes to.
+
+Then the launches of the last decoded token of the 2-layer, 8-token run in order, each with
+its grid and time: the per-product view (which matrix product costs what, and how much of a
+launch is fixed cost), bounded by the token's greedy pick (`argmax_f32`).
 """
 import collections
 import csv
 import sys
+
+# Nanoseconds per unit of ncu's time metric (it writes "ns" or "nsecond" depending on version).
+NS_PER_UNIT = {"ns": 1, "nsecond": 1, "us": 1e3, "usecond": 1e3, "ms": 1e6, "msecond": 1e6}
 
 
 def read(path):
@@ -25,10 +32,29 @@ def read(path):
                 continue
             name = r["Kernel Name"].split("(")[0].split("<")[0].strip()
             value = float(r["Metric Value"].replace(",", ""))
-            scale = {"nsecond": 1, "usecond": 1e3, "msecond": 1e6}.get(r.get("Metric Unit"), 1)
+            scale = NS_PER_UNIT.get(r.get("Metric Unit"), 1)
             count[name] += 1
             ns[name] += value * scale
     return count, ns
+
+
+def launches(path):
+    """(kernel name, grid size, microseconds) per launch, in launch order."""
+    out = []
+    with open(path) as f:
+        for r in csv.DictReader(line for line in f if line.startswith('"')):
+            if r.get("Metric Name") != "gpu__time_duration.sum":
+                continue
+            scale = NS_PER_UNIT.get(r.get("Metric Unit"), 1) / 1e3
+            out.append((r["Kernel Name"].split("(")[0].strip(), r.get("Grid Size", ""),
+                        float(r["Metric Value"].replace(",", "")) * scale))
+    return out
+
+
+def last_token(seq, pick="argmax_f32"):
+    """The launches after the second-to-last greedy pick up to and including the last."""
+    picks = [i for i, (name, _, _) in enumerate(seq) if name == pick]
+    return seq[picks[-2] + 1:picks[-1] + 1] if len(picks) >= 2 else []
 
 
 def per_token(d, layers):
@@ -59,6 +85,12 @@ def main():
             continue
         print(f"{n[:60]:60s} {layer_c[n]:14.1f} {model_c[n]:14.1f} {model_t[n] / 1e3:9.1f} "
               f"{100 * model_t[n] / max(total_t, 1):5.1f}%")
+    token = last_token(launches(f"{d}/ncu-l2-t8.csv"))
+    if token:
+        print(f"\nlast decoded token of the 2-layer model, launch by launch "
+              f"({sum(t for _, _, t in token):.1f} us):")
+        for name, grid, us in token:
+            print(f"  {name[:60]:60s} {grid:>14s} {us:9.2f} us")
 
 
 if __name__ == "__main__":
