@@ -72,7 +72,7 @@ kernels)
   # gpu__time_duration, so each kernel runs once) over short decodes of the Qwen3-8B shapes
   # cut to 1 and 2 layers, 4 and 8 tokens each. Differences isolate the launches per token
   # per layer and per token outside the layers; scripts/device/kernel_counts.py does the
-  # arithmetic and groups GPU time by kernel.
+  # arithmetic, groups GPU time by kernel and lists the last decoded token launch by launch.
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   for layers in 1 2; do
     "$bin/helexa-node" synth --preset qwen3-8b --layers "$layers" --formats "${2:-bf16}" \

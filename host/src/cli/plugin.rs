@@ -15,7 +15,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use helexa_policy_runtime::{
     Catalogue, CatalogueEntry, Decision, FailPolicy, Fleet, Node, PluginOptions, PolicyKind,
-    PolicyRuntime, RequestInfo, RuntimeConfig,
+    PolicyRuntime, PolicySet, RequestInfo, RuntimeConfig, SseEvent, Surface, TranslateError,
 };
 use serde::Deserialize;
 
@@ -479,6 +479,93 @@ struct EvictorCase {
     expected: Option<Vec<String>>,
 }
 
+/// A translator case (`policies/translator/tests/cases/*.json`): one call of the translation
+/// interface with JSON bodies, and the expected answer.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TranslatorCase {
+    name: String,
+    #[serde(default, rename = "description")]
+    _description: String,
+    #[serde(default)]
+    settings: Option<serde_json::Value>,
+    call: TranslatorCall,
+    /// The translated body; for a stream, the events (`data` parsed when it is JSON); for a
+    /// refused or failed call, `{"error": "<message>"}`.
+    expected: Option<serde_json::Value>,
+}
+
+/// Which function of `helexa:policy/translation` a case calls.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+enum TranslatorCall {
+    /// `request-to-chat`: a client body of surface `from`.
+    RequestToChat {
+        from: Surface,
+        body: serde_json::Value,
+    },
+    /// `response-from-chat`: a complete chat completion for a client of surface `to`.
+    ResponseFromChat {
+        to: Surface,
+        request: serde_json::Value,
+        body: serde_json::Value,
+    },
+    /// A `response-stream`: each chunk pushed in order, then `finish`.
+    ResponseStream {
+        to: Surface,
+        request: serde_json::Value,
+        chunks: Vec<serde_json::Value>,
+    },
+}
+
+impl TranslatorCall {
+    /// The answer as JSON (see [`TranslatorCase::expected`]).
+    fn answer(&self, set: &PolicySet) -> serde_json::Value {
+        let body = |result: Result<String, TranslateError>| {
+            result.map_or_else(
+                |e| serde_json::json!({ "error": e.to_string() }),
+                |text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+            )
+        };
+        match self {
+            Self::RequestToChat { from, body: b } => {
+                body(set.request_to_chat(*from, &b.to_string()))
+            }
+            Self::ResponseFromChat {
+                to,
+                request,
+                body: b,
+            } => body(set.response_from_chat(*to, &request.to_string(), &b.to_string())),
+            Self::ResponseStream {
+                to,
+                request,
+                chunks,
+            } => {
+                let events = (|| {
+                    let mut stream = set.response_stream(*to, &request.to_string(), "resp_case")?;
+                    let mut events = Vec::new();
+                    for chunk in chunks {
+                        events.extend(stream.push(&chunk.to_string())?);
+                    }
+                    events.extend(stream.finish()?);
+                    Ok::<Vec<SseEvent>, TranslateError>(events)
+                })();
+                match events {
+                    Ok(events) => events
+                        .into_iter()
+                        .map(|e| {
+                            let data = serde_json::from_str(&e.data)
+                                .unwrap_or(serde_json::Value::String(e.data));
+                            serde_json::json!({ "event": e.event, "data": data })
+                        })
+                        .collect(),
+                    Err(e) => serde_json::json!({ "error": e.to_string() }),
+                }
+            }
+        }
+    }
+}
+
 /// Repeats of each case for the timing (after the first, cold call).
 const TIMED_REPEATS: u32 = 200;
 
@@ -491,9 +578,20 @@ fn test(store: &PluginStore, name: &str, cases: &Path) -> anyhow::Result<()> {
         let bytes = store.read_wasm(&manifest)?;
         (manifest.name, manifest.version, bytes)
     };
-    let runtime = local_runtime()?;
+    run_cases(&local_runtime()?, &label, &version, &bytes, cases)
+}
+
+/// Runs the plugin `bytes` against every `*.json` case in `cases`, printing each answer and
+/// its timing; an error when a case's answer differs from its `expected`.
+fn run_cases(
+    runtime: &PolicyRuntime,
+    label: &str,
+    version: &str,
+    bytes: &[u8],
+    cases: &Path,
+) -> anyhow::Result<()> {
     let info = runtime
-        .inspect(&label, &bytes, None)
+        .inspect(label, bytes, None)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut files: Vec<PathBuf> = std::fs::read_dir(cases)
         .with_context(|| format!("reading {}", cases.display()))?
@@ -509,7 +607,7 @@ fn test(store: &PluginStore, name: &str, cases: &Path) -> anyhow::Result<()> {
         on_failure: FailPolicy::Reject,
         ..PluginOptions::default()
     };
-    let mut loaded: BTreeMap<String, helexa_policy_runtime::PolicySet> = BTreeMap::new();
+    let mut loaded: BTreeMap<String, PolicySet> = BTreeMap::new();
     let mut set_for = |settings: &Option<serde_json::Value>| -> anyhow::Result<_> {
         let settings = settings
             .as_ref()
@@ -518,7 +616,7 @@ fn test(store: &PluginStore, name: &str, cases: &Path) -> anyhow::Result<()> {
             return Ok(set.clone());
         }
         let plugin = runtime
-            .load_plugin_with(info.kind, &label, &version, &bytes, &settings, &options)
+            .load_plugin_with(info.kind, label, version, bytes, &settings, &options)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let set = runtime
             .default_set()
@@ -573,9 +671,13 @@ fn test(store: &PluginStore, name: &str, cases: &Path) -> anyhow::Result<()> {
                     warm,
                 )
             }
-            PolicyKind::Translator => bail!(
-                "`plugin test` runs router and evictor cases; translators are tested by their own crate"
-            ),
+            PolicyKind::Translator => {
+                let case: TranslatorCase = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a translator case", file.display()))?;
+                let set = set_for(&case.settings)?;
+                let (answer, cold, warm) = timed(|| case.call.answer(&set));
+                (case.name, answer, case.expected, cold, warm)
+            }
         };
         let verdict = match &expected {
             Some(e) if *e == answer => {
@@ -620,4 +722,49 @@ fn timed<R>(mut call: impl FnMut() -> R) -> (R, Duration, Duration) {
         std::hint::black_box(call());
     }
     (answer, cold, start.elapsed() / TIMED_REPEATS)
+}
+
+#[cfg(test)]
+mod tests {
+    use helexa_policy_runtime::embedded;
+
+    use super::*;
+
+    fn runtime() -> PolicyRuntime {
+        PolicyRuntime::new(RuntimeConfig::default(), &prometheus::Registry::new())
+            .expect("policy runtime")
+    }
+
+    fn cases(kind: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../policies")
+            .join(kind)
+            .join("tests/cases")
+    }
+
+    #[test]
+    fn the_default_policies_pass_their_recorded_cases() {
+        let rt = runtime();
+        for (kind, bytes) in [
+            ("router", embedded::ROUTER),
+            ("evictor", embedded::EVICTOR),
+            ("translator", embedded::TRANSLATOR),
+        ] {
+            run_cases(&rt, kind, "embedded", bytes, &cases(kind))
+                .unwrap_or_else(|e| panic!("{kind}: {e:#}"));
+        }
+    }
+
+    #[test]
+    fn a_translator_answer_unlike_its_expectation_fails_the_run() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let case = std::fs::read_to_string(cases("translator").join("01-anthropic-request.json"))
+            .expect("case");
+        let mut case: serde_json::Value = serde_json::from_str(&case).expect("json");
+        case["expected"]["max_tokens"] = 65.into();
+        std::fs::write(dir.path().join("case.json"), case.to_string()).expect("write");
+        let err = run_cases(&runtime(), "t", "x", embedded::TRANSLATOR, dir.path())
+            .expect_err("a wrong expectation must fail");
+        assert!(err.to_string().contains("1 case(s) failed"), "{err}");
+    }
 }
