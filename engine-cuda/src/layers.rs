@@ -2,7 +2,7 @@
 //! weights, RMSNorm, rotary embeddings (incl. Llama 3 scaling), a truncatable KV cache and
 //! grouped-query attention over it.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use serde::Deserialize;
 
@@ -119,25 +119,20 @@ impl Projections {
                 QMatMul::Tensor(stacked)
             }
             Some(QMatMul::QTensor(first)) => {
-                let (dtype, device, inp) = (first.dtype(), first.device(), first.shape().dims()[1]);
-                let mut bytes = Vec::new();
-                for p in &parts {
-                    match &p.weight {
-                        QMatMul::QTensor(q) if q.dtype() == dtype && q.shape().dims()[1] == inp => {
-                            // Blocks never straddle rows, so stacking rows is stacking bytes.
-                            bytes.extend_from_slice(&q.data()?);
-                        }
-                        _ => return Ok(Self::Separate(parts)),
-                    }
-                }
-                let rows = widths.iter().sum();
-                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                    dtype,
-                    &bytes,
-                    vec![rows, inp],
-                    &device,
-                )?;
-                QMatMul::QTensor(std::sync::Arc::new(q))
+                let device = first.device();
+                let quantized: Option<Vec<(&QTensor, usize)>> = parts
+                    .iter()
+                    .zip(&widths)
+                    .map(|(p, &w)| match &p.weight {
+                        QMatMul::QTensor(q) => Some((q.as_ref(), w)),
+                        _ => None,
+                    })
+                    .collect();
+                let stacked = match quantized {
+                    Some(q) => Self::stack_quantized(&q, &device)?,
+                    None => None,
+                };
+                return Ok(stacked.unwrap_or(Self::Separate(parts)));
             }
             _ => return Ok(Self::Separate(parts)),
         };
@@ -146,6 +141,42 @@ impl Projections {
             widths,
             views,
         })
+    }
+
+    /// `parts` (each a quantized `(out_i, in)` weight and its `out_i`) stacked into one product
+    /// on `device`, when enabled and they share one block type; `None` otherwise.
+    pub fn stack_quantized(parts: &[(&QTensor, usize)], device: &Device) -> Result<Option<Self>> {
+        let Some((first, _)) = parts.first() else {
+            return Ok(None);
+        };
+        let (dtype, inp) = (first.dtype(), first.shape().dims()[1]);
+        let stackable = fusion_enabled()
+            && parts.len() >= 2
+            && !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            && parts
+                .iter()
+                .all(|(q, _)| q.dtype() == dtype && q.shape().dims()[1] == inp);
+        if !stackable {
+            return Ok(None);
+        }
+        // Blocks never straddle rows, so stacking rows is stacking bytes.
+        let mut bytes = Vec::new();
+        for (q, _) in parts {
+            bytes.extend_from_slice(&q.data()?);
+        }
+        let widths: Vec<usize> = parts.iter().map(|&(_, w)| w).collect();
+        let rows = widths.iter().sum();
+        let stacked = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![rows, inp],
+            device,
+        )?;
+        Ok(Some(Self::Fused {
+            linear: Linear::new(QMatMul::QTensor(std::sync::Arc::new(stacked)), None),
+            widths,
+            views: Vec::new(),
+        }))
     }
 
     /// Each projection of `x` (`(…, in)` → `(…, out_i)`), in the order given to `new`. Fused

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::layers::{Linear, RmsNorm};
+use crate::layers::{Linear, Projections, RmsNorm};
 
 /// A GGUF file opened for loading: its parsed header plus a reader for tensor data.
 pub struct GgufFile {
@@ -176,32 +176,98 @@ impl Weights {
 
     /// A linear layer `<prefix>.weight` of shape `(out, in)` (and `<prefix>.bias` if present).
     pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Linear> {
-        let wname = format!("{prefix}.weight");
-        let bname = format!("{prefix}.bias");
-        let bias = if self.contains(&bname) {
-            Some(self.get_shaped(&bname, &[out])?)
-        } else {
-            None
-        };
         let weight = match &self.source {
-            Source::Safetensors(_) => QMatMul::Tensor(self.get_shaped(&wname, &[out, inp])?),
+            Source::Safetensors(_) => {
+                QMatMul::Tensor(self.get_shaped(&format!("{prefix}.weight"), &[out, inp])?)
+            }
             Source::Gguf(g) => {
-                let n = gguf_name(&wname).ok_or_else(|| missing(&wname))?;
-                if !g.has_tensor(&n) {
-                    return Err(missing(&format!("{n} (for {wname})")));
-                }
-                let q = g.qtensor(&n, &self.device)?;
-                if q.shape().dims() != [out, inp] {
-                    candle_core::bail!(
-                        "tensor {n} has shape {:?}, expected {:?}",
-                        q.shape(),
-                        [out, inp]
-                    );
-                }
-                self.qmatmul(q)?
+                self.qmatmul(self.gguf_weight(g, prefix, out, inp, &self.device)?)?
             }
         };
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::new(weight, self.bias(prefix, out)?))
+    }
+
+    /// Projections of one input (`(prefix, out)` each, all `(out, inp)`: q/k/v, gate/up),
+    /// stacked into one product where [`Projections::new`] would stack them. GGUF blocks are
+    /// read to the host and stacked there, then uploaded once: uploading each part and reading
+    /// it back to stack it moved the bytes over the bus three times (most of a model's weights
+    /// are in these projections).
+    pub fn projections(&self, parts: &[(&str, usize)], inp: usize) -> Result<Projections> {
+        let Source::Gguf(g) = &self.source else {
+            let linears = parts.iter().map(|&(p, out)| self.linear(p, out, inp));
+            return Projections::new(linears.collect::<Result<_>>()?);
+        };
+        if parts
+            .iter()
+            .any(|&(p, _)| self.contains(&format!("{p}.bias")))
+        {
+            // Biases keep the parts separate.
+            let linears = parts.iter().map(|&(p, out)| self.linear(p, out, inp));
+            return Projections::new(linears.collect::<Result<_>>()?);
+        }
+        let host: Vec<(QTensor, usize)> = parts
+            .iter()
+            .map(|&(p, out)| Ok((self.gguf_weight(g, p, out, inp, &Device::Cpu)?, out)))
+            .collect::<Result<_>>()?;
+        let refs: Vec<(&QTensor, usize)> = host.iter().map(|(q, out)| (q, *out)).collect();
+        if let Some(stacked) = Projections::stack_quantized(&refs, &self.device)? {
+            return Ok(stacked);
+        }
+        let linears = host
+            .into_iter()
+            .map(|(q, _)| {
+                let on_host = self.device.is_cpu()
+                    || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+                // Float tensors become dense on the device in `qmatmul`; blocks go up as they are.
+                let q = if on_host {
+                    q
+                } else {
+                    candle_core::quantized::ggml_file::qtensor_from_ggml(
+                        q.dtype(),
+                        &q.data()?,
+                        q.shape().dims().to_vec(),
+                        &self.device,
+                    )?
+                };
+                Ok(Linear::new(self.qmatmul(q)?, None))
+            })
+            .collect::<Result<_>>()?;
+        Projections::new(linears)
+    }
+
+    /// `<prefix>.bias` of shape `(out,)`, if the checkpoint has one.
+    fn bias(&self, prefix: &str, out: usize) -> Result<Option<Tensor>> {
+        let name = format!("{prefix}.bias");
+        if self.contains(&name) {
+            Ok(Some(self.get_shaped(&name, &[out])?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The GGUF tensor for `<prefix>.weight`, checked to be `(out, inp)`, read onto `device`.
+    fn gguf_weight(
+        &self,
+        g: &GgufFile,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        device: &Device,
+    ) -> Result<QTensor> {
+        let wname = format!("{prefix}.weight");
+        let n = gguf_name(&wname).ok_or_else(|| missing(&wname))?;
+        if !g.has_tensor(&n) {
+            return Err(missing(&format!("{n} (for {wname})")));
+        }
+        let q = g.qtensor(&n, device)?;
+        if q.shape().dims() != [out, inp] {
+            candle_core::bail!(
+                "tensor {n} has shape {:?}, expected {:?}",
+                q.shape(),
+                [out, inp]
+            );
+        }
+        Ok(q)
     }
 
     /// The expert projections `<prefix>.experts.{e}.<proj>` of a mixture-of-experts block. GGUF
@@ -316,7 +382,49 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::gguf_name;
+    use candle_core::{DType, Device, Tensor};
+
+    use super::{GgufFile, Weights, gguf_name};
+    use crate::layers::Projections;
+
+    /// The host-stacked GGUF projections compute what the parts do one by one, in each block
+    /// type of the fixtures (BF16 is dense and stacks as before).
+    #[test]
+    fn gguf_projections_stack_on_the_host_and_match_the_parts() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-qwen3/gguf");
+        for ty in ["Q8_0", "Q4_K_M", "Q6_K", "BF16"] {
+            let file = GgufFile::open(format!("{dir}/tiny-qwen3-{ty}.gguf").as_ref()).expect(ty);
+            let vb = Weights::from_gguf(file, DType::F32, &Device::Cpu);
+            let p = "model.layers.0.self_attn";
+            let names = [
+                (format!("{p}.q_proj"), 256),
+                (format!("{p}.k_proj"), 128),
+                (format!("{p}.v_proj"), 128),
+            ];
+            let parts: Vec<(&str, usize)> = names.iter().map(|(n, o)| (n.as_str(), *o)).collect();
+            let stacked = vb.projections(&parts, 256).expect("projections");
+            assert!(matches!(stacked, Projections::Fused { .. }), "{ty}: not stacked");
+            for len in [1, 3] {
+                let x = Tensor::randn(0f32, 1.0, (1, len, 256), &Device::Cpu).expect("x");
+                let got = stacked.forward(&x).expect("stacked");
+                for ((name, out), got) in names.iter().zip(&got) {
+                    let want = vb
+                        .linear(name, *out, 256)
+                        .and_then(|l| l.forward(&x))
+                        .expect("part");
+                    let diff = (got - &want)
+                        .and_then(|d| d.abs())
+                        .and_then(|d| d.max_all())
+                        .and_then(|d| d.to_scalar::<f32>())
+                        .expect("diff");
+                    // Quantized parts take the same kernel either way; a dense stacked matmul
+                    // may sum in another order.
+                    let tolerance = if ty == "BF16" { 1e-5 } else { 0.0 };
+                    assert!(diff <= tolerance, "{ty} {name} len {len}: {diff}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn maps_checkpoint_names_to_llama_cpp() {

@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use crate::fused;
 use crate::layers::{
-    Attention, KvCache, Linear, Mlp, Projections, RmsNorm, Rope, RopeParameters, RopeScaling,
-    RopeStyle, causal_mask, last_rows,
+    Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
+    causal_mask, last_rows,
 };
 use crate::models::{CausalLm, Embedding};
 use crate::weights::{GgufFile, Weights};
@@ -125,10 +125,13 @@ impl FeedForward for Mlp {
 /// The dense SwiGLU MLP `<prefix>.{gate,up,down}_proj` of width `intermediate`.
 pub fn load_mlp(vb: &Weights, prefix: &str, hidden: usize, intermediate: usize) -> Result<Mlp> {
     Ok(Mlp {
-        gate_up: Projections::new(vec![
-            vb.linear(&format!("{prefix}.gate_proj"), intermediate, hidden)?,
-            vb.linear(&format!("{prefix}.up_proj"), intermediate, hidden)?,
-        ])?,
+        gate_up: vb.projections(
+            &[
+                (&format!("{prefix}.gate_proj"), intermediate),
+                (&format!("{prefix}.up_proj"), intermediate),
+            ],
+            hidden,
+        )?,
         down_proj: vb.linear(&format!("{prefix}.down_proj"), hidden, intermediate)?,
     })
 }
@@ -190,11 +193,14 @@ impl<F: FeedForward> Decoder<F> {
                     .transpose()
             };
             let attn = Attention {
-                qkv: Projections::new(vec![
-                    vb.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                    vb.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?,
-                    vb.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?,
-                ])?,
+                qkv: vb.projections(
+                    &[
+                        (&format!("{p}.self_attn.q_proj"), nh * hd),
+                        (&format!("{p}.self_attn.k_proj"), nkv * hd),
+                        (&format!("{p}.self_attn.v_proj"), nkv * hd),
+                    ],
+                    h,
+                )?,
                 o_proj: vb.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
                 q_norm: qk_norm("q")?,
                 k_norm: qk_norm("k")?,
