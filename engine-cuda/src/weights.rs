@@ -209,6 +209,62 @@ impl Weights {
             .iter()
             .map(|&(p, out)| Ok((self.gguf_weight(g, p, out, inp, &Device::Cpu)?, out)))
             .collect::<Result<_>>()?;
+        self.upload_projections(host)
+    }
+
+    /// The projections `projs` (e.g. `["gate_proj", "up_proj"]`, each `(out, inp)`) of each of
+    /// the `n` experts `<prefix>.experts.{e}`, stacked per expert as [`Weights::projections`]
+    /// does; GGUF's stacked expert tensors are split and restacked on the host.
+    pub fn expert_projections(
+        &self,
+        prefix: &str,
+        projs: &[&str],
+        n: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<Vec<Projections>> {
+        let Source::Gguf(g) = &self.source else {
+            return (0..n)
+                .map(|e| {
+                    let names: Vec<String> = projs
+                        .iter()
+                        .map(|proj| format!("{prefix}.experts.{e}.{proj}"))
+                        .collect();
+                    let parts: Vec<(&str, usize)> =
+                        names.iter().map(|name| (name.as_str(), out)).collect();
+                    self.projections(&parts, inp)
+                })
+                .collect();
+        };
+        let stacked: Vec<QTensor> = projs
+            .iter()
+            .map(|proj| self.gguf_experts(g, prefix, proj, n, out, inp))
+            .collect::<Result<_>>()?;
+        let bytes: Vec<_> = stacked.iter().map(QTensor::data).collect::<Result<_>>()?;
+        (0..n)
+            .map(|e| {
+                let host = stacked
+                    .iter()
+                    .zip(&bytes)
+                    .map(|(q, data)| {
+                        let per = data.len() / n;
+                        let part = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                            q.dtype(),
+                            &data[e * per..(e + 1) * per],
+                            vec![out, inp],
+                            &Device::Cpu,
+                        )?;
+                        Ok((part, out))
+                    })
+                    .collect::<Result<_>>()?;
+                self.upload_projections(host)
+            })
+            .collect()
+    }
+
+    /// Host-side parts `(weight, out)` of one input's projections as [`Projections`] on the
+    /// device: one upload of the stacked blocks when they stack, else each part on its own.
+    fn upload_projections(&self, host: Vec<(QTensor, usize)>) -> Result<Projections> {
         let refs: Vec<(&QTensor, usize)> = host.iter().map(|(q, out)| (q, *out)).collect();
         if let Some(stacked) = Projections::stack_quantized(&refs, &self.device)? {
             return Ok(stacked);
@@ -286,19 +342,7 @@ impl Weights {
                 .map(|e| self.linear(&format!("{prefix}.experts.{e}.{proj}"), out, inp))
                 .collect(),
             Source::Gguf(g) => {
-                let stacked = format!("{prefix}.experts.{proj}.weight");
-                let name = gguf_name(&stacked).ok_or_else(|| missing(&stacked))?;
-                if !g.has_tensor(&name) {
-                    return Err(missing(&name));
-                }
-                let q = g.qtensor(&name, &Device::Cpu)?;
-                if q.shape().dims() != [n, out, inp] {
-                    candle_core::bail!(
-                        "tensor {name} has shape {:?}, expected {:?}",
-                        q.shape(),
-                        [n, out, inp]
-                    );
-                }
+                let q = self.gguf_experts(g, prefix, proj, n, out, inp)?;
                 let data = q.data()?;
                 let per = data.len() / n;
                 (0..n)
@@ -314,6 +358,34 @@ impl Weights {
                     .collect()
             }
         }
+    }
+
+    /// GGUF's stacked experts `blk.N.ffn_<proj>_exps` for `<prefix>.experts.<proj>`, checked to
+    /// be `(n, out, inp)`, on the host (quantization blocks never straddle rows, so each expert
+    /// is a contiguous byte range of it).
+    fn gguf_experts(
+        &self,
+        g: &GgufFile,
+        prefix: &str,
+        proj: &str,
+        n: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<QTensor> {
+        let stacked = format!("{prefix}.experts.{proj}.weight");
+        let name = gguf_name(&stacked).ok_or_else(|| missing(&stacked))?;
+        if !g.has_tensor(&name) {
+            return Err(missing(&name));
+        }
+        let q = g.qtensor(&name, &Device::Cpu)?;
+        if q.shape().dims() != [n, out, inp] {
+            candle_core::bail!(
+                "tensor {name} has shape {:?}, expected {:?}",
+                q.shape(),
+                [n, out, inp]
+            );
+        }
+        Ok(q)
     }
 
     /// Wraps a GGUF tensor for matrix products: float types become dense tensors in the compute
@@ -403,7 +475,10 @@ mod tests {
             ];
             let parts: Vec<(&str, usize)> = names.iter().map(|(n, o)| (n.as_str(), *o)).collect();
             let stacked = vb.projections(&parts, 256).expect("projections");
-            assert!(matches!(stacked, Projections::Fused { .. }), "{ty}: not stacked");
+            assert!(
+                matches!(stacked, Projections::Fused { .. }),
+                "{ty}: not stacked"
+            );
             for len in [1, 3] {
                 let x = Tensor::randn(0f32, 1.0, (1, len, 256), &Device::Cpu).expect("x");
                 let got = stacked.forward(&x).expect("stacked");

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use crate::layers::{Linear, Mlp, Projections, RopeStyle, softmax_f32};
+use crate::layers::{Linear, Mlp, RopeStyle, softmax_f32};
 use crate::models::decoder::{Decoder, DecoderConfig, DecoderOptions, FeedForward, load_mlp};
 use crate::models::{CausalLm, ModelConfig};
 use crate::weights::{GgufFile, Weights};
@@ -52,20 +52,13 @@ impl Config {
             self.moe_intermediate_size,
             self.num_experts,
         );
-        let gates = vb.experts(prefix, "gate_proj", n, mi, h)?;
-        let ups = vb.experts(prefix, "up_proj", n, mi, h)?;
+        let gate_ups = vb.expert_projections(prefix, &["gate_proj", "up_proj"], n, mi, h)?;
         let downs = vb.experts(prefix, "down_proj", n, h, mi)?;
-        let experts = gates
+        let experts = gate_ups
             .into_iter()
-            .zip(ups)
             .zip(downs)
-            .map(|((gate_proj, up_proj), down_proj)| {
-                Ok(Mlp {
-                    gate_up: Projections::new(vec![gate_proj, up_proj])?,
-                    down_proj,
-                })
-            })
-            .collect::<Result<_>>()?;
+            .map(|(gate_up, down_proj)| Mlp { gate_up, down_proj })
+            .collect();
         Ok(SparseMoe {
             gate: vb.linear(&format!("{prefix}.gate"), n, h)?,
             experts,
