@@ -272,10 +272,9 @@ impl Weights {
         let linears = host
             .into_iter()
             .map(|(q, _)| {
-                let on_host = self.device.is_cpu()
-                    || matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-                // Float tensors become dense on the device in `qmatmul`; blocks go up as they are.
-                let q = if on_host {
+                // Up as stored (float types too: `qmatmul` then widens them on the device,
+                // which moves half the bytes of widening on the host).
+                let q = if self.device.is_cpu() {
                     q
                 } else {
                     candle_core::quantized::ggml_file::qtensor_from_ggml(
