@@ -193,18 +193,17 @@ impl Weights {
     /// it back to stack it moved the bytes over the bus three times (most of a model's weights
     /// are in these projections).
     pub fn projections(&self, parts: &[(&str, usize)], inp: usize) -> Result<Projections> {
-        let Source::Gguf(g) = &self.source else {
-            let linears = parts.iter().map(|&(p, out)| self.linear(p, out, inp));
-            return Projections::new(linears.collect::<Result<_>>()?);
-        };
-        if parts
+        let has_bias = parts
             .iter()
-            .any(|&(p, _)| self.contains(&format!("{p}.bias")))
-        {
+            .any(|&(p, _)| self.contains(&format!("{p}.bias")));
+        let g = match &self.source {
             // Biases keep the parts separate.
-            let linears = parts.iter().map(|&(p, out)| self.linear(p, out, inp));
-            return Projections::new(linears.collect::<Result<_>>()?);
-        }
+            Source::Gguf(g) if !has_bias => g,
+            _ => {
+                let linears = parts.iter().map(|&(p, out)| self.linear(p, out, inp));
+                return Projections::new(linears.collect::<Result<_>>()?);
+            }
+        };
         let host: Vec<(QTensor, usize)> = parts
             .iter()
             .map(|&(p, out)| Ok((self.gguf_weight(g, p, out, inp, &Device::Cpu)?, out)))
