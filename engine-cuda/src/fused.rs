@@ -455,7 +455,7 @@ mod gpu_tests {
                 let w = random(&[rows, cols], DType::F32, &dev);
                 let q = QTensor::quantize(&w, dtype).expect("quantize");
                 let x32 = random(&[1, 1, cols], DType::F32, &dev);
-                for act in [DType::F32, DType::BF16] {
+                for act in [DType::F32, DType::BF16, DType::F16] {
                     let x = x32.to_dtype(act).expect("x");
                     if !quant_gemv_applies(&x, &q) {
                         // Q6_K rows of 2 or 10 blocks (420, 2100 bytes) are not whole 16-byte
@@ -486,10 +486,10 @@ mod gpu_tests {
                     let flat = |t: &Tensor| t.reshape((1, rows)).expect("shape");
                     let e = rel_diff(&flat(&got), &dense);
                     let e_mmvq = rel_diff(&flat(&mmvq), &dense);
-                    let bf16 = if act == DType::BF16 { 1e-2 } else { 0.0 };
+                    let half = if act == DType::F32 { 0.0 } else { 1e-2 };
                     assert!(e <= 2e-2, "{case} {act:?} vs dequantized: {e}");
                     assert!(
-                        e <= e_mmvq + 1e-3 + bf16,
+                        e <= e_mmvq + 1e-3 + half,
                         "{case} {act:?}: {e} vs dequantized, MMVQ {e_mmvq}"
                     );
                 }
