@@ -8,6 +8,10 @@
 #   scripts/device/gpu-check.sh bench [FORMATS]   # helexa-node bench on the synthesized
 #                                       # Qwen3-8B shapes (default bf16,q8_0,q4_k_m)
 #   scripts/device/gpu-check.sh kernels [FORMAT]  # kernel launches and GPU time per decoded token (ncu)
+#   scripts/device/gpu-check.sh all     # all of issue 7's evidence in one visit (~8 min): check,
+#                                       # bench, each performance switch off (decode @0), the
+#                                       # kernel breakdown of KERNEL_FORMATS (default q8_0);
+#                                       # outputs folded into three files (fold_outputs.py)
 #
 # The PTX JIT cache lives in /tmp/jc and is returned as $OUT/jitcache.tgz; carry it back in
 # .carry/ to skip the ~13 s JIT on the next fresh machine. Synthesized models stay in
@@ -37,6 +41,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 status=0
 
 case "$mode" in
+all)
+  quick="--prefill 512 --decode-context 0"
+  "$0" check || status=1
+  "$0" bench || status=1
+  BENCH_ARGS="$quick" BENCH_TAG=kernels-0 HELEXA_ENGINE_KERNELS=0 "$0" bench || status=1
+  BENCH_ARGS="$quick" BENCH_TAG=gemv-0 HELEXA_ENGINE_GEMV=0 "$0" bench bf16 || status=1
+  BENCH_ARGS="$quick" BENCH_TAG=quant-gemv-0 HELEXA_ENGINE_QUANT_GEMV=0 "$0" bench q8_0,q4_k_m \
+    || status=1
+  for f in ${KERNEL_FORMATS:-q8_0}; do
+    "$0" kernels "$f" || status=1
+    mv "$OUT/kernels.txt" "$OUT/kernels-$f.txt"
+  done
+  python3 scripts/device/fold_outputs.py "$OUT"
+  exit $status
+  ;;
 check)
   "$bin/engine-cuda-tests" --test-threads 1 fused::gpu_tests > "$OUT/fused_kernels.log" 2>&1
   rc=$?
@@ -86,7 +105,7 @@ kernels)
   done
   python3 scripts/device/kernel_counts.py /tmp 36 | tee "$OUT/kernels.txt"
   ;;
-*) echo "unknown mode $mode (check | bench | kernels)"; exit 2 ;;
+*) echo "unknown mode $mode (check | bench | kernels | all)"; exit 2 ;;
 esac
 tar -C /tmp -czf "$OUT/jitcache.tgz" jc 2>/dev/null
 exit $status
