@@ -170,6 +170,29 @@ impl Weights {
         Ok(t)
     }
 
+    /// A GGUF table `name` of shape `shape` kept in its block quantization (on the device);
+    /// `None` for safetensors and for GGUF float types.
+    pub fn quantized_table(&self, name: &str, shape: &[usize]) -> Result<Option<QTensor>> {
+        let Source::Gguf(g) = &self.source else {
+            return Ok(None);
+        };
+        let n = gguf_name(name).ok_or_else(|| missing(name))?;
+        let Some(info) = g.content.tensor_infos.get(&n) else {
+            return Err(missing(&format!("{n} (for {name})")));
+        };
+        if matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        ) {
+            return Ok(None);
+        }
+        let q = g.qtensor(&n, &self.device)?;
+        if q.shape().dims() != shape {
+            candle_core::bail!("tensor {n} has shape {:?}, expected {shape:?}", q.shape());
+        }
+        Ok(Some(q))
+    }
+
     pub fn rms_norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
         Ok(RmsNorm::new(self.get_shaped(name, &[size])?, eps))
     }
@@ -496,6 +519,39 @@ mod tests {
                     assert!(diff <= tolerance, "{ty} {name} len {len}: {diff}");
                 }
             }
+        }
+    }
+
+    /// On the CPU a GGUF embedding table stays quantized, and its rows are the dequantized
+    /// table's rows.
+    #[test]
+    fn quantized_embedding_rows_match_the_dequantized_table() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-qwen3/gguf");
+        for ty in ["Q8_0", "Q4_K_M", "BF16"] {
+            let file = GgufFile::open(format!("{dir}/tiny-qwen3-{ty}.gguf").as_ref()).expect(ty);
+            let vb = Weights::from_gguf(file, DType::F32, &Device::Cpu);
+            let name = "model.embed_tokens.weight";
+            let embed = crate::models::Embedding::load(&vb, name, 2048, 256).expect("embedding");
+            let dense = vb.get_shaped(name, &[2048, 256]).expect("dense");
+            assert_eq!(
+                embed.size_in_bytes() < 2048 * 256 * 4,
+                ty != "BF16",
+                "{ty}: quantized table kept"
+            );
+            let tokens = [0u32, 7, 2047, 7];
+            let ids = Tensor::from_slice(&tokens, 4, &Device::Cpu).expect("ids");
+            let want = dense.index_select(&ids, 0).expect("rows");
+            let got = embed
+                .forward(&tokens)
+                .expect("forward")
+                .squeeze(0)
+                .expect("rows");
+            let diff = (got - want)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            assert_eq!(diff, 0.0, "{ty}");
         }
     }
 
