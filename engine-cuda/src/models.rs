@@ -55,7 +55,8 @@ pub struct Embedding {
 
 enum Table {
     Dense(Tensor),
-    Quantized { table: QTensor, dtype: DType },
+    // Boxed: a `QTensor` is several times the size of a `Tensor` handle.
+    Quantized { table: Box<QTensor>, dtype: DType },
 }
 
 impl Embedding {
@@ -65,7 +66,7 @@ impl Embedding {
         {
             return Ok(Self {
                 table: Table::Quantized {
-                    table,
+                    table: Box::new(table),
                     dtype: vb.dtype,
                 },
             });
