@@ -70,11 +70,17 @@ pub fn fusion_enabled() -> bool {
     crate::fused::switch(&ON, "HELEXA_ENGINE_FUSE")
 }
 
+/// Whether GGUF stores `dtype` in quantization blocks (rather than as plain floats).
+pub fn is_block_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
 /// Projections of one input (attention's q/k/v, the MLP's gate/up). At batch 1 each matrix
 /// product is a bandwidth-bound GEMV plus a kernel launch or two of fixed cost, so stacking
 /// the weights into one product saves the launches and lets one larger GEMV run closer to the
 /// memory bandwidth. Weights stack when they are all dense, or all quantized with the same
-/// block type (llama.cpp's Q4_K_M mixes Q4_K and Q6_K, so some layers stay separate).
+/// block type. llama.cpp's Q4_K_M mixes Q4_K and Q6_K (half the layers' `v_proj` is Q6_K):
+/// there the consecutive parts that share a block type stack ([`Projections::Runs`]).
 #[derive(Debug, Clone)]
 pub enum Projections {
     /// One product over the stacked weights; its output is split at these widths. `views`
@@ -87,6 +93,9 @@ pub enum Projections {
         views: Vec<Linear>,
     },
     Separate(Vec<Linear>),
+    /// Consecutive groups of the parts, in order, each `Fused` or a `Separate` single: q and k
+    /// stacked beside a v of another block type is two products instead of three.
+    Runs(Vec<Projections>),
 }
 
 impl Projections {
@@ -152,7 +161,7 @@ impl Projections {
         let (dtype, inp) = (first.dtype(), first.shape().dims()[1]);
         let stackable = fusion_enabled()
             && parts.len() >= 2
-            && !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+            && is_block_quantized(dtype)
             && parts
                 .iter()
                 .all(|(q, _)| q.dtype() == dtype && q.shape().dims()[1] == inp);
@@ -185,6 +194,13 @@ impl Projections {
         let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
         match self {
             Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Runs(runs) => {
+                let mut out = Vec::new();
+                for run in runs {
+                    out.extend(run.forward(x)?);
+                }
+                Ok(out)
+            }
             Self::Fused { views, .. } if tokens > 1 && !views.is_empty() => {
                 views.iter().map(|p| p.forward(x)).collect()
             }
@@ -206,6 +222,7 @@ impl Projections {
     pub fn size_in_bytes(&self) -> usize {
         match self {
             Self::Separate(parts) => parts.iter().map(Linear::size_in_bytes).sum(),
+            Self::Runs(runs) => runs.iter().map(Self::size_in_bytes).sum(),
             Self::Fused { linear, .. } => linear.size_in_bytes(),
         }
     }

@@ -8,10 +8,10 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::layers::{Linear, Projections, RmsNorm};
+use crate::layers::{Linear, Projections, RmsNorm, fusion_enabled, is_block_quantized};
 
 /// A GGUF file opened for loading: its parsed header plus a reader for tensor data.
 pub struct GgufFile {
@@ -180,10 +180,7 @@ impl Weights {
         let Some(info) = g.content.tensor_infos.get(&n) else {
             return Err(missing(&format!("{n} (for {name})")));
         };
-        if matches!(
-            info.ggml_dtype,
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
-        ) {
+        if !is_block_quantized(info.ggml_dtype) {
             return Ok(None);
         }
         let q = g.qtensor(&n, &self.device)?;
@@ -285,31 +282,52 @@ impl Weights {
     }
 
     /// Host-side parts `(weight, out)` of one input's projections as [`Projections`] on the
-    /// device: one upload of the stacked blocks when they stack, else each part on its own.
+    /// device: one upload of the stacked blocks when they all stack; else runs of consecutive
+    /// parts of one block type, each stacked; else each part on its own.
     fn upload_projections(&self, host: Vec<(QTensor, usize)>) -> Result<Projections> {
         let refs: Vec<(&QTensor, usize)> = host.iter().map(|(q, out)| (q, *out)).collect();
         if let Some(stacked) = Projections::stack_quantized(&refs, &self.device)? {
             return Ok(stacked);
         }
-        let linears = host
-            .into_iter()
-            .map(|(q, _)| {
-                // Up as stored (float types too: `qmatmul` then widens them on the device,
-                // which moves half the bytes of widening on the host).
-                let q = if self.device.is_cpu() {
-                    q
-                } else {
-                    candle_core::quantized::ggml_file::qtensor_from_ggml(
-                        q.dtype(),
-                        &q.data()?,
-                        q.shape().dims().to_vec(),
-                        &self.device,
-                    )?
-                };
-                Ok(Linear::new(self.qmatmul(q)?, None))
-            })
+        let runs: Vec<&[(&QTensor, usize)]> = refs
+            .chunk_by(|(a, _), (b, _)| a.dtype() == b.dtype())
+            .collect();
+        let stacks =
+            |run: &&[(&QTensor, usize)]| run.len() >= 2 && is_block_quantized(run[0].0.dtype());
+        if fusion_enabled() && runs.iter().any(stacks) {
+            let runs = runs
+                .into_iter()
+                .map(
+                    |run| match Projections::stack_quantized(run, &self.device)? {
+                        Some(stacked) => Ok(stacked),
+                        None => Ok(Projections::Separate(
+                            run.iter()
+                                .map(|(q, _)| self.upload_linear(q))
+                                .collect::<Result<_>>()?,
+                        )),
+                    },
+                )
+                .collect::<Result<_>>()?;
+            return Ok(Projections::Runs(runs));
+        }
+        let linears = refs
+            .iter()
+            .map(|(q, _)| self.upload_linear(q))
             .collect::<Result<_>>()?;
         Projections::new(linears)
+    }
+
+    /// A host-side GGUF weight as a linear layer on the device, uploaded as stored (float types
+    /// too: `qmatmul` then widens them on the device, which moves half the bytes of widening on
+    /// the host).
+    fn upload_linear(&self, q: &QTensor) -> Result<Linear> {
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            q.dtype(),
+            &q.data()?,
+            q.shape().dims().to_vec(),
+            &self.device,
+        )?;
+        Ok(Linear::new(self.qmatmul(q)?, None))
     }
 
     /// `<prefix>.bias` of shape `(out,)`, if the checkpoint has one.
@@ -412,11 +430,12 @@ impl Weights {
     /// Wraps a GGUF tensor for matrix products: float types become dense tensors in the compute
     /// dtype, block-quantized types stay quantized.
     fn qmatmul(&self, q: QTensor) -> Result<QMatMul> {
-        match q.dtype() {
-            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => Ok(QMatMul::Tensor(
+        if is_block_quantized(q.dtype()) {
+            QMatMul::from_qtensor(q)
+        } else {
+            Ok(QMatMul::Tensor(
                 q.dequantize(&self.device)?.to_dtype(self.dtype)?,
-            )),
-            _ => QMatMul::from_qtensor(q),
+            ))
         }
     }
 
@@ -477,6 +496,8 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 mod tests {
     use candle_core::{DType, Device, Tensor};
 
+    use candle_core::quantized::QTensor;
+
     use super::{GgufFile, Weights, gguf_name};
     use crate::layers::Projections;
 
@@ -519,6 +540,49 @@ mod tests {
                     assert!(diff <= tolerance, "{ty} {name} len {len}: {diff}");
                 }
             }
+        }
+    }
+
+    /// Q4_K_M-style mixed parts (q, k in Q4_K, v in Q6_K): q and k stack, v stays apart, and
+    /// the outputs are the parts' own.
+    #[test]
+    fn mixed_block_types_stack_in_runs() {
+        use candle_core::quantized::GgmlDType;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/tiny-qwen3/gguf");
+        let file = GgufFile::open(format!("{dir}/tiny-qwen3-Q8_0.gguf").as_ref()).expect("gguf");
+        let vb = Weights::from_gguf(file, DType::F32, &Device::Cpu);
+        let part = |rows: usize, dtype: GgmlDType| {
+            let w = Tensor::randn(0f32, 1.0, (rows, 256), &Device::Cpu).expect("w");
+            (QTensor::quantize(&w, dtype).expect("quantize"), rows)
+        };
+        let host = vec![
+            part(64, GgmlDType::Q4K),
+            part(32, GgmlDType::Q4K),
+            part(32, GgmlDType::Q6K),
+        ];
+        let singles: Vec<_> = host
+            .iter()
+            .map(|(q, _)| vb.upload_linear(q).expect("part"))
+            .collect();
+        let projections = vb.upload_projections(host).expect("projections");
+        let Projections::Runs(runs) = &projections else {
+            panic!("expected runs, got {projections:?}");
+        };
+        assert!(matches!(
+            runs.as_slice(),
+            [Projections::Fused { .. }, Projections::Separate(v)] if v.len() == 1
+        ));
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 256), &Device::Cpu).expect("x");
+        let got = projections.forward(&x).expect("forward");
+        assert_eq!(got.len(), 3);
+        for (got, single) in got.iter().zip(&singles) {
+            let want = single.forward(&x).expect("single");
+            let diff = (got - &want)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            assert_eq!(diff, 0.0);
         }
     }
 
