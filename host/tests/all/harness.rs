@@ -277,18 +277,22 @@ impl Policies for TestPolicies {
     }
 }
 
-/// Sum of `helexa_policy_calls_total` over the series carrying every `labels` pair
-/// (`("plugin", "trap")`, …), read from the gateway's metrics listener at `metrics_url`.
-pub async fn policy_calls(gw: &Gw, metrics_url: &str, labels: &[(&str, &str)]) -> u64 {
-    let text = gw
-        .http
+/// The Prometheus text the gateway's metrics listener at `metrics_url` serves.
+pub async fn metrics_text(gw: &Gw, metrics_url: &str) -> String {
+    gw.http
         .get(metrics_url)
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// Sum of `helexa_policy_calls_total` over the series carrying every `labels` pair
+/// (`("plugin", "trap")`, …), read from the gateway's metrics listener at `metrics_url`.
+pub async fn policy_calls(gw: &Gw, metrics_url: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = metrics_text(gw, metrics_url).await;
     let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
     text.lines()
         .filter(|l| l.starts_with("helexa_policy_calls_total{"))

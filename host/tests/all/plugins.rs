@@ -573,16 +573,7 @@ async fn per_plugin_limits_apply_and_show_in_the_latency_histogram() {
     }
     assert_eq!(live.policy_calls("memory-bomb", "trap").await, 3);
     assert_eq!(live.policy_calls("memory-bomb", "timeout").await, 0);
-    let text = live
-        .gw
-        .http
-        .get(&live.metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = crate::harness::metrics_text(&live.gw, &live.metrics_url).await;
     let count = text
         .lines()
         .find(|l| {
