@@ -176,18 +176,11 @@ impl Weights {
         let Source::Gguf(g) = &self.source else {
             return Ok(None);
         };
-        let n = gguf_name(name).ok_or_else(|| missing(name))?;
-        let Some(info) = g.content.tensor_infos.get(&n) else {
-            return Err(missing(&format!("{n} (for {name})")));
-        };
-        if !is_block_quantized(info.ggml_dtype) {
+        let stored = gguf_name(name).and_then(|n| g.content.tensor_infos.get(&n));
+        if stored.is_some_and(|info| !is_block_quantized(info.ggml_dtype)) {
             return Ok(None);
         }
-        let q = g.qtensor(&n, &self.device)?;
-        if q.shape().dims() != shape {
-            candle_core::bail!("tensor {n} has shape {:?}, expected {shape:?}", q.shape());
-        }
-        Ok(Some(q))
+        Ok(Some(self.gguf_tensor(g, name, shape, &self.device)?))
     }
 
     pub fn rms_norm(&self, name: &str, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -200,9 +193,12 @@ impl Weights {
             Source::Safetensors(_) => {
                 QMatMul::Tensor(self.get_shaped(&format!("{prefix}.weight"), &[out, inp])?)
             }
-            Source::Gguf(g) => {
-                self.qmatmul(self.gguf_weight(g, prefix, out, inp, &self.device)?)?
-            }
+            Source::Gguf(g) => self.qmatmul(self.gguf_tensor(
+                g,
+                &format!("{prefix}.weight"),
+                &[out, inp],
+                &self.device,
+            )?)?,
         };
         Ok(Linear::new(weight, self.bias(prefix, out)?))
     }
@@ -226,7 +222,13 @@ impl Weights {
         };
         let host: Vec<(QTensor, usize)> = parts
             .iter()
-            .map(|&(p, out)| Ok((self.gguf_weight(g, p, out, inp, &Device::Cpu)?, out)))
+            .map(|&(p, out)| {
+                let weight = format!("{p}.weight");
+                Ok((
+                    self.gguf_tensor(g, &weight, &[out, inp], &Device::Cpu)?,
+                    out,
+                ))
+            })
             .collect::<Result<_>>()?;
         self.upload_projections(host)
     }
@@ -255,27 +257,21 @@ impl Weights {
                 })
                 .collect();
         };
-        let stacked: Vec<QTensor> = projs
+        let mut per_proj: Vec<std::vec::IntoIter<QTensor>> = projs
             .iter()
-            .map(|proj| self.gguf_experts(g, prefix, proj, n, out, inp))
+            .map(|proj| {
+                let parts = self.gguf_experts(g, (prefix, proj), (n, out, inp), &Device::Cpu)?;
+                Ok(parts.into_iter())
+            })
             .collect::<Result<_>>()?;
-        let bytes: Vec<_> = stacked.iter().map(QTensor::data).collect::<Result<_>>()?;
         (0..n)
-            .map(|e| {
-                let host = stacked
-                    .iter()
-                    .zip(&bytes)
-                    .map(|(q, data)| {
-                        let per = data.len() / n;
-                        let part = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                            q.dtype(),
-                            &data[e * per..(e + 1) * per],
-                            vec![out, inp],
-                            &Device::Cpu,
-                        )?;
-                        Ok((part, out))
-                    })
-                    .collect::<Result<_>>()?;
+            .map(|_| {
+                // Expert e's part of each projection, in order.
+                let host = per_proj
+                    .iter_mut()
+                    .map(|parts| parts.next().map(|q| (q, out)))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| candle_core::Error::msg("expert split ran short"))?;
                 self.upload_projections(host)
             })
             .collect()
@@ -340,29 +336,50 @@ impl Weights {
         }
     }
 
-    /// The GGUF tensor for `<prefix>.weight`, checked to be `(out, inp)`, read onto `device`.
-    fn gguf_weight(
+    /// The GGUF tensor for the checkpoint name `name`, checked to have `shape`, read onto
+    /// `device`.
+    fn gguf_tensor(
         &self,
         g: &GgufFile,
-        prefix: &str,
-        out: usize,
-        inp: usize,
+        name: &str,
+        shape: &[usize],
         device: &Device,
     ) -> Result<QTensor> {
-        let wname = format!("{prefix}.weight");
-        let n = gguf_name(&wname).ok_or_else(|| missing(&wname))?;
+        let n = gguf_name(name).ok_or_else(|| missing(name))?;
         if !g.has_tensor(&n) {
-            return Err(missing(&format!("{n} (for {wname})")));
+            return Err(missing(&format!("{n} (for {name})")));
         }
         let q = g.qtensor(&n, device)?;
-        if q.shape().dims() != [out, inp] {
-            candle_core::bail!(
-                "tensor {n} has shape {:?}, expected {:?}",
-                q.shape(),
-                [out, inp]
-            );
+        if q.shape().dims() != shape {
+            candle_core::bail!("tensor {n} has shape {:?}, expected {shape:?}", q.shape());
         }
         Ok(q)
+    }
+
+    /// GGUF's stacked experts `blk.N.ffn_<proj>_exps` for `<prefix>.experts.<proj>` split into
+    /// the `n` experts' `(out, inp)` weights on `device` (quantization blocks never straddle
+    /// rows, so each expert is a contiguous byte range).
+    fn gguf_experts(
+        &self,
+        g: &GgufFile,
+        (prefix, proj): (&str, &str),
+        (n, out, inp): (usize, usize, usize),
+        device: &Device,
+    ) -> Result<Vec<QTensor>> {
+        let name = format!("{prefix}.experts.{proj}.weight");
+        let q = self.gguf_tensor(g, &name, &[n, out, inp], &Device::Cpu)?;
+        let data = q.data()?;
+        let per = data.len() / n;
+        (0..n)
+            .map(|e| {
+                candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    q.dtype(),
+                    &data[e * per..(e + 1) * per],
+                    vec![out, inp],
+                    device,
+                )
+            })
+            .collect()
     }
 
     /// The expert projections `<prefix>.experts.{e}.<proj>` of a mixture-of-experts block. GGUF
@@ -380,51 +397,12 @@ impl Weights {
             Source::Safetensors(_) => (0..n)
                 .map(|e| self.linear(&format!("{prefix}.experts.{e}.{proj}"), out, inp))
                 .collect(),
-            Source::Gguf(g) => {
-                let q = self.gguf_experts(g, prefix, proj, n, out, inp)?;
-                let data = q.data()?;
-                let per = data.len() / n;
-                (0..n)
-                    .map(|e| {
-                        let qe = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                            q.dtype(),
-                            &data[e * per..(e + 1) * per],
-                            vec![out, inp],
-                            &self.device,
-                        )?;
-                        Ok(Linear::new(self.qmatmul(qe)?, None))
-                    })
-                    .collect()
-            }
+            Source::Gguf(g) => self
+                .gguf_experts(g, (prefix, proj), (n, out, inp), &self.device)?
+                .into_iter()
+                .map(|q| Ok(Linear::new(self.qmatmul(q)?, None)))
+                .collect(),
         }
-    }
-
-    /// GGUF's stacked experts `blk.N.ffn_<proj>_exps` for `<prefix>.experts.<proj>`, checked to
-    /// be `(n, out, inp)`, on the host (quantization blocks never straddle rows, so each expert
-    /// is a contiguous byte range of it).
-    fn gguf_experts(
-        &self,
-        g: &GgufFile,
-        prefix: &str,
-        proj: &str,
-        n: usize,
-        out: usize,
-        inp: usize,
-    ) -> Result<QTensor> {
-        let stacked = format!("{prefix}.experts.{proj}.weight");
-        let name = gguf_name(&stacked).ok_or_else(|| missing(&stacked))?;
-        if !g.has_tensor(&name) {
-            return Err(missing(&name));
-        }
-        let q = g.qtensor(&name, &Device::Cpu)?;
-        if q.shape().dims() != [n, out, inp] {
-            candle_core::bail!(
-                "tensor {name} has shape {:?}, expected {:?}",
-                q.shape(),
-                [n, out, inp]
-            );
-        }
-        Ok(q)
     }
 
     /// Wraps a GGUF tensor for matrix products: float types become dense tensors in the compute

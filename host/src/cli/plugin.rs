@@ -521,49 +521,47 @@ enum TranslatorCall {
 impl TranslatorCall {
     /// The answer as JSON (see [`TranslatorCase::expected`]).
     fn answer(&self, set: &PolicySet) -> serde_json::Value {
-        let body = |result: Result<String, TranslateError>| {
-            result.map_or_else(
-                |e| serde_json::json!({ "error": e.to_string() }),
-                |text| serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-            )
-        };
-        match self {
-            Self::RequestToChat { from, body: b } => {
-                body(set.request_to_chat(*from, &b.to_string()))
-            }
-            Self::ResponseFromChat {
-                to,
-                request,
-                body: b,
-            } => body(set.response_from_chat(*to, &request.to_string(), &b.to_string())),
+        let result = match self {
+            Self::RequestToChat { from, body } => set
+                .request_to_chat(*from, &body.to_string())
+                .map(json_or_text),
+            Self::ResponseFromChat { to, request, body } => set
+                .response_from_chat(*to, &request.to_string(), &body.to_string())
+                .map(json_or_text),
             Self::ResponseStream {
                 to,
                 request,
                 chunks,
-            } => {
-                let events = (|| {
-                    let mut stream = set.response_stream(*to, &request.to_string(), "resp_case")?;
-                    let mut events = Vec::new();
-                    for chunk in chunks {
-                        events.extend(stream.push(&chunk.to_string())?);
-                    }
-                    events.extend(stream.finish()?);
-                    Ok::<Vec<SseEvent>, TranslateError>(events)
-                })();
-                match events {
-                    Ok(events) => events
-                        .into_iter()
-                        .map(|e| {
-                            let data = serde_json::from_str(&e.data)
-                                .unwrap_or(serde_json::Value::String(e.data));
-                            serde_json::json!({ "event": e.event, "data": data })
-                        })
-                        .collect(),
-                    Err(e) => serde_json::json!({ "error": e.to_string() }),
-                }
-            }
-        }
+            } => Self::stream(set, *to, request, chunks).map(|events| {
+                events
+                    .into_iter()
+                    .map(|e| serde_json::json!({ "event": e.event, "data": json_or_text(e.data) }))
+                    .collect()
+            }),
+        };
+        result.unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
     }
+
+    /// Every event of a stream fed `chunks` and then finished.
+    fn stream(
+        set: &PolicySet,
+        to: Surface,
+        request: &serde_json::Value,
+        chunks: &[serde_json::Value],
+    ) -> Result<Vec<SseEvent>, TranslateError> {
+        let mut stream = set.response_stream(to, &request.to_string(), "resp_case")?;
+        let mut events = Vec::new();
+        for chunk in chunks {
+            events.extend(stream.push(&chunk.to_string())?);
+        }
+        events.extend(stream.finish()?);
+        Ok(events)
+    }
+}
+
+/// `text` parsed as JSON, or as a JSON string when it is not JSON.
+fn json_or_text(text: String) -> serde_json::Value {
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
 }
 
 /// Repeats of each case for the timing (after the first, cold call).
