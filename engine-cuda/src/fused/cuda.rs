@@ -430,6 +430,8 @@ pub struct QuantGemv {
 
 /// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
 const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+/// Dynamic shared memory a block gets without opting in.
+const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
@@ -483,13 +485,15 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     b.arg(&w_addr).arg(&xv).arg(&mut y);
     b.arg(&rows_a).arg(&cols_a).arg(&row_bytes_a);
     let shared = u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?;
-    // More than the default 48 KB needs the function's opt-in (idempotent, and cheap next to
-    // the launch).
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        i32::try_from(shared).map_err(candle_core::Error::wrap)?,
-    )
-    .w()?;
+    // More than the default 48 KB needs the function's opt-in (idempotent; at the default two
+    // stages most products stay under it and skip this driver call).
+    if launch.shared_bytes > SHARED_MEMORY_DEFAULT {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            i32::try_from(shared).map_err(candle_core::Error::wrap)?,
+        )
+        .w()?;
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid(blocks)?, 1, 1),
         block_dim: (grid(launch.warps * 32)?, 1, 1),
