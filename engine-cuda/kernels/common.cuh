@@ -31,3 +31,26 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// ---- programmatic dependent launch ---------------------------------------------------------------
+// The launcher (src/fused/launch.rs) lets each kernel start while the previous one on the stream
+// is finishing (compute 9.0+). So that this is safe, every kernel calls `wait_for_previous_kernel`
+// in every block before it reads or writes anything but its weights (activations, caches and
+// outputs may still be in use), and then `let_next_kernel_launch`, which lets the next kernel's
+// blocks be scheduled as this one's retire: they prefetch their weights while this one's last
+// blocks run. Both are no-ops on older GPUs and when a kernel was launched without the attribute.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Both, for a kernel with nothing to prefetch.
+__device__ __forceinline__ void follow_previous_kernel() {
+    wait_for_previous_kernel();
+    let_next_kernel_launch();
+}

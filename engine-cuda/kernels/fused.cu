@@ -37,6 +37,7 @@ __device__ float block_sum(float v) { return block_reduce<false>(v); }
 template <typename T>
 __device__ void add_rms_norm(const T *x, const T *delta, T *sum, T *normed, const T *w,
                              int cols, float eps) {
+    follow_previous_kernel();
     const size_t base = (size_t)blockIdx.x * cols;
     float s[ADD_NORM_MAX_PER_THREAD], wt[ADD_NORM_MAX_PER_THREAD];
     float sq = 0.0f;
@@ -66,6 +67,7 @@ __device__ void add_rms_norm(const T *x, const T *delta, T *sum, T *normed, cons
 template <typename T>
 __device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
                          long gate_stride, long up_stride) {
+    follow_previous_kernel();
     const long n = (long)rows * cols;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const long r = i / cols, c = i % cols;
@@ -89,6 +91,7 @@ __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_st
                                    const T *sin, T *q_out, T *k_cache, T *v_cache, int len,
                                    int heads, int kv_heads, int hd, int cap, int offset, float eps,
                                    int style) {
+    follow_previous_kernel();
     __shared__ float vals[ROPE_WARPS][ROPE_MAX_HD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int per_token = heads + 2 * kv_heads;
@@ -147,6 +150,7 @@ template <typename T, int EPL, int G>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
                                  float scale) {
+    follow_previous_kernel();
     constexpr int HD = EPL * 32;
     __shared__ float s_o[ATTN_WARPS][G * HD];
     __shared__ float s_m[ATTN_WARPS][G], s_l[ATTN_WARPS][G];
@@ -245,6 +249,7 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
 #define ATTN_MAX_SPLITS 1024
 template <typename T>
 __device__ void attn_combine(const float *part_o, const float *part_ml, T *out, int splits, int hd) {
+    follow_previous_kernel();
     __shared__ float weight[ATTN_MAX_SPLITS];
     const int head = blockIdx.x, t = threadIdx.x;
     const float *ml = part_ml + (size_t)head * splits * 2;
@@ -299,12 +304,25 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 template <typename T>
 __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
     const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (row >= rows) return;
     const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
     const uint4 *xr = reinterpret_cast<const uint4 *>(x);
     const int chunks = cols / 8;
+    // The first four chunks are requested while the previous kernel may still be writing x.
+    const bool ahead = row < rows && lane + 96 < chunks;
+    uint4 p0, p1, p2, p3;
+    if (ahead) {
+        p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
+        p3 = __ldcs(wr + lane + 96);
+    }
+    follow_previous_kernel();
+    if (row >= rows) return;
     float acc = 0.0f;
     int c = lane;
+    if (ahead) {
+        acc += dot8<T>(p0, __ldg(xr + c)) + dot8<T>(p1, __ldg(xr + c + 32)) +
+               dot8<T>(p2, __ldg(xr + c + 64)) + dot8<T>(p3, __ldg(xr + c + 96));
+        c += 128;
+    }
     for (; c + 96 < chunks; c += 128) {
         const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
                     w3 = __ldcs(wr + c + 96);
@@ -334,6 +352,7 @@ __device__ __forceinline__ void argmax_merge(float &v, int &idx, int n) {
 }
 
 extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
+    follow_previous_kernel();
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     float v = -INFINITY;

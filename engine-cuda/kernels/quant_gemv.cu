@@ -267,7 +267,8 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
         copies_commit();
     };
 #pragma unroll
-    for (int t = 0; t < STAGES - 1; t++) issue(t);
+    for (int t = 0; t < STAGES - 1; t++) issue(t); // weights only: the previous kernel may still run
+    follow_previous_kernel();
     quantize_x<T>(x, cols, xq, xd, xs);
     __syncthreads();
     const QuantX qx{xq, xd, xs};

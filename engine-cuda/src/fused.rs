@@ -28,6 +28,8 @@ use crate::layers::{RmsNorm, Rope};
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod launch;
 
 /// A performance switch: on unless the environment variable `name` is `0`, read once.
 pub(crate) fn switch(cell: &'static OnceLock<bool>, name: &str) -> bool {
@@ -407,6 +409,45 @@ mod gpu_tests {
                 assert!(e <= tolerance(dtype), "{dtype:?} rows {rows}: {e}");
             }
         }
+    }
+
+    /// Programmatic dependent launch lets each kernel start before the previous one ends; each
+    /// must still see its inputs complete. A chain of dependent products and norms queued back
+    /// to back must give, bit for bit, what it gives with the device synchronised after every
+    /// launch (where nothing can overlap).
+    #[test]
+    fn dependent_launches_see_their_inputs() {
+        let dev = device();
+        let cols = 4096;
+        let dense = random(&[cols, cols], DType::BF16, &dev);
+        let quant = QTensor::quantize(&random(&[cols, cols], DType::F32, &dev), GgmlDType::Q8_0)
+            .expect("quantize");
+        let norm = RmsNorm::new(random(&[cols], DType::BF16, &dev), 1e-6);
+        let x0 = random(&[1, 1, cols], DType::BF16, &dev);
+        let chain = |sync: bool| {
+            let settle = || {
+                if sync {
+                    dev.synchronize().expect("synchronize");
+                }
+            };
+            let (mut residual, mut x) = (x0.clone(), x0.clone());
+            for step in 0..32 {
+                let y = if step % 2 == 0 {
+                    quant_gemv(&x, &quant)
+                } else {
+                    gemv(&x, &dense)
+                }
+                .expect("product");
+                settle();
+                (residual, x) = add_rms_norm(&residual, &y, &norm).expect("add_rms_norm");
+                settle();
+            }
+            x.flatten_all()
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("x")
+        };
+        assert_eq!(chain(false), chain(true));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 #   scripts/device/gpu-check.sh bench [FORMATS]   # helexa-node bench on the synthesized
 #                                       # Qwen3-8B shapes (default bf16,q8_0,q4_k_m)
 #   scripts/device/gpu-check.sh kernels [FORMAT]  # kernel launches and GPU time per decoded token (ncu)
+#   scripts/device/gpu-check.sh prefill-kernels [FORMAT] [PROMPT]  # GPU time per kernel of one
+#                                       # layer over one prompt (default bf16, 2048 tokens; ncu)
 #   scripts/device/gpu-check.sh all     # all of issue 7's evidence in one visit (~8 min): check,
 #                                       # bench, each performance switch off (decode @0), the
 #                                       # kernel breakdown of KERNEL_FORMATS (default q8_0);
@@ -49,6 +51,7 @@ all)
   BENCH_ARGS="$quick" BENCH_TAG=gemv-0 HELEXA_ENGINE_GEMV=0 "$0" bench bf16 || status=1
   BENCH_ARGS="$quick" BENCH_TAG=quant-gemv-0 HELEXA_ENGINE_QUANT_GEMV=0 "$0" bench q8_0,q4_k_m \
     || status=1
+  BENCH_ARGS="$quick" BENCH_TAG=pdl-0 HELEXA_ENGINE_PDL=0 "$0" bench || status=1
   for f in ${KERNEL_FORMATS:-q8_0}; do
     "$0" kernels "$f" || status=1
     mv "$OUT/kernels.txt" "$OUT/kernels-$f.txt"
@@ -57,7 +60,7 @@ all)
   exit $status
   ;;
 check)
-  "$bin/engine-cuda-tests" --test-threads 1 fused::gpu_tests > "$OUT/fused_kernels.log" 2>&1
+  "$bin/engine-cuda-tests" --test-threads 1 gpu_tests > "$OUT/fused_kernels.log" 2>&1
   rc=$?
   echo "fused kernels vs candle: exit $rc ($(grep 'test result' "$OUT/fused_kernels.log"))"
   [ $rc -eq 0 ] || status=1
@@ -105,7 +108,23 @@ kernels)
   done
   python3 scripts/device/kernel_counts.py /tmp 36 | tee "$OUT/kernels.txt"
   ;;
-*) echo "unknown mode $mode (check | bench | kernels | all)"; exit 2 ;;
+prefill-kernels)
+  # One prompt on the Qwen3-8B shapes cut to 1 and 2 layers under Nsight Compute: the
+  # difference is one layer's kernels (kernel_counts.py --prefill).
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  format=${2:-bf16}
+  for layers in 1 2; do
+    "$bin/helexa-node" synth --preset qwen3-8b --layers "$layers" --formats "$format" \
+      --out "/tmp/kernel-models/l$layers" > /dev/null
+    model=$(ls -d /tmp/kernel-models/l$layers/*-"$format"/ | head -1)
+    "$ncu" --csv --log-file "/tmp/ncu-prefill-l$layers.csv" --metrics gpu__time_duration.sum \
+      "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" \
+      --prefill "${3:-2048}" --decode-context 0 --decode-tokens 1 --warmup 0 --repeats 1 \
+      ${BENCH_ARGS:-} > /dev/null 2>&1
+  done
+  python3 scripts/device/kernel_counts.py --prefill /tmp 36 | tee "$OUT/prefill-kernels-$format.txt"
+  ;;
+*) echo "unknown mode $mode (check | bench | kernels | prefill-kernels | all)"; exit 2 ;;
 esac
 tar -C /tmp -czf "$OUT/jitcache.tgz" jc 2>/dev/null
 exit $status

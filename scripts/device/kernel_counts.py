@@ -13,6 +13,12 @@ is split the same way, per kernel name, so the table says which kernels the time
 Then the launches of the last decoded token of the 2-layer, 8-token run in order, each with
 its grid and time: the per-product view (which matrix product costs what, and how much of a
 launch is fixed cost), bounded by the token's greedy pick (`argmax_f32`).
+
+    python3 scripts/device/kernel_counts.py --prefill DIR LAYERS
+
+The same split for one prompt (`gpu-check.sh prefill-kernels`): DIR/ncu-prefill-l{1,2}.csv are
+the runs on 1 and 2 layers, so their difference is one layer's share of the prompt; the table
+scales it to LAYERS layers, per kernel name.
 """
 import collections
 import csv
@@ -64,7 +70,28 @@ def per_token(d, layers):
     return ({n: (c8[n] - c4[n]) / 4 for n in names}, {n: (t8[n] - t4[n]) / 4 for n in names})
 
 
+def prefill(d, full):
+    c1, t1 = read(f"{d}/ncu-prefill-l1.csv")
+    c2, t2 = read(f"{d}/ncu-prefill-l2.csv")
+    names = set(c1) | set(c2)
+    layer_c = {n: c2[n] - c1[n] for n in names}
+    layer_t = {n: t2[n] - t1[n] for n in names}
+    total_t = full * sum(layer_t.values())
+    print(f"one prompt, {full}-layer model: {full * sum(layer_c.values()):.0f} launches in the "
+          f"layers ({sum(layer_c.values()):.0f} per layer), {total_t / 1e3:.0f} us of GPU time "
+          f"in the layers (kernels alone, no gaps)")
+    print(f"{'kernel':70s} {'launches/layer':>14s} {'us/layer':>9s} {'share':>6s}")
+    for n in sorted(names, key=lambda n: -layer_t[n]):
+        if layer_c[n] < 0.5 and layer_t[n] < 1e3:
+            continue
+        print(f"{n[:70]:70s} {layer_c[n]:14.0f} {layer_t[n] / 1e3:9.1f} "
+              f"{100 * full * layer_t[n] / max(total_t, 1):5.1f}%")
+
+
 def main():
+    if sys.argv[1] == "--prefill":
+        prefill(sys.argv[2], int(sys.argv[3]))
+        return
     d, full = sys.argv[1], int(sys.argv[2])
     c1, t1 = per_token(d, 1)
     c2, t2 = per_token(d, 2)

@@ -1,6 +1,6 @@
 //! Launches the kernels of `kernels/fused.cu` and `kernels/quant_gemv.cu` (PTX compiled by
 //! build.rs) on candle's stream for the device, reading candle's buffers in place and wrapping
-//! fresh buffers as tensors.
+//! fresh buffers as tensors. Each launch may overlap the kernel before it (`launch.rs`).
 //!
 //! Unsafe because a kernel launch is: each launch below states the sizes it relies on. Buffers
 //! a kernel writes that belong to an existing tensor (the KV cache) are passed through candle's
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
@@ -23,6 +23,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, bail};
 
 use super::QkvInputs;
+use super::launch::Args;
 use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -137,9 +138,9 @@ fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
     let mut normed = unsafe { dev.alloc::<T>(rows * cols) }?;
     let cols_arg = int(cols)?;
     let (f, stream) = function(dev, &format!("add_rms_norm_{sfx}"))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&xv).arg(&dv).arg(&mut sum).arg(&mut normed).arg(&wv);
-    b.arg(&cols_arg).arg(&eps);
+    let mut b = Args::new(&stream);
+    b.input(&xv).input(&dv).output(&mut sum).output(&mut normed).input(&wv);
+    b.value(&cols_arg).value(&eps);
     // One block per row: up to 1024 threads, each keeping ≤ 8 elements in registers.
     if cols > 8 * 1024 {
         bail!("add_rms_norm: rows of {cols} exceed 8 × 1024 elements");
@@ -152,7 +153,7 @@ fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: x, delta, sum and normed hold rows × cols elements, weight cols; argument types
     // match `add_rms_norm_<T>`.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(sum, dev, x.shape().clone()),
         wrap(normed, dev, x.shape().clone()),
@@ -175,13 +176,13 @@ fn silu_mul_t<T: CudaDType + DeviceRepr>(gate: &Tensor, up: &Tensor, sfx: &str) 
     let mut out = unsafe { dev.alloc::<T>(n) }?;
     let (rows_arg, cols_arg) = (int(rows)?, int(cols)?);
     let (f, stream) = function(dev, &format!("silu_mul_{sfx}"))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&gv)
-        .arg(&uv)
-        .arg(&mut out)
-        .arg(&rows_arg)
-        .arg(&cols_arg);
-    b.arg(&g_stride).arg(&u_stride);
+    let mut b = Args::new(&stream);
+    b.input(&gv)
+        .input(&uv)
+        .output(&mut out)
+        .value(&rows_arg)
+        .value(&cols_arg);
+    b.value(&g_stride).value(&u_stride);
     let cfg = LaunchConfig {
         grid_dim: (grid(n.div_ceil(256).clamp(1, 1 << 16))?, 1, 1),
         block_dim: (256, 1, 1),
@@ -189,7 +190,7 @@ fn silu_mul_t<T: CudaDType + DeviceRepr>(gate: &Tensor, up: &Tensor, sfx: &str) 
     };
     // SAFETY: gate/up rows are `*_stride` apart with `cols` valid elements each, out holds
     // rows × cols; argument types match `silu_mul_<T>`.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     Ok(wrap(out, dev, (1, rows, cols)))
 }
 
@@ -247,22 +248,22 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
         RopeStyle::Interleaved => 1,
     };
     let (f, stream) = function(dev, &format!("qk_norm_rope_cache_{sfx}"))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&qv).arg(&kv).arg(&vv).arg(&qs).arg(&ks).arg(&vs);
+    let mut b = Args::new(&stream);
+    b.input(&qv).input(&kv).input(&vv).value(&qs).value(&ks).value(&vs);
     for w in &norm_views {
         match w {
-            Some(w) => b.arg(w),
-            None => b.arg(&null),
+            Some(w) => b.input(w),
+            None => b.value(&null),
         };
     }
-    b.arg(&cv).arg(&sv).arg(&mut q_out).arg(&kc).arg(&vc);
-    b.arg(&len_a)
-        .arg(&h_a)
-        .arg(&kvh_a)
-        .arg(&hd_a)
-        .arg(&cap_a)
-        .arg(&off_a);
-    b.arg(&eps).arg(&style);
+    b.input(&cv).input(&sv).output(&mut q_out).input(&kc).input(&vc);
+    b.value(&len_a)
+        .value(&h_a)
+        .value(&kvh_a)
+        .value(&hd_a)
+        .value(&cap_a)
+        .value(&off_a);
+    b.value(&eps).value(&style);
     let cfg = LaunchConfig {
         grid_dim: (grid(units.div_ceil(ROPE_WARPS))?, 1, 1),
         block_dim: (grid(ROPE_WARPS * 32)?, 1, 1),
@@ -271,7 +272,7 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     // SAFETY: q/k/v rows hold heads × hd elements `*_stride` apart; the caches hold kv_heads ×
     // cap × hd and rows offset..offset+len < cap (checked); the rope tables cover the positions
     // (checked); q_out holds heads × len × hd; argument types match `qk_norm_rope_cache_<T>`.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     Ok(wrap(q_out, dev, (1, h, len, hd)))
 }
 
@@ -338,14 +339,14 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let (cap_a, len_a, chunk_a) = (int(cap)?, int(len)?, int(chunk)?);
     let name = format!("decode_attention_{sfx}_e{}_g{groups}", hd / 32);
     let (f, stream) = function(dev, &name)?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&qv)
-        .arg(&kv)
-        .arg(&vv)
-        .arg(&mut out)
-        .arg(&mut part_o)
-        .arg(&mut part_ml);
-    b.arg(&cap_a).arg(&len_a).arg(&chunk_a).arg(&scale);
+    let mut b = Args::new(&stream);
+    b.input(&qv)
+        .input(&kv)
+        .input(&vv)
+        .output(&mut out)
+        .output(&mut part_o)
+        .output(&mut part_ml);
+    b.value(&cap_a).value(&len_a).value(&chunk_a).value(&scale);
     let cfg = LaunchConfig {
         grid_dim: (grid(kvh)?, grid(splits)?, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),
@@ -354,16 +355,16 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked), the
     // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
     // name); argument types match `decode_attention_<T>_e<hd/32>_g<groups>`.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     if splits > 1 {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
         let (f, stream) = function(dev, &format!("attn_combine_{sfx}"))?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&part_o)
-            .arg(&part_ml)
-            .arg(&mut out)
-            .arg(&splits_a)
-            .arg(&hd_a);
+        let mut b = Args::new(&stream);
+        b.input(&part_o)
+            .input(&part_ml)
+            .output(&mut out)
+            .value(&splits_a)
+            .value(&hd_a);
         let cfg = LaunchConfig {
             grid_dim: (grid(h)?, 1, 1),
             block_dim: (grid(hd.max(splits).next_multiple_of(32))?, 1, 1),
@@ -371,7 +372,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         };
         // SAFETY: the partials were written above for heads × splits (≤ 1024, the kernel's
         // ATTN_MAX_SPLITS, since splits ≤ ATTENTION_TARGET_BLOCKS); out holds heads × hd.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(&f, cfg) }?;
     }
     Ok(wrap(out, dev, (1, 1, h * hd)))
 }
@@ -396,8 +397,8 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
     let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&wv).arg(&xv).arg(&mut y).arg(&rows_a).arg(&cols_a);
+    let mut b = Args::new(&stream);
+    b.input(&wv).input(&xv).output(&mut y).value(&rows_a).value(&cols_a);
     let cfg = LaunchConfig {
         grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
@@ -406,7 +407,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
     // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
     // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
     // `gemv_<T>`.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = rows;
@@ -481,9 +482,9 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .div_ceil(launch.warps)
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
-    let mut b = stream.launch_builder(&f);
-    b.arg(&w_addr).arg(&xv).arg(&mut y);
-    b.arg(&rows_a).arg(&cols_a).arg(&row_bytes_a);
+    let mut b = Args::new(&stream);
+    b.value(&w_addr).input(&xv).output(&mut y);
+    b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
     let shared = u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?;
     // More than the default 48 KB needs the function's opt-in (idempotent; at the default two
     // stages most products stay under it and skip this driver call).
@@ -504,7 +505,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (opted
     // in above); argument types match `quant_gemv_<format>_<T>`
     // (the weight pointer travels as a u64, the size of a device pointer).
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = rows;
@@ -524,8 +525,8 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
     let mut out = unsafe { dev.alloc::<u32>(1) }?;
     let n_a = int(n)?;
     let (f, stream) = function(dev, "argmax_f32")?;
-    let mut b = stream.launch_builder(&f);
-    b.arg(&lv).arg(&n_a).arg(&mut out);
+    let mut b = Args::new(&stream);
+    b.input(&lv).value(&n_a).output(&mut out);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (1024, 1, 1),
@@ -533,7 +534,7 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
     };
     // SAFETY: logits hold n f32 values from a 16-byte boundary (checked), out one u32;
     // argument types match `argmax_f32`.
-    unsafe { b.launch(cfg) }.w()?;
+    unsafe { b.launch(&f, cfg) }?;
     let picked = stream.clone_dtoh(&out).w()?;
     picked
         .first()

@@ -1,0 +1,151 @@
+//! Kernel launches that may overlap the previous kernel on the stream: programmatic dependent
+//! launch (compute 9.0+), through the driver's `cuLaunchKernelEx`.
+//!
+//! Why: at batch 1 a decoded token is a few hundred launches of a few µs each, and without
+//! this each waits for the previous kernel to drain before its first block is scheduled, then
+//! ramps up from nothing. With the attribute set, a kernel's blocks are scheduled as the
+//! previous kernel's retire (once all of them have called `let_next_kernel_launch`,
+//! `kernels/common.cuh`): they fetch their weights, which no kernel writes, and then
+//! `wait_for_previous_kernel` until the previous grid has finished and its writes are
+//! visible. Every kernel this crate launches makes both calls before it touches activations,
+//! caches or outputs, so the overlap never changes a result; kernels it does not own (candle's,
+//! cuBLAS's) launch as before and are waited for in full.
+//!
+//! Off (plain stream order) when `HELEXA_ENGINE_PDL=0`, on GPUs before compute 9.0, and when
+//! cudarc's per-buffer events are on (`HELEXA_ENGINE_EVENT_TRACKING=1`: they order buffers by
+//! events, which this launch path does not record).
+#![allow(unsafe_code, reason = "kernel launches through the driver API")]
+
+use std::ffi::c_void;
+use std::sync::OnceLock;
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    self, CUdevice_attribute, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchConfig,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, SyncOnDrop,
+};
+use candle_core::Result;
+
+/// A kernel's arguments in order, as the driver takes them: a pointer to each value.
+pub struct Args<'a> {
+    stream: &'a CudaStream,
+    values: Vec<Arg>,
+    /// Device addresses of buffer arguments, pointed at only once the list is complete.
+    addresses: Vec<u64>,
+    /// Kept until the launch is queued (with event tracking on they record the buffer's use).
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+/// Where an argument's value lives.
+enum Arg {
+    /// With the caller, borrowed for the launch.
+    Value(*mut c_void),
+    /// At this index of [`Args::addresses`].
+    Address(usize),
+}
+
+impl<'a> Args<'a> {
+    pub fn new(stream: &'a CudaStream) -> Self {
+        Self {
+            stream,
+            values: Vec::new(),
+            addresses: Vec::new(),
+            guards: Vec::new(),
+        }
+    }
+
+    /// A scalar (or a device address already in hand).
+    pub fn value<T: DeviceRepr>(&mut self, v: &'a T) -> &mut Self {
+        self.values
+            .push(Arg::Value(std::ptr::from_ref(v).cast_mut().cast()));
+        self
+    }
+
+    /// A buffer the kernel reads (or writes in place, as the KV cache: see `cuda.rs`).
+    pub fn input<T>(&mut self, buf: &'a impl DevicePtr<T>) -> &mut Self {
+        let (address, guard) = buf.device_ptr(self.stream);
+        self.guards.push(guard);
+        self.address(address)
+    }
+
+    /// A buffer the kernel writes.
+    pub fn output<T>(&mut self, buf: &'a mut impl DevicePtrMut<T>) -> &mut Self {
+        let (address, guard) = buf.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        self.address(address)
+    }
+
+    fn address(&mut self, address: u64) -> &mut Self {
+        self.values.push(Arg::Address(self.addresses.len()));
+        self.addresses.push(address);
+        self
+    }
+
+    /// Queues `f` on the stream with these arguments.
+    ///
+    /// # Safety
+    /// The arguments must match the kernel's parameters in number, order and type, and every
+    /// buffer must be as large as the kernel reads and writes for `cfg`; `f` must call
+    /// `wait_for_previous_kernel` before it touches any memory another kernel writes.
+    pub unsafe fn launch(self, f: &CudaFunction, cfg: LaunchConfig) -> Result<()> {
+        let ctx = self.stream.context();
+        ctx.bind_to_thread().w()?;
+        // SAFETY: a plain-old-data union; the zero pattern is "no value" for every member.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attribute = CUlaunchAttribute {
+            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &raw mut attribute,
+            numAttrs: u32::from(overlaps_previous_kernel(self.stream)?),
+        };
+        let mut pointers: Vec<*mut c_void> = self
+            .values
+            .iter()
+            .map(|arg| match *arg {
+                Arg::Value(p) => p,
+                Arg::Address(i) => std::ptr::from_ref(&self.addresses[i]).cast_mut().cast(),
+            })
+            .collect();
+        // SAFETY: `pointers` points at this launch's arguments (the caller's values and
+        // `addresses`), all alive until this returns; the rest is the caller's promise.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &raw const config,
+                f.cu_function(),
+                pointers.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .w()?;
+        drop(self.guards);
+        Ok(())
+    }
+}
+
+/// Whether launches on `stream` may overlap the previous kernel (see the module docs).
+fn overlaps_previous_kernel(stream: &CudaStream) -> Result<bool> {
+    static ON: OnceLock<bool> = OnceLock::new();
+    let ctx = stream.context();
+    if !super::switch(&ON, "HELEXA_ENGINE_PDL") || ctx.is_managing_stream_synchronization() {
+        return Ok(false);
+    }
+    let major = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+        .w()?;
+    Ok(major >= 9)
+}
