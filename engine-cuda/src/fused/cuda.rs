@@ -139,7 +139,11 @@ fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
     let cols_arg = int(cols)?;
     let (f, stream) = function(dev, &format!("add_rms_norm_{sfx}"))?;
     let mut b = Args::new(&stream);
-    b.input(&xv).input(&dv).output(&mut sum).output(&mut normed).input(&wv);
+    b.input(&xv)
+        .input(&dv)
+        .output(&mut sum)
+        .output(&mut normed)
+        .input(&wv);
     b.value(&cols_arg).value(&eps);
     // One block per row: up to 1024 threads, each keeping ≤ 8 elements in registers.
     if cols > 8 * 1024 {
@@ -249,14 +253,23 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     };
     let (f, stream) = function(dev, &format!("qk_norm_rope_cache_{sfx}"))?;
     let mut b = Args::new(&stream);
-    b.input(&qv).input(&kv).input(&vv).value(&qs).value(&ks).value(&vs);
+    b.input(&qv)
+        .input(&kv)
+        .input(&vv)
+        .value(&qs)
+        .value(&ks)
+        .value(&vs);
     for w in &norm_views {
         match w {
             Some(w) => b.input(w),
             None => b.value(&null),
         };
     }
-    b.input(&cv).input(&sv).output(&mut q_out).input(&kc).input(&vc);
+    b.input(&cv)
+        .input(&sv)
+        .output(&mut q_out)
+        .input(&kc)
+        .input(&vc);
     b.value(&len_a)
         .value(&h_a)
         .value(&kvh_a)
@@ -398,7 +411,11 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
     let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
     let mut b = Args::new(&stream);
-    b.input(&wv).input(&xv).output(&mut y).value(&rows_a).value(&cols_a);
+    b.input(&wv)
+        .input(&xv)
+        .output(&mut y)
+        .value(&rows_a)
+        .value(&cols_a);
     let cfg = LaunchConfig {
         grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),

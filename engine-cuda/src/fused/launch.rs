@@ -19,6 +19,7 @@
 use std::ffi::c_void;
 use std::sync::OnceLock;
 
+use candle_core::Result;
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::sys::{
     self, CUdevice_attribute, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchConfig,
@@ -26,7 +27,6 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, SyncOnDrop,
 };
-use candle_core::Result;
 
 /// A kernel's arguments in order, as the driver takes them: a pointer to each value.
 pub struct Args<'a> {
