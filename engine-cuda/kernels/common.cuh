@@ -32,6 +32,65 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Sum (or max) over the block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// the result.
+template <bool MAX>
+__device__ float block_reduce(float v) {
+    __shared__ float partial[32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const float none = MAX ? -INFINITY : 0.0f;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads(); // `partial` may still be read from a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : none;
+    return MAX ? warp_max(v) : warp_sum(v);
+}
+__device__ float block_sum(float v) { return block_reduce<false>(v); }
+
+// ---- inputs formed inside a product's kernel ---------------------------------------------------------
+// At one token the matrix products form their own input x in their prologue instead of reading
+// what a separate kernel wrote (one launch fewer per fold, src/fused.rs `Staged`):
+#define X_PLAIN 0    // x = a
+#define X_ADD_NORM 1 // s = a + b (or a, when b is null); x = s / rms(s) * w, as add_rms_norm
+#define X_SILU_MUL 2 // x = silu(a) * b, as silu_mul
+// `sum`, when not null, receives s from block 0 (the new residual stream, for later layers).
+template <typename T> struct XSource {
+    int mode;
+    const T *a, *b, *w;
+    float eps;
+    T *sum;
+};
+
+// Forms x (`cols` values) into shared memory `xs` with the rounding of the unfused kernels
+// (add_rms_norm, silu_mul), so results match them up to the order of the norm's sum. Called
+// by every thread of the block; ends with a barrier.
+template <typename T>
+__device__ void stage_x(const XSource<T> &src, T *xs, int cols) {
+    if (src.mode == X_ADD_NORM) {
+        float sq = 0.0f;
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            const float s = src.b ? rnd<T>(to_f(src.a[c]) + to_f(src.b[c])) : to_f(src.a[c]);
+            xs[c] = from_f<T>(s); // exact: s is already a T value
+            sq += s * s;
+            if (src.sum != nullptr && blockIdx.x == 0) src.sum[c] = from_f<T>(s);
+        }
+        const float scale = rsqrtf(block_sum(sq) / cols + src.eps); // its barriers order xs
+        for (int c = threadIdx.x; c < cols; c += blockDim.x)
+            xs[c] = from_f<T>(scale * to_f(xs[c]) * to_f(src.w[c]));
+    } else {
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+            if (src.mode == X_SILU_MUL) {
+                const float g = to_f(src.a[c]);
+                xs[c] = from_f<T>(rnd<T>(g / (1.0f + expf(-g))) * to_f(src.b[c]));
+            } else {
+                xs[c] = src.a[c];
+            }
+        }
+    }
+    __syncthreads();
+}
+
 // ---- programmatic dependent launch ---------------------------------------------------------------
 // The launcher (src/fused/launch.rs) lets each kernel start while the previous one on the stream
 // is finishing (compute 9.0+). So that this is safe, every kernel calls `wait_for_previous_kernel`

@@ -234,11 +234,13 @@ template <int N> __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// x is read as it is (X_PLAIN) or formed first (`XSource`, common.cuh: the add + RMSNorm or
+// the SwiGLU gate of the unfused path, one launch fewer).
 // Shared memory: STAGES chunk buffers per warp, then the quantized x (cols + cols/32·8
-// bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
+// bytes), then for a formed x its cols values of T. Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
 // multiple of 16, w and x 16-byte aligned.
 template <class F, typename T, int STAGES>
-__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
+__device__ void quant_gemv(const uint8_t *__restrict__ w, const XSource<T> &src, T *__restrict__ y,
                            int rows, int cols, int row_bytes) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
@@ -269,7 +271,13 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(t); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    quantize_x<T>(x, cols, xq, xd, xs);
+    if (src.mode == X_PLAIN) {
+        quantize_x<T>(src.a, cols, xq, xd, xs);
+    } else { // formed first (after the quantized x in shared memory), then quantized
+        T *staged = reinterpret_cast<T *>(xs + cols / 32);
+        stage_x<T>(src, staged, cols);
+        quantize_x<T>(staged, cols, xq, xd, xs);
+    }
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
@@ -294,9 +302,10 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 // quant_gemv_<format>_<activation type>_s<stages>
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
-        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
+        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, int mode, const T *a, const T *b,        \
+                                         const T *nw, float eps, T *sum, T *y, int rows, int cols,  \
                                          int row_bytes) {                                           \
-        quant_gemv<F, T, S>(w, x, y, rows, cols, row_bytes);                                       \
+        quant_gemv<F, T, S>(w, XSource<T>{mode, a, b, nw, eps, sum}, y, rows, cols, row_bytes);    \
     }
 #define QUANT_GEMV_STAGES(F, FSUF, T, SUF)                                                          \
     QUANT_GEMV(F, FSUF, T, SUF, 2) QUANT_GEMV(F, FSUF, T, SUF, 3) QUANT_GEMV(F, FSUF, T, SUF, 4)

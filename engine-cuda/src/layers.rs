@@ -45,6 +45,26 @@ impl Linear {
         }
     }
 
+    /// The layer applied to a formed input (see [`crate::fused::Input`]): by one kernel that
+    /// forms it where one serves, else after the unfused kernels. Also returns the new residual
+    /// stream where the input changes it and `want_sum`.
+    pub fn forward_input(
+        &self,
+        input: &crate::fused::Input<'_>,
+        want_sum: bool,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        if self.folds(input) {
+            return crate::fused::folded_product(input, &self.weight, want_sum);
+        }
+        let (sum, x) = input.materialize()?;
+        Ok((sum, self.forward(&x)?))
+    }
+
+    /// Whether [`Linear::forward_input`] forms `input` inside the product's kernel.
+    fn folds(&self, input: &crate::fused::Input<'_>) -> bool {
+        self.bias.is_none() && crate::fused::folds(input, &self.weight)
+    }
+
     /// Rows of the weight (`out`).
     pub fn out_features(&self) -> usize {
         match &self.weight {
@@ -193,19 +213,52 @@ impl Projections {
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
         match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
-            Self::Runs(runs) => {
-                let mut out = Vec::new();
-                for run in runs {
-                    out.extend(run.forward(x)?);
-                }
-                Ok(out)
-            }
             Self::Fused { views, .. } if tokens > 1 && !views.is_empty() => {
                 views.iter().map(|p| p.forward(x)).collect()
             }
+            _ => self.map_products(&mut |linear| linear.forward(x)),
+        }
+    }
+
+    /// Each projection of a formed input (see [`crate::fused::Input`]), and the new residual
+    /// stream where the input changes it. When every product's kernel can form the input, each
+    /// does (the first also writes the residual stream); otherwise the unfused kernels form it
+    /// once first.
+    pub fn forward_input(
+        &self,
+        input: &crate::fused::Input<'_>,
+    ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        let mut folds = true;
+        self.for_each_linear(&mut |l| folds &= l.folds(input));
+        if !folds {
+            let (sum, x) = input.materialize()?;
+            return Ok((sum, self.forward(&x)?));
+        }
+        let mut sum = None;
+        let outputs = self.map_products(&mut |linear| {
+            let (s, y) = crate::fused::folded_product(input, &linear.weight, sum.is_none())?;
+            sum = sum.take().or(s);
+            Ok(y)
+        })?;
+        Ok((sum, outputs))
+    }
+
+    /// Runs `product` on each matrix product in order and splits stacked outputs into parts.
+    fn map_products(
+        &self,
+        product: &mut impl FnMut(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(&mut *product).collect(),
+            Self::Runs(runs) => {
+                let mut out = Vec::new();
+                for run in runs {
+                    out.extend(run.map_products(product)?);
+                }
+                Ok(out)
+            }
             Self::Fused { linear, widths, .. } => {
-                let y = linear.forward(x)?;
+                let y = product(linear)?;
                 let mut start = 0;
                 widths
                     .iter()
@@ -216,6 +269,15 @@ impl Projections {
                     })
                     .collect()
             }
+        }
+    }
+
+    /// Visits each matrix product's layer.
+    fn for_each_linear(&self, visit: &mut impl FnMut(&Linear)) {
+        match self {
+            Self::Separate(parts) => parts.iter().for_each(&mut *visit),
+            Self::Runs(runs) => runs.iter().for_each(|r| r.for_each_linear(visit)),
+            Self::Fused { linear, .. } => visit(linear),
         }
     }
 
@@ -591,18 +653,24 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `x`: `(1, len, hidden)`; positions start at the cache length. `mask`: from
-    /// [`causal_mask`], `None` for a single query.
-    pub fn forward(&mut self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, len, _) = x.dims3()?;
+    /// `input`: `(1, len, hidden)`, usually the layer's input norm still to be applied (see
+    /// [`crate::fused::Input`]); positions start at the cache length. `mask`: from
+    /// [`causal_mask`], `None` for a single query. Returns the new residual stream where the
+    /// input changes it, and the attention output.
+    pub fn forward(
+        &mut self,
+        input: &crate::fused::Input<'_>,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+    ) -> Result<(Option<Tensor>, Tensor)> {
+        let (b, len, _) = input.lead().dims3()?;
         if b != 1 {
             candle_core::bail!("attention supports one sequence, got batch {b}");
         }
         let offset = self.cache.len();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
+        let (sum, qkv) = self.qkv.forward_input(input)?;
+        let [q, k, v]: [Tensor; 3] = qkv
             .try_into()
             .map_err(|_| candle_core::Error::msg("attention needs q, k and v projections"))?;
         let groups = h / kvh;
@@ -630,7 +698,7 @@ impl Attention {
                 let out =
                     crate::fused::decode_attention(&q, k_cache, v_cache, offset + 1, scale as f32)?;
                 self.cache.commit(1);
-                return self.o_proj.forward(&out);
+                return Ok((sum, self.o_proj.forward(&out)?));
             }
             self.cache.commit(len);
             let (k, v) = self.cache.views()?;
@@ -682,7 +750,7 @@ impl Attention {
             .reshape((1, h, len, hd))?
             .transpose(1, 2)?
             .reshape((1, len, h * hd))?;
-        self.o_proj.forward(&out)
+        Ok((sum, self.o_proj.forward(&out)?))
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -702,13 +770,19 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = self
-            .gate_up
-            .forward(x)?
+    /// The block applied to `input` (usually the post-attention norm still to be applied, see
+    /// [`crate::fused::Input`]); returns the new residual stream where the input changes it, and
+    /// the output.
+    pub fn forward(&self, input: &crate::fused::Input<'_>) -> Result<(Option<Tensor>, Tensor)> {
+        let (sum, gate_up) = self.gate_up.forward_input(input)?;
+        let [gate, up]: [Tensor; 2] = gate_up
             .try_into()
             .map_err(|_| candle_core::Error::msg("the MLP needs gate and up projections"))?;
-        self.down_proj.forward(&crate::fused::silu_mul(&gate, &up)?)
+        let gated = crate::fused::Input::SiluMul {
+            gate: &gate,
+            up: &up,
+        };
+        Ok((sum, self.down_proj.forward_input(&gated, false)?.1))
     }
 
     pub fn size_in_bytes(&self) -> usize {
