@@ -165,20 +165,6 @@ struct Q6K {
     }
 };
 
-// Eight consecutive values of x from element `e` (a multiple of 8) as floats; zeros past `cols`.
-__device__ __forceinline__ void load8(const float *x, int e, int cols, float v[8]) {
-    const float4 a = e < cols ? *reinterpret_cast<const float4 *>(x + e) : make_float4(0, 0, 0, 0);
-    const float4 b = e < cols ? *reinterpret_cast<const float4 *>(x + e + 4) : make_float4(0, 0, 0, 0);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-template <typename T>
-__device__ __forceinline__ void load8(const T *x, int e, int cols, float v[8]) {
-    const uint4 raw = e < cols ? *reinterpret_cast<const uint4 *>(x + e) : make_uint4(0, 0, 0, 0);
-    const T *h = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = to_f<T>(h[i]);
-}
-
 // Quantizes the eight values `v` at element `e`; four neighbouring lanes hold one 32-group.
 __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int8_t *q, float *d, float *sum) {
     float amax = 0.0f;

@@ -13,6 +13,8 @@
 //! - [`quant_gemv`]: the batch-1 matrix-vector product over GGUF Q8_0/Q4_K/Q6_K blocks read in
 //!   place (candle's MMVQ kernel and the launch that quantizes x before it), in
 //!   `kernels/quant_gemv.cu`;
+//! - [`causal_softmax`]: prefill's scale, causal mask and softmax over the scores (was 3, the
+//!   mask a broadcast add of a host-built tensor);
 //! - [`argmax`]: the greedy pick, so only the index leaves the device;
 //! - [`folded_product`]: either product with its input formed in its prologue ([`Input`]: the
 //!   add + RMSNorm before q/k/v and gate/up, the gate before down), one launch fewer each.
@@ -253,22 +255,25 @@ impl<'a> Input<'a> {
     fn foldable(&self, cols: usize) -> bool {
         static ON: OnceLock<bool> = OnceLock::new();
         let lead = self.lead();
-        let like =
-            |t: &Tensor| t.dims() == lead.dims() && t.dtype() == lead.dtype() && t.is_contiguous();
+        // The prologue reads each operand 16 bytes at a time.
+        let aligned = |t: &Tensor| {
+            t.is_contiguous()
+                && t.dtype() == lead.dtype()
+                && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
+        };
+        let like = |t: &Tensor| t.dims() == lead.dims() && aligned(t);
         let operands = match *self {
             Self::Ready(_) => true,
             Self::AddNorm { delta, norm, .. } => {
-                delta.is_none_or(like)
-                    && norm.weight().dims() == [cols]
-                    && norm.weight().dtype() == lead.dtype()
-                    && norm.weight().is_contiguous()
+                delta.is_none_or(like) && norm.weight().dims() == [cols] && aligned(norm.weight())
             }
             Self::SiluMul { up, .. } => like(up),
         };
         switch(&ON, "HELEXA_ENGINE_FOLD")
             && applies(lead)
             && lead.elem_count() == cols
-            && lead.is_contiguous()
+            && cols.is_multiple_of(8)
+            && aligned(lead)
             && operands
     }
 
@@ -395,6 +400,21 @@ pub fn qk_norm_rope_cache(inputs: &QkvInputs<'_>) -> Result<Tensor> {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = inputs;
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// `softmax(scores · scale)` with the causal mask applied by position: `scores` `(kv_heads,
+/// groups·len, offset + len)` hold queries `offset..offset+len` (row `r` is query `r % len`)
+/// against every cached key. Only call when [`applies`] holds and `scores` is contiguous.
+pub fn causal_softmax(scores: &Tensor, len: usize, offset: usize, scale: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::causal_softmax(scores, len, offset, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (scores, len, offset, scale);
         candle_core::bail!("fused kernels need the cuda feature")
     }
 }
@@ -657,6 +677,31 @@ mod gpu_tests {
                 }
                 let e = rel_diff(&got, &want);
                 assert!(e <= 1e-2, "{case}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn causal_softmax_matches_scale_mask_softmax() {
+        let dev = device();
+        for dtype in [DType::F32, DType::BF16] {
+            for (len, offset) in [(5, 7), (64, 0), (300, 1000)] {
+                let (kvh, groups, total) = (2, 4, offset + len);
+                let scores = random(&[kvh, groups * len, total], dtype, &dev);
+                let scale = 0.088_388_35;
+                let got = causal_softmax(&scores, len, offset, scale).expect("fused");
+                let mask = crate::layers::causal_mask(len, offset, dtype, &dev).expect("mask");
+                let want = (&scores * f64::from(scale))
+                    .and_then(|a| a.reshape((kvh, groups, len, total)))
+                    .and_then(|a| a.broadcast_add(&mask))
+                    .and_then(|a| a.reshape((kvh, groups * len, total)))
+                    .and_then(|a| candle_nn::ops::softmax_last_dim(&a))
+                    .expect("unfused");
+                let e = rel_diff(&got, &want);
+                assert!(
+                    e <= tolerance(dtype),
+                    "{dtype:?} len {len} offset {offset}: {e}"
+                );
             }
         }
     }

@@ -655,7 +655,7 @@ pub struct Attention {
 impl Attention {
     /// `input`: `(1, len, hidden)`, usually the layer's input norm still to be applied (see
     /// [`crate::fused::Input`]); positions start at the cache length. `mask`: from
-    /// [`causal_mask`], `None` for a single query. Returns the new residual stream where the
+    /// [`causal_mask`] (built here when needed and not given; the CUDA kernels need none). Returns the new residual stream where the
     /// input changes it, and the attention output.
     pub fn forward(
         &mut self,
@@ -729,21 +729,38 @@ impl Attention {
         // `squeeze`, not `reshape`: it keeps the cache views' strides (a reshape would copy).
         let k = k.squeeze(0)?;
         let v = v.squeeze(0)?;
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = mask {
-            att = att
-                .reshape((kvh, groups, len, total))?
-                .broadcast_add(mask)?
-                .reshape((kvh, groups * len, total))?;
-        }
-        // candle's CPU softmax sums in the tensor's own dtype: over a few thousand bf16 scores
-        // that loses enough to flip confident greedy steps on long prompts (transformers
-        // computes this softmax in f32). The CUDA kernel already accumulates in f32, so the
-        // two extra casts (two launches per layer per token) are paid on the CPU only.
-        let att = if att.device().is_cpu() && att.dtype() != DType::F32 {
-            candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(att.dtype())?
+        let scores = q.matmul(&k.t()?)?;
+        let att = if crate::fused::applies(&scores) && scores.is_contiguous() {
+            // One kernel scales, masks by position and normalises.
+            #[allow(clippy::cast_possible_truncation, reason = "scale is ~0.1")]
+            crate::fused::causal_softmax(&scores, len, offset, scale as f32)?
         } else {
-            candle_nn::ops::softmax_last_dim(&att)?
+            let mut att = (scores * scale)?;
+            let built;
+            let mask = match mask {
+                Some(m) => Some(m),
+                None if len > 1 => {
+                    built = causal_mask(len, offset, att.dtype(), att.device())?;
+                    Some(&built)
+                }
+                None => None,
+            };
+            if let Some(mask) = mask {
+                att = att
+                    .reshape((kvh, groups, len, total))?
+                    .broadcast_add(mask)?
+                    .reshape((kvh, groups * len, total))?;
+            }
+            // candle's CPU softmax sums in the tensor's own dtype: over a few thousand bf16
+            // scores that loses enough to flip confident greedy steps on long prompts
+            // (transformers computes this softmax in f32). The CUDA kernel already
+            // accumulates in f32, so the two extra casts are paid on the CPU only.
+            if att.device().is_cpu() && att.dtype() != DType::F32 {
+                candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?
+                    .to_dtype(att.dtype())?
+            } else {
+                candle_nn::ops::softmax_last_dim(&att)?
+            }
         };
         let out = att.matmul(&v)?; // (kvh, groups·len, hd)
         let out = out

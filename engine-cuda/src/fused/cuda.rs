@@ -390,6 +390,50 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     Ok(wrap(out, dev, (1, 1, h * hd)))
 }
 
+pub fn causal_softmax(scores: &Tensor, len: usize, offset: usize, scale: f32) -> Result<Tensor> {
+    by_dtype!(scores.dtype(), causal_softmax_t(scores, len, offset, scale))
+}
+
+fn causal_softmax_t<T: CudaDType + DeviceRepr>(
+    scores: &Tensor,
+    len: usize,
+    offset: usize,
+    scale: f32,
+    sfx: &str,
+) -> Result<Tensor> {
+    let dev = scores.device().as_cuda_device()?;
+    let (_, rows, total) = scores.dims3()?;
+    if !scores.is_contiguous() || len == 0 || rows % len != 0 || offset + len != total {
+        bail!(
+            "causal_softmax: scores {:?} for {len} queries after {offset}",
+            scores.dims()
+        );
+    }
+    let n = scores.elem_count();
+    let (ss, sl) = scores.storage_and_layout();
+    let sv = view::<T>(&ss, sl)?;
+    // SAFETY: every element is written by the kernel below (a block per row).
+    let mut probs = unsafe { dev.alloc::<T>(n) }?;
+    let (len_a, total_a, offset_a) = (int(len)?, int(total)?, int(offset)?);
+    let (f, stream) = function(dev, &format!("causal_softmax_{sfx}"))?;
+    let mut b = Args::new(&stream);
+    b.input(&sv).output(&mut probs);
+    b.value(&len_a)
+        .value(&total_a)
+        .value(&offset_a)
+        .value(&scale);
+    let blocks = scores.elem_count() / total;
+    let cfg = LaunchConfig {
+        grid_dim: (grid(blocks)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: scores and probs hold rows × total elements (rows of `total`, checked
+    // contiguous); argument types match `causal_softmax_<T>`.
+    unsafe { b.launch(&f, cfg) }?;
+    Ok(wrap(probs, dev, scores.shape().clone()))
+}
+
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     by_dtype!(x.dtype(), gemv_t(x, w))
 }

@@ -246,8 +246,9 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
     fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor> {
         let offset = self.cache_len();
         let mut x = self.embed.forward(tokens)?;
-        // A single query sees every cached key, so it needs no mask.
-        let mask = if tokens.len() > 1 {
+        // A single query sees every cached key, so it needs no mask; on a GPU the softmax
+        // kernel masks by position.
+        let mask = if tokens.len() > 1 && !crate::fused::applies(&x) {
             Some(causal_mask(tokens.len(), offset, x.dtype(), x.device())?)
         } else {
             None
