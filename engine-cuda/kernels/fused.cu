@@ -12,6 +12,22 @@
 
 #include "common.cuh"
 
+// Sum (or max) over the block (blockDim.x a multiple of 32, at most 1024); every thread gets
+// the result.
+template <bool MAX>
+__device__ float block_reduce(float v) {
+    __shared__ float partial[32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const float none = MAX ? -INFINITY : 0.0f;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads(); // `partial` may still be read from a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : none;
+    return MAX ? warp_max(v) : warp_sum(v);
+}
+__device__ float block_sum(float v) { return block_reduce<false>(v); }
+
 // ---- residual add + RMSNorm --------------------------------------------------------------------
 // sum = x + delta (stored in T, the new residual stream); normed = sum / rms(sum) * w.
 // One block per row, each thread keeping its ≤ ADD_NORM_MAX_PER_THREAD elements in registers
@@ -344,50 +360,6 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
     if (lane == 0) y[row] = from_f<T>(acc);
 }
 
-// The same product with x formed in the prologue (`XSource`, common.cuh) into shared memory,
-// where the lanes then read it: the add + RMSNorm before q/k/v and gate/up, the SwiGLU gate
-// before down, each one launch fewer. The grid is sized to what is resident at once (the
-// launcher asks the occupancy API) so each block forms x once; warps take rows strided over
-// the grid. Shared memory: cols values of T.
-template <typename T>
-__device__ void gemv_staged(const T *w, XSource<T> src, T *y, int rows, int cols) {
-    extern __shared__ __align__(16) uint8_t gemv_smem[];
-    T *xs = reinterpret_cast<T *>(gemv_smem);
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int first_row = blockIdx.x * GEMV_WARPS + warp, row_step = gridDim.x * GEMV_WARPS;
-    const int chunks = cols / 8;
-    // The first four chunks of the first row are requested before waiting for the inputs.
-    const bool ahead = first_row < rows && lane + 96 < chunks;
-    uint4 p0, p1, p2, p3;
-    if (ahead) {
-        const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)first_row * cols);
-        p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
-        p3 = __ldcs(wr + lane + 96);
-    }
-    follow_previous_kernel();
-    stage_x<T>(src, xs, cols);
-    const uint4 *xr = reinterpret_cast<const uint4 *>(xs);
-    for (int row = first_row; row < rows; row += row_step) {
-        const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
-        float acc = 0.0f;
-        int c = lane;
-        if (row == first_row && ahead) {
-            acc += dot8<T>(p0, xr[c]) + dot8<T>(p1, xr[c + 32]) + dot8<T>(p2, xr[c + 64]) +
-                   dot8<T>(p3, xr[c + 96]);
-            c += 128;
-        }
-        for (; c + 96 < chunks; c += 128) {
-            const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
-                        w3 = __ldcs(wr + c + 96);
-            acc += dot8<T>(w0, xr[c]) + dot8<T>(w1, xr[c + 32]) + dot8<T>(w2, xr[c + 64]) +
-                   dot8<T>(w3, xr[c + 96]);
-        }
-        for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), xr[c]);
-        acc = warp_sum(acc);
-        if (lane == 0) y[row] = from_f<T>(acc);
-    }
-}
-
 // ---- greedy sampling -----------------------------------------------------------------------------
 // Index of the largest of `n` f32 logits, the lowest index on ties (as torch.argmax and the
 // host sampler); NaN never wins. One block of 1024 threads reading 16 bytes at a time, eight
@@ -481,11 +453,6 @@ ENTRY_POINTS(__half, f16)
 #define GEMV(T, SUF)                                                                                \
     extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
         gemv<T>(w, x, y, rows, cols);                                                              \
-    }                                                                                               \
-    extern "C" __global__ void gemv_staged_##SUF(const T *w, int mode, const T *a, const T *b,      \
-                                                 const T *nw, float eps, T *sum, T *y, int rows,    \
-                                                 int cols) {                                        \
-        gemv_staged<T>(w, XSource<T>{mode, a, b, nw, eps, sum}, y, rows, cols);                    \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -165,6 +165,20 @@ struct Q6K {
     }
 };
 
+// Eight consecutive values of x from element `e` (a multiple of 8) as floats; zeros past `cols`.
+__device__ __forceinline__ void load8(const float *x, int e, int cols, float v[8]) {
+    const float4 a = e < cols ? *reinterpret_cast<const float4 *>(x + e) : make_float4(0, 0, 0, 0);
+    const float4 b = e < cols ? *reinterpret_cast<const float4 *>(x + e + 4) : make_float4(0, 0, 0, 0);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+template <typename T>
+__device__ __forceinline__ void load8(const T *x, int e, int cols, float v[8]) {
+    const uint4 raw = e < cols ? *reinterpret_cast<const uint4 *>(x + e) : make_uint4(0, 0, 0, 0);
+    const T *h = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = to_f<T>(h[i]);
+}
+
 // Quantizes the eight values `v` at element `e`; four neighbouring lanes hold one 32-group.
 __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int8_t *q, float *d, float *sum) {
     float amax = 0.0f;
@@ -220,13 +234,11 @@ template <int N> __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// x is read as it is (X_PLAIN) or formed first (`XSource`, common.cuh: the add + RMSNorm or
-// the SwiGLU gate of the unfused path, one launch fewer).
 // Shared memory: STAGES chunk buffers per warp, then the quantized x (cols + cols/32·8
-// bytes), then for a formed x its cols values of T. Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
+// bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
 // multiple of 16, w and x 16-byte aligned.
 template <class F, typename T, int STAGES>
-__device__ void quant_gemv(const uint8_t *__restrict__ w, const XSource<T> &src, T *__restrict__ y,
+__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
@@ -257,13 +269,7 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const XSource<T> &src,
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(t); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    if (src.mode == X_PLAIN) {
-        quantize_x<T>(src.a, cols, xq, xd, xs);
-    } else { // formed first (after the quantized x in shared memory), then quantized
-        T *staged = reinterpret_cast<T *>(xs + cols / 32);
-        stage_x<T>(src, staged, cols);
-        quantize_x<T>(staged, cols, xq, xd, xs);
-    }
+    quantize_x<T>(x, cols, xq, xd, xs);
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
@@ -288,10 +294,9 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const XSource<T> &src,
 // quant_gemv_<format>_<activation type>_s<stages>
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
-        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, int mode, const T *a, const T *b,        \
-                                         const T *nw, float eps, T *sum, T *y, int rows, int cols,  \
+        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
                                          int row_bytes) {                                           \
-        quant_gemv<F, T, S>(w, XSource<T>{mode, a, b, nw, eps, sum}, y, rows, cols, row_bytes);    \
+        quant_gemv<F, T, S>(w, x, y, rows, cols, row_bytes);                                       \
     }
 #define QUANT_GEMV_STAGES(F, FSUF, T, SUF)                                                          \
     QUANT_GEMV(F, FSUF, T, SUF, 2) QUANT_GEMV(F, FSUF, T, SUF, 3) QUANT_GEMV(F, FSUF, T, SUF, 4)

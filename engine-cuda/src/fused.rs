@@ -15,9 +15,7 @@
 //!   `kernels/quant_gemv.cu`;
 //! - [`causal_softmax`]: prefill's scale, causal mask and softmax over the scores (was 3, the
 //!   mask a broadcast add of a host-built tensor);
-//! - [`argmax`]: the greedy pick, so only the index leaves the device;
-//! - [`folded_product`]: either product with its input formed in its prologue ([`Input`]: the
-//!   add + RMSNorm before q/k/v and gate/up, the gate before down), one launch fewer each.
+//! - [`argmax`]: the greedy pick, so only the index leaves the device.
 //!
 //! Each has the unfused candle composition as its reference: [`applies`] is false on the CPU,
 //! for other dtypes and when `HELEXA_ENGINE_KERNELS=0` (to measure the kernels' effect or rule
@@ -25,7 +23,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
 use crate::layers::{RmsNorm, Rope};
@@ -162,172 +160,27 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
 /// quantized per 32 values as llama.cpp does; the result has `x`'s shape and dtype with `rows`
 /// as its last dimension. Only call when [`quant_gemv_applies`] holds.
 pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
-    Ok(quant_product(&Input::Ready(x), w, false)?.1)
-}
-
-/// [`quant_gemv`] of a formed input (the new residual stream too when `want_sum`).
-fn quant_product(
-    input: &Input<'_>,
-    w: &QTensor,
-    want_sum: bool,
-) -> Result<(Option<Tensor>, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         let format = quant_gemv_format(w.dtype())
             .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
         let (_, cols) = w.shape().dims2()?;
         cuda::quant_gemv(
-            input,
+            x,
             w,
             &cuda::QuantGemv {
                 format,
                 row_bytes: quant_row_bytes(w.dtype(), cols),
-                shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols) + input.staged_bytes(cols),
+                shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
                 warps: QUANT_GEMV_WARPS,
                 stages: quant_gemv_stages(),
             },
-            want_sum,
         )
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (input, w, want_sum);
+        let _ = (x, w);
         candle_core::bail!("fused kernels need the cuda feature")
-    }
-}
-
-/// A matrix product's input: ready, or still to be formed from what the unfused path computes
-/// in a kernel of its own before the product (the add + RMSNorm before q/k/v and gate/up, the
-/// SwiGLU gate before down). At one token the product's kernel forms it in its prologue, one
-/// launch fewer each ([`folds`]; `HELEXA_ENGINE_FOLD=0` turns this off); otherwise
-/// [`Input::materialize`] runs the unfused kernels first.
-#[derive(Clone, Copy)]
-pub enum Input<'a> {
-    Ready(&'a Tensor),
-    /// `norm(residual + delta)`, or `norm(residual)` without a delta; `residual + delta` is the
-    /// new residual stream.
-    AddNorm {
-        residual: &'a Tensor,
-        delta: Option<&'a Tensor>,
-        norm: &'a RmsNorm,
-    },
-    /// `silu(gate) · up`.
-    SiluMul {
-        gate: &'a Tensor,
-        up: &'a Tensor,
-    },
-}
-
-impl<'a> Input<'a> {
-    /// The tensor whose shape the input has.
-    pub fn lead(&self) -> &'a Tensor {
-        match *self {
-            Self::Ready(x) => x,
-            Self::AddNorm { residual, .. } => residual,
-            Self::SiluMul { gate, .. } => gate,
-        }
-    }
-
-    /// The input formed by the unfused kernels, and the new residual stream where it changes
-    /// (an add + norm with a delta).
-    pub fn materialize(&self) -> Result<(Option<Tensor>, Tensor)> {
-        match *self {
-            Self::Ready(x) => Ok((None, x.clone())),
-            Self::AddNorm {
-                residual,
-                delta: Some(delta),
-                norm,
-            } => {
-                let (sum, normed) = add_rms_norm(residual, delta, norm)?;
-                Ok((Some(sum), normed))
-            }
-            Self::AddNorm {
-                residual,
-                delta: None,
-                norm,
-            } => Ok((None, norm.forward(residual)?)),
-            Self::SiluMul { gate, up } => Ok((None, silu_mul(gate, up)?)),
-        }
-    }
-
-    /// Whether a product's kernel can form this input: one token of `cols` values on a CUDA
-    /// device, every operand of one dtype, shape and contiguous, and folding on.
-    fn foldable(&self, cols: usize) -> bool {
-        static ON: OnceLock<bool> = OnceLock::new();
-        let lead = self.lead();
-        // The prologue reads each operand 16 bytes at a time.
-        let aligned = |t: &Tensor| {
-            t.is_contiguous()
-                && t.dtype() == lead.dtype()
-                && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
-        };
-        let like = |t: &Tensor| t.dims() == lead.dims() && aligned(t);
-        let operands = match *self {
-            Self::Ready(_) => true,
-            Self::AddNorm { delta, norm, .. } => {
-                delta.is_none_or(like) && norm.weight().dims() == [cols] && aligned(norm.weight())
-            }
-            Self::SiluMul { up, .. } => like(up),
-        };
-        switch(&ON, "HELEXA_ENGINE_FOLD")
-            && applies(lead)
-            && lead.elem_count() == cols
-            && cols.is_multiple_of(8)
-            && aligned(lead)
-            && operands
-    }
-
-    /// Shared memory a product's kernel needs to stage the formed input.
-    fn staged_bytes(&self, cols: usize) -> usize {
-        match self {
-            Self::Ready(_) => 0,
-            _ => cols * self.lead().dtype().size_in_bytes(),
-        }
-    }
-}
-
-/// Most shared memory a block gets without opting in: the dense product stages x within it.
-pub(crate) const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
-
-/// Whether a product's kernel over `w` forms `input` itself (see [`Input`]).
-pub fn folds(input: &Input<'_>, w: &QMatMul) -> bool {
-    let cols = match w {
-        QMatMul::QTensor(q) => q.shape().dims2().map(|(_, c)| c),
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims2().map(|(_, c)| c),
-    };
-    let Ok(cols) = cols else {
-        return false;
-    };
-    if matches!(input, Input::Ready(_)) || !input.foldable(cols) {
-        return false;
-    }
-    let x = input.lead();
-    match w {
-        QMatMul::Tensor(w) => {
-            gemv_applies(x, w) && input.staged_bytes(cols) <= SHARED_MEMORY_DEFAULT
-        }
-        QMatMul::QTensor(q) => {
-            quant_gemv_applies(x, q)
-                && quant_gemv_shared_bytes(q.dtype(), cols) + input.staged_bytes(cols)
-                    <= QUANT_GEMV_SHARED_MAX
-        }
-        QMatMul::TensorF16(_) => false,
-    }
-}
-
-/// `x · wᵀ` with `x` formed by the product's kernel, and the new residual stream when
-/// `want_sum` and the input has one. Only call when [`folds`] holds.
-pub fn folded_product(
-    input: &Input<'_>,
-    w: &QMatMul,
-    want_sum: bool,
-) -> Result<(Option<Tensor>, Tensor)> {
-    let want_sum = want_sum && matches!(input, Input::AddNorm { delta: Some(_), .. });
-    match w {
-        QMatMul::QTensor(q) => quant_product(input, q, want_sum),
-        #[cfg(feature = "cuda")]
-        QMatMul::Tensor(w) => cuda::gemv_staged(input, w, want_sum),
-        _ => candle_core::bail!("folded_product: no kernel for this weight"),
     }
 }
 
@@ -614,73 +467,6 @@ mod gpu_tests {
         assert_eq!(chain(false), chain(true));
     }
 
-    /// Each product's kernel forming its own input (add + norm with and without a delta, the
-    /// SwiGLU gate from the halves of one stacked output) against the unfused kernels then the
-    /// plain product: the new residual stream bit for bit, the output within one bf16 rounding
-    /// of x (the norm's sum runs in another order).
-    #[test]
-    fn folded_inputs_match_the_unfused_kernels() {
-        let dev = device();
-        let (rows, cols) = (1000, 4096);
-        for dtype in [DType::BF16, DType::F16, DType::F32] {
-            let mut weights = Vec::new();
-            if dtype != DType::F32 {
-                weights.push(QMatMul::Tensor(random(&[rows, cols], dtype, &dev)));
-            }
-            for q in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-                let w = random(&[rows, cols], DType::F32, &dev);
-                let q = QTensor::quantize(&w, q).expect("quantize");
-                weights.push(QMatMul::QTensor(std::sync::Arc::new(q)));
-            }
-            let residual = random(&[1, 1, cols], dtype, &dev);
-            let delta = random(&[1, 1, cols], dtype, &dev);
-            let norm = RmsNorm::new(random(&[cols], dtype, &dev), 1e-6);
-            let stacked = random(&[1, 1, 2 * cols], dtype, &dev);
-            let gate = stacked.narrow(D::Minus1, 0, cols).expect("gate");
-            let up = stacked.narrow(D::Minus1, cols, cols).expect("up");
-            let inputs = [
-                Input::AddNorm {
-                    residual: &residual,
-                    delta: Some(&delta),
-                    norm: &norm,
-                },
-                Input::AddNorm {
-                    residual: &residual,
-                    delta: None,
-                    norm: &norm,
-                },
-                Input::SiluMul {
-                    gate: &gate,
-                    up: &up,
-                },
-            ];
-            for ((n, w), input) in weights
-                .iter()
-                .enumerate()
-                .flat_map(|nw| inputs.iter().map(move |i| (nw, i)))
-            {
-                let case = format!("{dtype:?} weight {n} input {}", input_name(input));
-                assert!(folds(input, w), "{case}: not folded");
-                let (sum, got) = folded_product(input, w, true).expect("folded");
-                let (want_sum, x) = input.materialize().expect("materialize");
-                let want = crate::layers::Linear::new(w.clone(), None)
-                    .forward(&x)
-                    .expect("product");
-                match (&sum, &want_sum) {
-                    (Some(s), Some(ws)) => assert_eq!(rel_diff(s, ws), 0.0, "{case}: sum"),
-                    (None, None) => {}
-                    _ => panic!(
-                        "{case}: sum {:?} vs {:?}",
-                        sum.is_some(),
-                        want_sum.is_some()
-                    ),
-                }
-                let e = rel_diff(&got, &want);
-                assert!(e <= 1e-2, "{case}: {e}");
-            }
-        }
-    }
-
     #[test]
     fn causal_softmax_matches_scale_mask_softmax() {
         let dev = device();
@@ -703,15 +489,6 @@ mod gpu_tests {
                     "{dtype:?} len {len} offset {offset}: {e}"
                 );
             }
-        }
-    }
-
-    fn input_name(input: &Input<'_>) -> &'static str {
-        match input {
-            Input::Ready(_) => "ready",
-            Input::AddNorm { delta: Some(_), .. } => "add+norm",
-            Input::AddNorm { delta: None, .. } => "norm",
-            Input::SiluMul { .. } => "gate",
         }
     }
 

@@ -45,26 +45,6 @@ impl Linear {
         }
     }
 
-    /// The layer applied to a formed input (see [`crate::fused::Input`]): by one kernel that
-    /// forms it where one serves, else after the unfused kernels. Also returns the new residual
-    /// stream where the input changes it and `want_sum`.
-    pub fn forward_input(
-        &self,
-        input: &crate::fused::Input<'_>,
-        want_sum: bool,
-    ) -> Result<(Option<Tensor>, Tensor)> {
-        if self.folds(input) {
-            return crate::fused::folded_product(input, &self.weight, want_sum);
-        }
-        let (sum, x) = input.materialize()?;
-        Ok((sum, self.forward(&x)?))
-    }
-
-    /// Whether [`Linear::forward_input`] forms `input` inside the product's kernel.
-    fn folds(&self, input: &crate::fused::Input<'_>) -> bool {
-        self.bias.is_none() && crate::fused::folds(input, &self.weight)
-    }
-
     /// Rows of the weight (`out`).
     pub fn out_features(&self) -> usize {
         match &self.weight {
@@ -213,52 +193,19 @@ impl Projections {
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
         match self {
-            Self::Fused { views, .. } if tokens > 1 && !views.is_empty() => {
-                views.iter().map(|p| p.forward(x)).collect()
-            }
-            _ => self.map_products(&mut |linear| linear.forward(x)),
-        }
-    }
-
-    /// Each projection of a formed input (see [`crate::fused::Input`]), and the new residual
-    /// stream where the input changes it. When every product's kernel can form the input, each
-    /// does (the first also writes the residual stream); otherwise the unfused kernels form it
-    /// once first.
-    pub fn forward_input(
-        &self,
-        input: &crate::fused::Input<'_>,
-    ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
-        let mut folds = true;
-        self.for_each_linear(&mut |l| folds &= l.folds(input));
-        if !folds {
-            let (sum, x) = input.materialize()?;
-            return Ok((sum, self.forward(&x)?));
-        }
-        let mut sum = None;
-        let outputs = self.map_products(&mut |linear| {
-            let (s, y) = crate::fused::folded_product(input, &linear.weight, sum.is_none())?;
-            sum = sum.take().or(s);
-            Ok(y)
-        })?;
-        Ok((sum, outputs))
-    }
-
-    /// Runs `product` on each matrix product in order and splits stacked outputs into parts.
-    fn map_products(
-        &self,
-        product: &mut impl FnMut(&Linear) -> Result<Tensor>,
-    ) -> Result<Vec<Tensor>> {
-        match self {
-            Self::Separate(parts) => parts.iter().map(&mut *product).collect(),
+            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
             Self::Runs(runs) => {
                 let mut out = Vec::new();
                 for run in runs {
-                    out.extend(run.map_products(product)?);
+                    out.extend(run.forward(x)?);
                 }
                 Ok(out)
             }
+            Self::Fused { views, .. } if tokens > 1 && !views.is_empty() => {
+                views.iter().map(|p| p.forward(x)).collect()
+            }
             Self::Fused { linear, widths, .. } => {
-                let y = product(linear)?;
+                let y = linear.forward(x)?;
                 let mut start = 0;
                 widths
                     .iter()
@@ -269,15 +216,6 @@ impl Projections {
                     })
                     .collect()
             }
-        }
-    }
-
-    /// Visits each matrix product's layer.
-    fn for_each_linear(&self, visit: &mut impl FnMut(&Linear)) {
-        match self {
-            Self::Separate(parts) => parts.iter().for_each(&mut *visit),
-            Self::Runs(runs) => runs.iter().for_each(|r| r.for_each_linear(visit)),
-            Self::Fused { linear, .. } => visit(linear),
         }
     }
 
@@ -653,24 +591,18 @@ pub struct Attention {
 }
 
 impl Attention {
-    /// `input`: `(1, len, hidden)`, usually the layer's input norm still to be applied (see
-    /// [`crate::fused::Input`]); positions start at the cache length. `mask`: from
-    /// [`causal_mask`] (built here when needed and not given; the CUDA kernels need none). Returns the new residual stream where the
-    /// input changes it, and the attention output.
-    pub fn forward(
-        &mut self,
-        input: &crate::fused::Input<'_>,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-    ) -> Result<(Option<Tensor>, Tensor)> {
-        let (b, len, _) = input.lead().dims3()?;
+    /// `x`: `(1, len, hidden)`; positions start at the cache length. `mask`: from
+    /// [`causal_mask`] (built here when needed and not given; the CUDA kernels need none).
+    pub fn forward(&mut self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, len, _) = x.dims3()?;
         if b != 1 {
             candle_core::bail!("attention supports one sequence, got batch {b}");
         }
         let offset = self.cache.len();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let (sum, qkv) = self.qkv.forward_input(input)?;
-        let [q, k, v]: [Tensor; 3] = qkv
+        let [q, k, v]: [Tensor; 3] = self
+            .qkv
+            .forward(x)?
             .try_into()
             .map_err(|_| candle_core::Error::msg("attention needs q, k and v projections"))?;
         let groups = h / kvh;
@@ -698,7 +630,7 @@ impl Attention {
                 let out =
                     crate::fused::decode_attention(&q, k_cache, v_cache, offset + 1, scale as f32)?;
                 self.cache.commit(1);
-                return Ok((sum, self.o_proj.forward(&out)?));
+                return self.o_proj.forward(&out);
             }
             self.cache.commit(len);
             let (k, v) = self.cache.views()?;
@@ -767,7 +699,7 @@ impl Attention {
             .reshape((1, h, len, hd))?
             .transpose(1, 2)?
             .reshape((1, len, h * hd))?;
-        Ok((sum, self.o_proj.forward(&out)?))
+        self.o_proj.forward(&out)
     }
 
     pub fn size_in_bytes(&self) -> usize {
@@ -787,19 +719,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// The block applied to `input` (usually the post-attention norm still to be applied, see
-    /// [`crate::fused::Input`]); returns the new residual stream where the input changes it, and
-    /// the output.
-    pub fn forward(&self, input: &crate::fused::Input<'_>) -> Result<(Option<Tensor>, Tensor)> {
-        let (sum, gate_up) = self.gate_up.forward_input(input)?;
-        let [gate, up]: [Tensor; 2] = gate_up
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let [gate, up]: [Tensor; 2] = self
+            .gate_up
+            .forward(x)?
             .try_into()
             .map_err(|_| candle_core::Error::msg("the MLP needs gate and up projections"))?;
-        let gated = crate::fused::Input::SiluMul {
-            gate: &gate,
-            up: &up,
-        };
-        Ok((sum, self.down_proj.forward_input(&gated, false)?.1))
+        self.down_proj.forward(&crate::fused::silu_mul(&gate, &up)?)
     }
 
     pub fn size_in_bytes(&self) -> usize {

@@ -20,10 +20,10 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail};
+use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, bail};
 
+use super::QkvInputs;
 use super::launch::Args;
-use super::{Input, QkvInputs, SHARED_MEMORY_DEFAULT};
 use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -469,7 +469,11 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
     // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
     // `gemv_<T>`.
     unsafe { b.launch(&f, cfg) }?;
-    Ok(wrap(y, dev, out_dims(x, rows)))
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    Ok(wrap(y, dev, dims))
 }
 
 /// How to launch the quantized GEMV for one weight (worked out by the caller in `fused.rs`).
@@ -488,34 +492,28 @@ pub struct QuantGemv {
 
 /// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
 const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+/// Dynamic shared memory a block gets without opting in.
+const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
-pub fn quant_gemv(
-    input: &Input<'_>,
-    w: &QTensor,
-    launch: &QuantGemv,
-    want_sum: bool,
-) -> Result<(Option<Tensor>, Tensor)> {
-    by_dtype!(
-        input.lead().dtype(),
-        quant_gemv_t(input, w, launch, want_sum)
-    )
+pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
+    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
 }
 
 fn quant_gemv_t<T: CudaDType + DeviceRepr>(
-    input: &Input<'_>,
+    x: &Tensor,
     w: &QTensor,
     launch: &QuantGemv,
-    want_sum: bool,
     sfx: &str,
-) -> Result<(Option<Tensor>, Tensor)> {
-    let lead = input.lead();
-    let dev = lead.device().as_cuda_device()?;
+) -> Result<Tensor> {
+    let dev = x.device().as_cuda_device()?;
     let (rows, cols) = w.shape().dims2()?;
-    if lead.elem_count() != cols || !launch.row_bytes.is_multiple_of(16) {
-        bail!("quant_gemv: x {:?} against w {:?}", lead.dims(), w.shape());
+    if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
+        bail!("quant_gemv: x {:?} against w {:?}", x.dims(), w.shape());
     }
+    let (xs, xl) = x.storage_and_layout();
+    let xv = view::<T>(&xs, xl)?;
     let (f, stream) = module_function(
         dev,
         "helexa_quant_gemv",
@@ -527,9 +525,6 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     if !w_addr.is_multiple_of(16) {
         bail!("quant_gemv: weight not 16-byte aligned");
     }
-    let source = SourceArgs::new(input)?;
-    let views = source.views::<T>()?;
-    let mut sum = source.sum_buffer::<T>(dev, want_sum, cols)?;
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let ctx = stream.context();
@@ -549,9 +544,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let mut b = Args::new(&stream);
-    b.value(&w_addr);
-    source.push(&mut b, &views, sum.as_mut());
-    b.output(&mut y);
+    b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
     let shared = u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?;
     // More than the default 48 KB needs the function's opt-in (idempotent; at the default two
@@ -569,167 +562,16 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         shared_mem_bytes: shared,
     };
     // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
-    // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; the
-    // source's tensors hold cols elements each (checked by `Input::fits`), sum cols and y
-    // rows; shared_bytes is what the kernel lays out for cols and the source (opted in above);
-    // argument types match `quant_gemv_<format>_<T>_s<stages>` (the weight pointer travels as a
-    // u64, the size of a device pointer).
+    // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
+    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (opted
+    // in above); argument types match `quant_gemv_<format>_<T>`
+    // (the weight pointer travels as a u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
-    Ok((
-        sum.map(|s| wrap(s, dev, lead.shape().clone())),
-        wrap(y, dev, out_dims(lead, rows)),
-    ))
-}
-
-/// `x`'s dims with the last one replaced by `rows`: a product's output shape.
-fn out_dims(x: &Tensor, rows: usize) -> Vec<usize> {
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
         *last = rows;
     }
-    dims
-}
-
-/// The dense batch-1 product with its input formed in the prologue (`gemv_staged_<T>`).
-pub fn gemv_staged(
-    input: &Input<'_>,
-    w: &Tensor,
-    want_sum: bool,
-) -> Result<(Option<Tensor>, Tensor)> {
-    by_dtype!(input.lead().dtype(), gemv_staged_t(input, w, want_sum))
-}
-
-fn gemv_staged_t<T: CudaDType + DeviceRepr>(
-    input: &Input<'_>,
-    w: &Tensor,
-    want_sum: bool,
-    sfx: &str,
-) -> Result<(Option<Tensor>, Tensor)> {
-    let lead = input.lead();
-    let dev = lead.device().as_cuda_device()?;
-    let (rows, cols) = w.dims2()?;
-    let (ws, wl) = w.storage_and_layout();
-    if lead.elem_count() != cols
-        || cols % 8 != 0
-        || !w.is_contiguous()
-        || wl.start_offset() % 8 != 0
-    {
-        bail!("gemv_staged: x {:?} against w {:?}", lead.dims(), w.dims());
-    }
-    let wv = view::<T>(&ws, wl)?;
-    let (f, stream) = function(dev, &format!("gemv_staged_{sfx}"))?;
-    let source = SourceArgs::new(input)?;
-    let views = source.views::<T>()?;
-    let mut sum = source.sum_buffer::<T>(dev, want_sum, cols)?;
-    // SAFETY: every element is written by the kernel below (one warp per row).
-    let mut y = unsafe { dev.alloc::<T>(rows) }?;
-    let shared = cols * std::mem::size_of::<T>();
-    let threads = GEMV_WARPS * 32;
-    // A block per resident slot: each forms x once, then its warps take rows in turn.
-    let per_sm = f
-        .occupancy_max_active_blocks_per_multiprocessor(grid(threads)?, shared, None)
-        .w()?;
-    let sms = stream
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()?;
-    let resident =
-        usize::try_from(per_sm.max(1)).unwrap_or(1) * usize::try_from(sms).unwrap_or(1).max(1);
-    let blocks = rows.div_ceil(GEMV_WARPS).min(resident);
-    let (rows_a, cols_a) = (int(rows)?, int(cols)?);
-    let mut b = Args::new(&stream);
-    b.input(&wv);
-    source.push(&mut b, &views, sum.as_mut());
-    b.output(&mut y).value(&rows_a).value(&cols_a);
-    let cfg = LaunchConfig {
-        grid_dim: (grid(blocks)?, 1, 1),
-        block_dim: (grid(threads)?, 1, 1),
-        shared_mem_bytes: u32::try_from(shared).map_err(candle_core::Error::wrap)?,
-    };
-    // SAFETY: w holds rows × cols elements, 16-byte aligned with cols % 8 == 0 (checked); the
-    // source's tensors hold cols elements each (`Input::fits`), sum cols and y rows; the
-    // shared memory is x's cols values (≤ 48 KB, `gemv_staged_applies`); argument types match
-    // `gemv_staged_<T>`.
-    unsafe { b.launch(&f, cfg) }?;
-    Ok((
-        sum.map(|s| wrap(s, dev, lead.shape().clone())),
-        wrap(y, dev, out_dims(lead, rows)),
-    ))
-}
-
-fn optional_view<'g, T: CudaDType>(
-    guard: &'g Option<(StorageRef<'_>, &Layout)>,
-) -> Result<Option<CudaView<'g, T>>> {
-    guard.as_ref().map(|(s, l)| view::<T>(s, l)).transpose()
-}
-
-/// The arguments of an input formed in a product's kernel (`XSource` in `kernels/common.cuh`):
-/// its mode, the tensors it reads (a, b and the norm weight; absent ones pass null) and eps.
-struct SourceArgs<'a> {
-    mode: i32,
-    eps: f32,
-    guards: [Option<(StorageRef<'a>, &'a Layout)>; 3],
-    null: u64,
-}
-
-impl<'a> SourceArgs<'a> {
-    fn new(input: &Input<'a>) -> Result<Self> {
-        let (mode, tensors, eps) = match *input {
-            Input::Ready(x) => (0, [Some(x), None, None], 0.0),
-            Input::AddNorm {
-                residual,
-                delta,
-                norm,
-            } => (1, [Some(residual), delta, Some(norm.weight())], norm.eps()),
-            Input::SiluMul { gate, up } => (2, [Some(gate), Some(up), None], 0.0),
-        };
-        Ok(Self {
-            mode,
-            eps,
-            guards: tensors.map(|t| t.map(Tensor::storage_and_layout)),
-            null: 0,
-        })
-    }
-
-    fn views<T: CudaDType>(&self) -> Result<[Option<CudaView<'_, T>>; 3]> {
-        let [a, b, w] = &self.guards;
-        Ok([optional_view(a)?, optional_view(b)?, optional_view(w)?])
-    }
-
-    /// A buffer for the new residual stream, when asked for and the input has one.
-    fn sum_buffer<T: CudaDType + DeviceRepr>(
-        &self,
-        dev: &CudaDevice,
-        want: bool,
-        cols: usize,
-    ) -> Result<Option<CudaSlice<T>>> {
-        if !want || self.mode != 1 {
-            return Ok(None);
-        }
-        // SAFETY: written in full by block 0 of the kernel it is passed to.
-        Ok(Some(unsafe { dev.alloc::<T>(cols) }?))
-    }
-
-    /// Pushes mode, a, b, w, eps and sum, in the kernels' order.
-    fn push<'b, T>(
-        &'b self,
-        b: &mut Args<'b>,
-        views: &'b [Option<CudaView<'_, T>>; 3],
-        sum: Option<&'b mut CudaSlice<T>>,
-    ) {
-        b.value(&self.mode);
-        for v in views {
-            match v {
-                Some(v) => b.input(v),
-                None => b.value(&self.null),
-            };
-        }
-        b.value(&self.eps);
-        match sum {
-            Some(s) => b.output(s),
-            None => b.value(&self.null),
-        };
-    }
+    Ok(wrap(y, dev, dims))
 }
 
 pub fn argmax(logits: &Tensor) -> Result<u32> {

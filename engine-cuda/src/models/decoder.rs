@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
-use crate::fused::Input;
+use crate::fused;
 use crate::layers::{
     Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
     causal_mask, last_rows,
@@ -107,16 +107,14 @@ pub struct DecoderOptions<'a> {
 
 /// The position-wise block after attention in each layer.
 pub trait FeedForward: Send {
-    /// `input`: `(1, len, hidden)`, the post-attention norm still to be applied (see
-    /// [`Input`]) → the new residual stream where the input changes it, and the output of the
-    /// same shape.
-    fn forward(&self, input: &Input<'_>) -> Result<(Option<Tensor>, Tensor)>;
+    /// `x`: `(1, len, hidden)` → same shape.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
     fn size_in_bytes(&self) -> usize;
 }
 
 impl FeedForward for Mlp {
-    fn forward(&self, input: &Input<'_>) -> Result<(Option<Tensor>, Tensor)> {
-        Mlp::forward(self, input)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Mlp::forward(self, x)
     }
 
     fn size_in_bytes(&self) -> usize {
@@ -248,42 +246,25 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
         let mut x = self.embed.forward(tokens)?;
         // A single query sees every cached key, so it needs no mask; on a GPU the softmax
         // kernel masks by position.
-        let mask = if tokens.len() > 1 && !crate::fused::applies(&x) {
+        let mask = if tokens.len() > 1 && !fused::applies(&x) {
             Some(causal_mask(tokens.len(), offset, x.dtype(), x.device())?)
         } else {
             None
         };
-        // Each residual add goes with the norm that follows it (the input norm, the
-        // post-attention norm, the final norm): one kernel, or at one token the prologue of
-        // the next product (`fused::Input`). `delta` is the last block's output, not yet added.
-        let mut delta: Option<Tensor> = None;
-        for l in &mut self.layers {
-            let input = Input::AddNorm {
-                residual: &x,
-                delta: delta.as_ref(),
-                norm: &l.input_norm,
-            };
-            let (sum, attn) = l.attn.forward(&input, &self.rope, mask.as_ref())?;
-            if let Some(sum) = sum {
-                x = sum;
-            }
-            let input = Input::AddNorm {
-                residual: &x,
-                delta: Some(&attn),
-                norm: &l.post_norm,
-            };
-            let (sum, ffn) = l.ffn.forward(&input)?;
-            if let Some(sum) = sum {
-                x = sum;
-            }
-            delta = Some(ffn);
+        // Each residual add is fused with the norm that follows it: the post-attention norm,
+        // the next layer's input norm, or the final norm.
+        let mut h = match self.layers.first() {
+            Some(l) => l.input_norm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
+        for i in 0..self.layers.len() {
+            let l = &mut self.layers[i];
+            let attn = l.attn.forward(&h, &self.rope, mask.as_ref())?;
+            (x, h) = fused::add_rms_norm(&x, &attn, &l.post_norm)?;
+            let ffn = l.ffn.forward(&h)?;
+            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
+            (x, h) = fused::add_rms_norm(&x, &ffn, next_norm)?;
         }
-        let (_, h) = Input::AddNorm {
-            residual: &x,
-            delta: delta.as_ref(),
-            norm: &self.norm,
-        }
-        .materialize()?;
         self.lm_head
             .forward(&last_rows(&h, all_rows)?)?
             .to_dtype(DType::F32)

@@ -5,7 +5,6 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use crate::fused::Input;
 use crate::layers::{Linear, Mlp, RopeStyle, softmax_f32};
 use crate::models::decoder::{Decoder, DecoderConfig, DecoderOptions, FeedForward, load_mlp};
 use crate::models::{CausalLm, ModelConfig};
@@ -159,10 +158,8 @@ impl SparseMoe {
             let n = rows[e].len();
             let idx = Tensor::from_slice(&rows[e], n, xs.device())?;
             let w = Tensor::from_slice(&weights[e], (n, 1), xs.device())?.to_dtype(xs.dtype())?;
-            let rows = xs.index_select(&idx, 0)?;
             let y = expert
-                .forward(&crate::fused::Input::Ready(&rows))?
-                .1
+                .forward(&xs.index_select(&idx, 0)?)?
                 .broadcast_mul(&w)?;
             out = out.index_add(&idx, &y, 0)?;
         }
@@ -182,14 +179,10 @@ enum Ffn {
 }
 
 impl FeedForward for Ffn {
-    fn forward(&self, input: &Input<'_>) -> Result<(Option<Tensor>, Tensor)> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Ffn::Dense(m) => m.forward(input),
-            // The router needs the normed input as a tensor: formed first.
-            Ffn::Sparse(m) => {
-                let (sum, x) = input.materialize()?;
-                Ok((sum, m.forward(&x)?))
-            }
+            Ffn::Dense(m) => m.forward(x),
+            Ffn::Sparse(m) => m.forward(x),
         }
     }
 
