@@ -191,6 +191,9 @@ impl WorkerModel {
         all_rows: bool,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         let mut out = Vec::new();
+        // Room for the whole prompt and the first generated token at once.
+        let positions = self.model.cache_len() + tokens.len() + 1;
+        self.model.plan(positions.min(self.model.max_positions()));
         for chunk in tokens.chunks(self.prefill_chunk) {
             let rows = self.forward(chunk, all_rows)?;
             if all_rows {

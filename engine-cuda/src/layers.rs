@@ -473,6 +473,8 @@ pub struct KvCache {
     /// Buffers of shape `(1, kv_heads, capacity, head_dim)`; `None` until the first append.
     buffers: Option<(Tensor, Tensor)>,
     len: usize,
+    /// Positions the next growth makes room for at least ([`KvCache::plan`]).
+    planned: usize,
 }
 
 impl KvCache {
@@ -483,6 +485,13 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Expects `positions` cached positions soon (a prompt about to be prefilled in chunks):
+    /// the next growth makes room for them at once, instead of growing, and copying the cache,
+    /// at every other chunk.
+    pub fn plan(&mut self, positions: usize) {
+        self.planned = positions;
     }
 
     /// Forgets everything after the first `len` positions.
@@ -510,7 +519,11 @@ impl KvCache {
         let capacity = self.buffers.as_ref().map_or(0, |(b, _)| b.dims()[2]);
         if need > capacity {
             // Grow geometrically so decoding costs amortised O(1) copies per token.
-            let new_cap = need.max(capacity * 2).max(256).next_multiple_of(256);
+            let new_cap = need
+                .max(self.planned)
+                .max(capacity * 2)
+                .max(256)
+                .next_multiple_of(256);
             let shape = (1, kv_heads, new_cap, head_dim);
             let nk = Tensor::zeros(shape, dtype, device)?;
             let nv = Tensor::zeros(shape, dtype, device)?;
@@ -771,6 +784,34 @@ mod tests {
     fn quantized(w: &Tensor, dtype: GgmlDType) -> Linear {
         let q = QTensor::quantize(w, dtype).expect("quantize");
         Linear::new(QMatMul::QTensor(std::sync::Arc::new(q)), None)
+    }
+
+    /// A planned prompt is allocated once: its chunks append without growing (and copying)
+    /// the cache, and what they wrote reads back in order.
+    #[test]
+    fn planned_cache_grows_once() {
+        let mut cache = KvCache::default();
+        cache.plan(1500);
+        let mut rows = Vec::new();
+        for chunk in 0..3 {
+            let k = random(2 * 500, 4, chunk)
+                .reshape((1, 2, 500, 4))
+                .expect("k");
+            let (all_k, _) = cache.append(&k, &k).expect("append");
+            assert_eq!(all_k.dims(), [1, 2, 500 * (chunk as usize + 1), 4]);
+            // Capacity (rounded up to 256 positions) covers the whole plan from the first chunk.
+            assert_eq!(cache.size_in_bytes(), 2 * 2 * 1536 * 4 * 4, "chunk {chunk}");
+            rows.push(k);
+        }
+        let (all_k, _) = cache.views().expect("views");
+        let want = Tensor::cat(&rows, 2).expect("cat");
+        let diff = (all_k - want)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert_eq!(diff, 0.0);
     }
 
     /// Fused and separate projections agree, for dense and block-quantized weights, and a

@@ -25,6 +25,8 @@ pub trait CausalLm: Send {
     fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor>;
     /// Keeps only the first `len` cached positions.
     fn truncate(&mut self, len: usize);
+    /// Expects the cache to reach `positions` positions soon (see [`crate::layers::KvCache::plan`]).
+    fn plan(&mut self, positions: usize);
     /// Number of cached positions.
     fn cache_len(&self) -> usize;
     fn vocab_size(&self) -> usize;

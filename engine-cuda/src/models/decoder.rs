@@ -276,6 +276,12 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
         }
     }
 
+    fn plan(&mut self, positions: usize) {
+        for l in &mut self.layers {
+            l.attn.cache.plan(positions);
+        }
+    }
+
     fn cache_len(&self) -> usize {
         // Every layer caches the same positions.
         self.layers.first().map_or(0, |l| l.attn.cache.len())
