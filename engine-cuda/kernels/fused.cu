@@ -297,7 +297,7 @@ __device__ void causal_softmax(const T *scores, T *probs, int len, int total, in
 // ---- batch-1 matrix-vector product ---------------------------------------------------------------
 // y = W x for W (rows, cols) row-major, x (cols), 16-bit T, f32 accumulation. One warp per row;
 // each lane streams 16-byte chunks of the row (8 elements) with the weights marked read-once,
-// DEPTH chunks in flight per lane. x is re-read by every warp and stays in L1. Replaces cuBLAS's
+// four chunks in flight per lane. x is re-read by every warp and stays in L1. Replaces cuBLAS's
 // split-K GEMV + its reduction kernel at one token (cols % 8 == 0).
 #define GEMV_WARPS 8
 // A pair of 16-bit elements and its conversion to two floats.
@@ -327,42 +327,33 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     return acc;
 }
 
-// DEPTH chunks per lane are requested together (4 or 8, `HELEXA_ENGINE_GEMV_DEPTH`): a 4096-wide
-// row is 16 chunks per lane, so 4 or 2 round trips to memory per row.
-template <typename T, int DEPTH>
+template <typename T>
 __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
     const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
     const uint4 *xr = reinterpret_cast<const uint4 *>(x);
     const int chunks = cols / 8;
-    constexpr int SPAN = 32 * DEPTH;
-    // The first DEPTH chunks are requested while the previous kernel may still be writing x.
-    const bool ahead = row < rows && lane + SPAN - 32 < chunks;
-    uint4 p[DEPTH];
+    // The first four chunks are requested while the previous kernel may still be writing x.
+    const bool ahead = row < rows && lane + 96 < chunks;
+    uint4 p0, p1, p2, p3;
     if (ahead) {
-#pragma unroll
-        for (int i = 0; i < DEPTH; i++) p[i] = __ldcs(wr + lane + 32 * i);
+        p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
+        p3 = __ldcs(wr + lane + 96);
     }
     follow_previous_kernel();
     if (row >= rows) return;
     float acc = 0.0f;
     int c = lane;
-    // Each group's partial sum is added once, in the order the products arrive.
     if (ahead) {
-        float part = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DEPTH; i++) part += dot8<T>(p[i], __ldg(xr + c + 32 * i));
-        acc += part;
-        c += SPAN;
+        acc += dot8<T>(p0, __ldg(xr + c)) + dot8<T>(p1, __ldg(xr + c + 32)) +
+               dot8<T>(p2, __ldg(xr + c + 64)) + dot8<T>(p3, __ldg(xr + c + 96));
+        c += 128;
     }
-    for (; c + SPAN - 32 < chunks; c += SPAN) {
-        uint4 v[DEPTH];
-#pragma unroll
-        for (int i = 0; i < DEPTH; i++) v[i] = __ldcs(wr + c + 32 * i);
-        float part = 0.0f;
-#pragma unroll
-        for (int i = 0; i < DEPTH; i++) part += dot8<T>(v[i], __ldg(xr + c + 32 * i));
-        acc += part;
+    for (; c + 96 < chunks; c += 128) {
+        const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
+                    w3 = __ldcs(wr + c + 96);
+        acc += dot8<T>(w0, __ldg(xr + c)) + dot8<T>(w1, __ldg(xr + c + 32)) +
+               dot8<T>(w2, __ldg(xr + c + 64)) + dot8<T>(w3, __ldg(xr + c + 96));
     }
     for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), __ldg(xr + c));
     acc = warp_sum(acc);
@@ -459,12 +450,9 @@ ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__nv_bfloat16, bf16)
 ENTRY_POINTS(__half, f16)
 
-// gemv_<type>_d<depth>
-#define GEMV(T, SUF, D)                                                                             \
-    extern "C" __global__ void gemv_##SUF##_d##D(const T *w, const T *x, T *y, int rows, int cols) {\
-        gemv<T, D>(w, x, y, rows, cols);                                                           \
+#define GEMV(T, SUF)                                                                                \
+    extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
+        gemv<T>(w, x, y, rows, cols);                                                              \
     }
-GEMV(__nv_bfloat16, bf16, 4)
-GEMV(__nv_bfloat16, bf16, 8)
-GEMV(__half, f16, 4)
-GEMV(__half, f16, 8)
+GEMV(__nv_bfloat16, bf16)
+GEMV(__half, f16)

@@ -78,28 +78,13 @@ pub fn gemv_applies(x: &Tensor, w: &Tensor) -> bool {
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        cuda::gemv(x, w, gemv_depth())
+        cuda::gemv(x, w)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, w);
         candle_core::bail!("fused kernels need the cuda feature")
     }
-}
-
-/// Chunks of 16 bytes each lane of [`gemv`] requests together: 4 or 8, from
-/// `HELEXA_ENGINE_GEMV_DEPTH` (a tuning knob: deeper means fewer round trips per row, but more
-/// registers, so fewer warps per SM).
-#[cfg(feature = "cuda")]
-fn gemv_depth() -> usize {
-    static DEPTH: OnceLock<usize> = OnceLock::new();
-    *DEPTH.get_or_init(|| {
-        std::env::var("HELEXA_ENGINE_GEMV_DEPTH")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|d| [4, 8].contains(d))
-            .unwrap_or(4)
-    })
 }
 
 /// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), and the weights each warp
@@ -523,18 +508,13 @@ mod gpu_tests {
                 let w = stacked.narrow(0, 16, rows).expect("rows");
                 let x = random(&[1, 1, cols], dtype, &dev);
                 assert!(gemv_applies(&x, &w), "{dtype:?} {rows}×{cols}");
+                let got = gemv(&x, &w).expect("gemv");
                 let want = x
                     .reshape((1, cols))
                     .and_then(|x| x.matmul(&w.t()?))
                     .expect("matmul");
-                for depth in [4, 8] {
-                    let got = cuda::gemv(&x, &w, depth).expect("gemv");
-                    let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &want);
-                    assert!(
-                        e <= tolerance(dtype),
-                        "{dtype:?} {rows}×{cols} depth {depth}: {e}"
-                    );
-                }
+                let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &want);
+                assert!(e <= tolerance(dtype), "{dtype:?} {rows}×{cols}: {e}");
             }
         }
     }

@@ -434,16 +434,11 @@ fn causal_softmax_t<T: CudaDType + DeviceRepr>(
     Ok(wrap(probs, dev, scores.shape().clone()))
 }
 
-pub fn gemv(x: &Tensor, w: &Tensor, depth: usize) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w, depth))
+pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    by_dtype!(x.dtype(), gemv_t(x, w))
 }
 
-fn gemv_t<T: CudaDType + DeviceRepr>(
-    x: &Tensor,
-    w: &Tensor,
-    depth: usize,
-    sfx: &str,
-) -> Result<Tensor> {
+fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Result<Tensor> {
     let dev = x.device().as_cuda_device()?;
     let (rows, cols) = w.dims2()?;
     if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
@@ -458,7 +453,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
-    let (f, stream) = function(dev, &format!("gemv_{sfx}_d{depth}"))?;
+    let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
     let mut b = Args::new(&stream);
     b.input(&wv)
         .input(&xv)
@@ -472,7 +467,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
     // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
-    // `gemv_<T>_d<depth>` (depth 4 or 8, the kernels compiled).
+    // `gemv_<T>`.
     unsafe { b.launch(&f, cfg) }?;
     let mut dims = x.dims().to_vec();
     if let Some(last) = dims.last_mut() {
