@@ -91,7 +91,8 @@ bench)
   ;;
 kernels)
   # Kernel launches and GPU time per decoded token, from Nsight Compute (one metric,
-  # gpu__time_duration, so each kernel runs once) over short decodes of the Qwen3-8B shapes
+  # gpu__time_duration, so each kernel runs once; --clock-control none: the card's clocks are
+  # left as they are, as the device rules ask) over short decodes of the Qwen3-8B shapes
   # cut to 1 and 2 layers, 4 and 8 tokens each. Differences isolate the launches per token
   # per layer and per token outside the layers; scripts/device/kernel_counts.py does the
   # arithmetic, groups GPU time by kernel and lists the last decoded token launch by launch.
@@ -101,7 +102,7 @@ kernels)
       --out "/tmp/kernel-models/l$layers" > /dev/null
     model=$(ls -d /tmp/kernel-models/l$layers/*-"${2:-bf16}"/ | head -1)
     for tokens in 4 8; do
-      "$ncu" --csv --log-file "/tmp/ncu-l$layers-t$tokens.csv" --metrics gpu__time_duration.sum \
+      "$ncu" --clock-control none --csv --log-file "/tmp/ncu-l$layers-t$tokens.csv" --metrics gpu__time_duration.sum \
         "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" --prefill 8 \
         --decode-context 0 --decode-tokens "$tokens" --warmup 0 --repeats 1 > /dev/null 2>&1
     done
@@ -117,7 +118,7 @@ prefill-kernels)
     "$bin/helexa-node" synth --preset qwen3-8b --layers "$layers" --formats "$format" \
       --out "/tmp/kernel-models/l$layers" > /dev/null
     model=$(ls -d /tmp/kernel-models/l$layers/*-"$format"/ | head -1)
-    "$ncu" --csv --log-file "/tmp/ncu-prefill-l$layers.csv" --metrics gpu__time_duration.sum \
+    "$ncu" --clock-control none --csv --log-file "/tmp/ncu-prefill-l$layers.csv" --metrics gpu__time_duration.sum \
       "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" \
       --prefill "${3:-2048}" --decode-context 0 --decode-tokens 1 --warmup 0 --repeats 1 \
       ${BENCH_ARGS:-} > /dev/null 2>&1
