@@ -30,6 +30,9 @@ impl Linear {
             QMatMul::QTensor(w) if crate::fused::quant_gemv_applies(x, w) => {
                 crate::fused::quant_gemv(x, w)?
             }
+            // Many tokens on a GPU, when switched on: the weight dequantized once, then one
+            // dense product (cuBLAS), instead of candle's integer MMQ kernel.
+            QMatMul::QTensor(w) if dequantized_product_applies(x) => dequantized_product(x, w)?,
             // A 3-D activation times a 2-D weight: flatten so the CPU gemm sees one large matrix
             // product instead of a broadcast batch.
             QMatMul::Tensor(w) if x.rank() == 3 => {
@@ -61,6 +64,33 @@ impl Linear {
         };
         w + self.bias.as_ref().map_or(0, tensor_bytes)
     }
+}
+
+/// Whether a block-quantized product over `x` takes the dequantize-then-cuBLAS path: `x` is
+/// `(1, tokens, in)` in bf16/f16 on a CUDA device with at least `HELEXA_ENGINE_DEQUANT_TOKENS`
+/// tokens (unset or 0: never, the default). The weight's dense copy (2 bytes a weight, for the
+/// length of one product) is the price; with enough tokens per product it buys the tensor
+/// cores' bf16 rate over the integer MMQ kernel. Off until measured on a GPU.
+fn dequantized_product_applies(x: &Tensor) -> bool {
+    static MIN_TOKENS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let min_tokens = *MIN_TOKENS.get_or_init(|| {
+        std::env::var("HELEXA_ENGINE_DEQUANT_TOKENS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    });
+    min_tokens > 0
+        && x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && x.dims3().is_ok_and(|(b, l, _)| b * l >= min_tokens)
+}
+
+/// `x · wᵀ` for `x` `(b, l, in)` through a dense copy of `w` in `x`'s dtype.
+fn dequantized_product(x: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let dense = w.dequantize_f16(x.device())?.to_dtype(x.dtype())?;
+    let (b, l, i) = x.dims3()?;
+    let y = x.reshape((b * l, i))?.matmul(&dense.t()?)?;
+    y.reshape((b, l, ()))
 }
 
 /// Whether projections of the same input are stacked into one matrix product
@@ -786,6 +816,47 @@ mod tests {
         Linear::new(QMatMul::QTensor(std::sync::Arc::new(q)), None)
     }
 
+    /// The dequantize-then-dense product computes what the quantized one does (which also
+    /// rounds x to 8 bits, hence the tolerance).
+    #[test]
+    fn dequantized_product_matches_the_quantized_one() {
+        check_dequantized_product(&Device::Cpu, DType::F32);
+    }
+
+    /// [`dequantized_product`] against candle's quantized product on `dev` for activations
+    /// of `act`, for each block type the engine's GGUF files use most.
+    pub(super) fn check_dequantized_product(dev: &Device, act: DType) {
+        let x = random(16, 256, 7)
+            .reshape((1, 16, 256))
+            .and_then(|x| x.to_device(dev))
+            .and_then(|x| x.to_dtype(act))
+            .expect("x");
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let w = random(64, 256, 9).to_device(dev).expect("w");
+            let q = QTensor::quantize(&w, dtype).expect("quantize");
+            let got = dequantized_product(&x, &q).expect("dense");
+            let want = QMatMul::QTensor(std::sync::Arc::new(q))
+                .forward(&x)
+                .expect("quantized");
+            assert_eq!(got.dims(), [1, 16, 64]);
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
+            let (got, want) = (f32s(&got), f32s(&want));
+            let scale = want
+                .abs()
+                .and_then(|t| t.max_all())
+                .and_then(|t| t.to_scalar::<f32>());
+            let diff = (&got - &want)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.max_all())
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            assert!(
+                diff <= 0.02 * scale.expect("scale"),
+                "{dtype:?} {act:?}: {diff}"
+            );
+        }
+    }
+
     /// A planned prompt is allocated once: its chunks append without growing (and copying)
     /// the cache, and what they wrote reads back in order.
     #[test]
@@ -873,5 +944,18 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+/// The dequantize-then-cuBLAS product on the GPU (needs the `cuda` feature and a device;
+/// `scripts/device/gpu-check.sh check`).
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn dequantized_product_matches_the_quantized_one() {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        super::tests::check_dequantized_product(&dev, DType::BF16);
     }
 }

@@ -52,6 +52,8 @@ all)
   BENCH_ARGS="$quick" BENCH_TAG=quant-gemv-0 HELEXA_ENGINE_QUANT_GEMV=0 "$0" bench q8_0,q4_k_m \
     || status=1
   BENCH_ARGS="$quick" BENCH_TAG=pdl-0 HELEXA_ENGINE_PDL=0 "$0" bench || status=1
+  BENCH_ARGS="--prefill 512,2048 --decode-context 0 --decode-tokens 8" BENCH_TAG=dequant-128 \
+    HELEXA_ENGINE_DEQUANT_TOKENS=128 "$0" bench q8_0,q4_k_m || status=1
   for f in ${KERNEL_FORMATS:-q8_0}; do
     "$0" kernels "$f" || status=1
     mv "$OUT/kernels.txt" "$OUT/kernels-$f.txt"
