@@ -272,6 +272,42 @@ pub fn causal_softmax(scores: &Tensor, len: usize, offset: usize, scale: f32) ->
     }
 }
 
+/// Whether [`flash_prefill`] serves a prefill chunk: a kernel for this head size and dtype,
+/// and `HELEXA_ENGINE_FLASH_PREFILL=1` (off by default: written without a GPU at hand, not yet
+/// checked on one).
+pub fn flash_prefill_applies(head_dim: usize, dtype: DType) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_FLASH_PREFILL").is_ok_and(|v| v == "1"))
+        && flash_prefill_supported(head_dim, dtype)
+}
+
+/// Whether `kernels/flash_prefill.cu` has a kernel for this head size and dtype.
+pub fn flash_prefill_supported(head_dim: usize, dtype: DType) -> bool {
+    matches!(head_dim, 64 | 128) && matches!(dtype, DType::BF16 | DType::F16)
+}
+
+/// Causal attention of queries `q` `(1, heads, len, head_dim)` at positions
+/// `offset..offset+len` over the caches `(1, kv_heads, capacity, head_dim)`, whose rows
+/// `0..offset+len` are written, without materialising the scores; returns `(1, len,
+/// heads·head_dim)`. Only call when [`applies`] holds and [`flash_prefill_supported`] does.
+pub fn flash_prefill(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    offset: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::flash_prefill(q, k_cache, v_cache, offset, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k_cache, v_cache, offset, scale);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
 /// Whether [`decode_attention`] has a kernel for this head size and grouping.
 pub fn decode_attention_supported(head_dim: usize, groups: usize) -> bool {
     matches!(head_dim, 64 | 128 | 256)
@@ -465,6 +501,62 @@ mod gpu_tests {
                 .expect("x")
         };
         assert_eq!(chain(false), chain(true));
+    }
+
+    /// Flash attention for a prefill chunk against the materialised composition in f32: scores,
+    /// causal mask, softmax, values (within the rounding of P to the element type).
+    #[test]
+    fn flash_prefill_matches_materialised_attention() {
+        let dev = device();
+        let (h, kvh, cap) = (8, 2, 1024);
+        for dtype in [DType::BF16, DType::F16] {
+            for hd in [64, 128] {
+                for (len, offset) in [(64, 0), (100, 37), (130, 500)] {
+                    let case = format!("{dtype:?} hd {hd} len {len} offset {offset}");
+                    let total = offset + len;
+                    let q = random(&[1, h, len, hd], dtype, &dev);
+                    let k_cache = random(&[1, kvh, cap, hd], dtype, &dev);
+                    let v_cache = random(&[1, kvh, cap, hd], dtype, &dev);
+                    #[allow(clippy::cast_precision_loss, reason = "head_dim is small")]
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    assert!(flash_prefill_supported(hd, dtype), "{case}");
+                    let got = flash_prefill(&q, &k_cache, &v_cache, offset, scale).expect(&case);
+                    let f32s = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
+                    let groups = h / kvh;
+                    let k = f32s(
+                        &k_cache
+                            .narrow(2, 0, total)
+                            .expect("k")
+                            .squeeze(0)
+                            .expect("k"),
+                    );
+                    let v = f32s(
+                        &v_cache
+                            .narrow(2, 0, total)
+                            .expect("v")
+                            .squeeze(0)
+                            .expect("v"),
+                    );
+                    let mask =
+                        crate::layers::causal_mask(len, offset, DType::F32, &dev).expect("mask");
+                    let want = f32s(&q)
+                        .reshape((kvh, groups * len, hd))
+                        .and_then(|q| q.matmul(&k.t()?))
+                        .and_then(|s| s * f64::from(scale))
+                        .and_then(|s| s.reshape((kvh, groups, len, total)))
+                        .and_then(|s| s.broadcast_add(&mask))
+                        .and_then(|s| s.reshape((kvh, groups * len, total)))
+                        .and_then(|s| candle_nn::ops::softmax_last_dim(&s))
+                        .and_then(|p| p.matmul(&v))
+                        .and_then(|o| o.reshape((1, h, len, hd)))
+                        .and_then(|o| o.transpose(1, 2))
+                        .and_then(|o| o.reshape((1, len, h * hd)))
+                        .expect("materialised");
+                    let e = rel_diff(&got, &want);
+                    assert!(e <= 2e-2, "{case}: {e}");
+                }
+            }
+        }
     }
 
     #[test]

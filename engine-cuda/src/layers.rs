@@ -675,6 +675,13 @@ impl Attention {
                 self.cache.commit(1);
                 return self.o_proj.forward(&out);
             }
+            if crate::fused::flash_prefill_applies(hd, q.dtype()) {
+                // The chunk's rows are in the caches: attention without materialised scores.
+                #[allow(clippy::cast_possible_truncation, reason = "scale is ~0.1")]
+                let out = crate::fused::flash_prefill(&q, k_cache, v_cache, offset, scale as f32)?;
+                self.cache.commit(len);
+                return self.o_proj.forward(&out);
+            }
             self.cache.commit(len);
             let (k, v) = self.cache.views()?;
             (q, k, v)

@@ -28,6 +28,7 @@ use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const QUANT_GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant_gemv.ptx"));
+const FLASH_PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_prefill.ptx"));
 
 /// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
 /// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
@@ -432,6 +433,104 @@ fn causal_softmax_t<T: CudaDType + DeviceRepr>(
     // contiguous); argument types match `causal_softmax_<T>`.
     unsafe { b.launch(&f, cfg) }?;
     Ok(wrap(probs, dev, scores.shape().clone()))
+}
+
+pub fn flash_prefill(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    offset: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    by_dtype!(
+        q.dtype(),
+        flash_prefill_t(q, k_cache, v_cache, offset, scale)
+    )
+}
+
+/// Queries per block of `flash_prefill` (`FP_ROWS`), and its threads (`FP_WARPS` × 32).
+const FLASH_ROWS: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
+fn flash_prefill_t<T: CudaDType + DeviceRepr>(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    offset: usize,
+    scale: f32,
+    sfx: &str,
+) -> Result<Tensor> {
+    let dev = q.device().as_cuda_device()?;
+    let (_, h, len, hd) = q.dims4()?;
+    let (_, kvh, cap, cache_hd) = k_cache.dims4()?;
+    let contiguous = q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous();
+    if !contiguous
+        || cache_hd != hd
+        || h % kvh != 0
+        || offset + len > cap
+        || v_cache.dims() != k_cache.dims()
+    {
+        bail!(
+            "flash_prefill: q {:?}, cache {:?}, offset {offset}",
+            q.dims(),
+            k_cache.dims()
+        );
+    }
+    if !super::flash_prefill_supported(hd, q.dtype()) {
+        bail!(
+            "flash_prefill: no kernel for head_dim {hd} in {:?}",
+            q.dtype()
+        );
+    }
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k_cache.storage_and_layout();
+    let (vs, vl) = v_cache.storage_and_layout();
+    let (qv, kv, vv) = (
+        view::<T>(&qs, ql)?,
+        view::<T>(&ks, kl)?,
+        view::<T>(&vs, vl)?,
+    );
+    // SAFETY: every element is written by the kernel below (each (query, head) row by the
+    // block of its 64 queries and its head).
+    let mut out = unsafe { dev.alloc::<T>(len * h * hd) }?;
+    let ints = [h, kvh, len, cap, offset].map(int);
+    let [h_a, kvh_a, len_a, cap_a, off_a] = ints;
+    let (h_a, kvh_a, len_a, cap_a, off_a) = (h_a?, kvh_a?, len_a?, cap_a?, off_a?);
+    let (f, stream) = module_function(
+        dev,
+        "helexa_flash_prefill",
+        FLASH_PREFILL_PTX,
+        &format!("flash_prefill_{sfx}_hd{hd}"),
+    )?;
+    // Q, K, V tiles, P (elements), S and O (f32): see the kernel's header.
+    let elem = std::mem::size_of::<T>();
+    let shared =
+        3 * FLASH_ROWS * hd * elem + FLASH_ROWS * FLASH_ROWS * (4 + elem) + FLASH_ROWS * hd * 4;
+    let shared_u32 = u32::try_from(shared).map_err(candle_core::Error::wrap)?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        i32::try_from(shared).map_err(candle_core::Error::wrap)?,
+    )
+    .w()?;
+    let mut b = Args::new(&stream);
+    b.input(&qv).input(&kv).input(&vv).output(&mut out);
+    b.value(&h_a)
+        .value(&kvh_a)
+        .value(&len_a)
+        .value(&cap_a)
+        .value(&off_a)
+        .value(&scale);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(len.div_ceil(FLASH_ROWS))?, grid(h)?, 1),
+        block_dim: (FLASH_THREADS, 1, 1),
+        shared_mem_bytes: shared_u32,
+    };
+    // SAFETY: q holds heads × len × hd, the caches kv_heads × cap × hd with the chunk's rows
+    // offset..offset+len < cap written (checked), out len × heads × hd; the shared memory is
+    // the kernel's layout for hd (opted in above); argument types match
+    // `flash_prefill_<T>_hd<hd>`.
+    unsafe { b.launch(&f, cfg) }?;
+    Ok(wrap(out, dev, (1, len, h * hd)))
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
