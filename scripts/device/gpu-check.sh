@@ -49,12 +49,15 @@ status=0
 
 case "$mode" in
 all)
-  "$0" check || status=1
-  "$0" bench || status=1
+  # Each step is bounded so that one that hangs still leaves time to fold what the others wrote
+  # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
+  timeout 200 "$0" check || status=1
+  timeout 270 "$0" bench || status=1
   prefill="--prefill 512,2048 --decode-context 0 --decode-tokens 8"
-  BENCH_ARGS="$prefill" BENCH_TAG=flash-1 HELEXA_ENGINE_FLASH_PREFILL=1 "$0" bench bf16 || status=1
-  BENCH_ARGS="$prefill" BENCH_TAG=dequant-128 HELEXA_ENGINE_DEQUANT_TOKENS=128 "$0" bench \
-    q8_0,q4_k_m || status=1
+  BENCH_ARGS="$prefill" BENCH_TAG=flash-1 HELEXA_ENGINE_FLASH_PREFILL=1 timeout 50 "$0" bench bf16 \
+    || status=1
+  BENCH_ARGS="$prefill" BENCH_TAG=dequant-128 HELEXA_ENGINE_DEQUANT_TOKENS=128 timeout 60 "$0" \
+    bench q8_0,q4_k_m || status=1
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;
