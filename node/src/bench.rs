@@ -10,8 +10,8 @@
 //!   from the first token to the last (prefill excluded), against memory bandwidth ÷ bytes read
 //!   per token (every weight once, one embedding row, the KV cache at the mean context).
 //!
-//! Sampling is greedy and the stop list is empty, so generation never ends early; the summary's
-//! token counts are checked. The formulas are in [`formulas`] and `docs/bench-harness.md`.
+//! Sampling is greedy (or, with `--temperature`, seeded sampling on the host) and the stop list
+//! is empty, so generation never ends early; the summary's token counts are checked. The formulas are in [`formulas`] and `docs/bench-harness.md`.
 
 mod formulas;
 mod model;
@@ -85,6 +85,13 @@ pub struct BenchArgs {
     /// Prefill chunk size (default: the engine's).
     #[arg(long)]
     prefill_chunk: Option<u32>,
+    /// Decode with this sampling temperature (default 0: greedy, the pick made on the device);
+    /// above 0 every token's logits go to the host sampler, seeded, so runs repeat.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-p of the sampled decode (with --temperature).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
     /// Decode ceiling: memory read bandwidth in bytes/s (H200 measured HBM read).
     #[arg(long, default_value_t = 4.40e12)]
     mem_bandwidth: f64,
@@ -233,6 +240,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             ceilings,
             warmup: args.warmup,
             repeats: args.repeats,
+            decode_sampling: sampling(args),
             models: reports,
         };
         let text = serde_json::to_string_pretty(&doc).context("encoding the JSON report")?;
@@ -258,6 +266,8 @@ struct JsonReport {
     ceilings: Ceilings,
     warmup: u32,
     repeats: u32,
+    /// How the decode figures picked tokens (greedy: temperature 0).
+    decode_sampling: json::Sampling,
     models: Vec<ModelReport>,
 }
 
@@ -408,6 +418,7 @@ fn measure(
                 loaded.handle,
                 &prompts.fresh(c.max(1)),
                 args.decode_tokens,
+                &sampling(args),
             )?;
             if i >= args.warmup {
                 runs.push(s);
@@ -498,12 +509,25 @@ impl Prompts {
     }
 }
 
-/// Greedy, no stop ids: generation only ends at `max_tokens`.
-fn params(max_tokens: u32) -> json::GenerateParams {
+/// No stop ids: generation only ends at `max_tokens`.
+fn params(max_tokens: u32, sampling: &json::Sampling) -> json::GenerateParams {
     json::GenerateParams {
         max_tokens,
         stop_ids: Vec::new(),
-        sampling: json::Sampling::default(),
+        sampling: sampling.clone(),
+    }
+}
+
+/// The decode runs' sampling: greedy, or `--temperature` / `--top-p` with a fixed seed.
+fn sampling(args: &BenchArgs) -> json::Sampling {
+    if args.temperature <= 0.0 {
+        return json::Sampling::default();
+    }
+    json::Sampling {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: Some(42),
+        ..json::Sampling::default()
     }
 }
 
@@ -511,7 +535,12 @@ fn params(max_tokens: u32) -> json::GenerateParams {
 fn prefill_once(engine: &crate::EngineHandle, model: u64, prompt: &[u32]) -> anyhow::Result<f64> {
     let start = Instant::now();
     let summary = engine
-        .generate(model, &params(1), prompt, |_| Flow::Continue)
+        .generate(
+            model,
+            &params(1, &json::Sampling::default()),
+            prompt,
+            |_| Flow::Continue,
+        )
         .context("prefill run")?;
     let seconds = start.elapsed().as_secs_f64();
     check_summary(&summary, prompt.len(), 1)?;
@@ -525,11 +554,12 @@ fn decode_once(
     model: u64,
     prompt: &[u32],
     tokens: u32,
+    sampling: &json::Sampling,
 ) -> anyhow::Result<(f64, Vec<u32>)> {
     let mut stamps = Vec::with_capacity(tokens as usize + 1);
     let mut ids = Vec::with_capacity(tokens as usize + 1);
     let summary = engine
-        .generate(model, &params(tokens + 1), prompt, |id| {
+        .generate(model, &params(tokens + 1, sampling), prompt, |id| {
             stamps.push(Instant::now());
             ids.push(id);
             Flow::Continue
