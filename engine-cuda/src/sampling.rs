@@ -1,7 +1,7 @@
 //! Token selection from logits: penalties, then greedy argmax (temperature 0) or temperature,
 //! top-k, top-p and min-p filtering followed by a draw from a seeded `StdRng`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use helexa_engine_abi::json::Sampling;
 use rand::Rng;
@@ -14,6 +14,12 @@ pub struct Sampler {
     rng: StdRng,
     /// Occurrences of each generated token (presence/frequency penalties).
     generated: HashMap<u32, u32>,
+    /// The distinct tokens of `seen` (repetition penalty), and how much of `seen` they cover:
+    /// `seen` only grows within a request, so each call absorbs just its new tokens instead of
+    /// walking a long prompt again for every generated token.
+    seen_set: HashSet<u32>,
+    seen_distinct: Vec<u32>,
+    seen_absorbed: usize,
 }
 
 impl Sampler {
@@ -26,6 +32,9 @@ impl Sampler {
             params: params.clone(),
             rng,
             generated: HashMap::new(),
+            seen_set: HashSet::new(),
+            seen_distinct: Vec::new(),
+            seen_absorbed: 0,
         }
     }
 
@@ -66,16 +75,25 @@ impl Sampler {
         last.token
     }
 
-    fn apply_penalties(&self, logits: &mut [f32], seen: &[u32]) {
+    fn apply_penalties(&mut self, logits: &mut [f32], seen: &[u32]) {
         let p = &self.params;
         if p.repetition_penalty > 0.0 && p.repetition_penalty != 1.0 {
+            if seen.len() < self.seen_absorbed {
+                // Not the growing sequence this sampler followed: start over.
+                self.seen_set.clear();
+                self.seen_distinct.clear();
+                self.seen_absorbed = 0;
+            }
+            for &t in &seen[self.seen_absorbed..] {
+                if self.seen_set.insert(t) {
+                    self.seen_distinct.push(t);
+                }
+            }
+            self.seen_absorbed = seen.len();
             // CTRL / transformers convention: shrink positive logits, grow negative ones, once
             // per distinct token.
-            let mut done = std::collections::HashSet::new();
-            for &t in seen {
-                if let Some(l) = logits.get_mut(t as usize)
-                    && done.insert(t)
-                {
+            for &t in &self.seen_distinct {
+                if let Some(l) = logits.get_mut(t as usize) {
                     *l = if *l > 0.0 {
                         *l / p.repetition_penalty
                     } else {
@@ -264,6 +282,32 @@ mod tests {
         let mut s = Sampler::new(&p);
         // 3.0 / 2 = 1.5 < 2.9: the seen token loses.
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.9, -1.0], &[1]), 2);
+    }
+
+    /// The repetition penalty follows a growing `seen` incrementally and gives what a fresh
+    /// sampler computes from the whole sequence (and starts over on a shorter one).
+    #[test]
+    fn repetition_penalty_tracks_a_growing_sequence() {
+        let p = Sampling {
+            repetition_penalty: 1.5,
+            ..Sampling::default()
+        };
+        let logits = [2.0f32, -1.0, 3.0, 2.5, 0.5];
+        let mut incremental = Sampler::new(&p);
+        let mut seen = vec![2, 2];
+        for next in [3, 0, 1, 3] {
+            let mut a = logits;
+            incremental.apply_penalties(&mut a, &seen);
+            let mut b = logits;
+            Sampler::new(&p).apply_penalties(&mut b, &seen);
+            assert_eq!(a, b, "after {seen:?}");
+            seen.push(next);
+        }
+        let mut a = logits;
+        incremental.apply_penalties(&mut a, &[1]);
+        let mut b = logits;
+        Sampler::new(&p).apply_penalties(&mut b, &[1]);
+        assert_eq!(a, b, "a shorter sequence");
     }
 
     #[test]
@@ -468,22 +512,35 @@ mod probes {
         let logits: Vec<f32> = (0..151_936u32)
             .map(|i| ((i as f32) * 0.618).sin() * 8.0 + ((i * 7919) % 1000) as f32 * 0.004)
             .collect();
-        for (name, top_p) in [
-            ("temperature 0.7", 1.0),
-            ("temperature 0.7, top-p 0.95", 0.95),
-        ] {
+        // A 32k-token prompt, as an agent's request carries.
+        let prompt: Vec<u32> = (0..32_768u32).map(|i| (i * 7919) % 151_936).collect();
+        let cases = [
+            ("temperature 0.7", 1.0, 0, 1.0),
+            ("temperature 0.7, top-p 0.95", 0.95, 0, 1.0),
+            (
+                "temperature 0.7, top-k 20, repetition 1.05, 32k prompt",
+                1.0,
+                20,
+                1.05,
+            ),
+        ];
+        for (name, top_p, top_k, repetition_penalty) in cases {
             let p = Sampling {
                 temperature: 0.7,
                 top_p,
+                top_k,
+                repetition_penalty,
                 seed: Some(3),
                 ..Sampling::default()
             };
             let mut sampler = Sampler::new(&p);
             let mut scratch = logits.clone();
+            let mut seen = prompt.clone();
             let start = std::time::Instant::now();
             for _ in 0..50 {
                 scratch.copy_from_slice(&logits);
-                std::hint::black_box(sampler.sample(&mut scratch, &[]));
+                let token = sampler.sample(&mut scratch, &seen);
+                seen.push(std::hint::black_box(token));
             }
             eprintln!("{name}: {:?} per token", start.elapsed() / 50);
         }
