@@ -18,6 +18,7 @@
 
 use std::ffi::c_void;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::Result;
 use candle_core::cuda_backend::WrapErr;
@@ -100,7 +101,7 @@ impl<'a> Args<'a> {
             pad: [0; 4],
             value,
         };
-        let config = CUlaunchConfig {
+        let mut config = CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
             gridDimZ: cfg.grid_dim.2,
@@ -122,26 +123,42 @@ impl<'a> Args<'a> {
             .collect();
         // SAFETY: `pointers` points at this launch's arguments (the caller's values and
         // `addresses`), all alive until this returns; the rest is the caller's promise.
-        unsafe {
+        let launch = |config: &CUlaunchConfig, pointers: &mut Vec<*mut c_void>| unsafe {
             sys::cuLaunchKernelEx(
-                &raw const config,
+                std::ptr::from_ref(config),
                 f.cu_function(),
                 pointers.as_mut_ptr(),
                 std::ptr::null_mut(),
             )
+        };
+        let mut result = launch(&config, &mut pointers);
+        if config.numAttrs > 0 && result == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
+            // A driver or partitioning that refuses the attribute: plain stream order from
+            // now on (the kernels' wait and trigger are no-ops then).
+            eprintln!(
+                "helexa-engine-cuda: programmatic dependent launch refused by the driver; off"
+            );
+            REFUSED.store(true, Ordering::Relaxed);
+            config.numAttrs = 0;
+            result = launch(&config, &mut pointers);
         }
-        .result()
-        .w()?;
+        result.result().w()?;
         drop(self.guards);
         Ok(())
     }
 }
 
+/// Set when the driver refused the attribute once.
+static REFUSED: AtomicBool = AtomicBool::new(false);
+
 /// Whether launches on `stream` may overlap the previous kernel (see the module docs).
 fn overlaps_previous_kernel(stream: &CudaStream) -> Result<bool> {
     static ON: OnceLock<bool> = OnceLock::new();
     let ctx = stream.context();
-    if !super::switch(&ON, "HELEXA_ENGINE_PDL") || ctx.is_managing_stream_synchronization() {
+    if !super::switch(&ON, "HELEXA_ENGINE_PDL")
+        || ctx.is_managing_stream_synchronization()
+        || REFUSED.load(Ordering::Relaxed)
+    {
         return Ok(false);
     }
     let major = ctx
