@@ -124,25 +124,24 @@ impl Sampler {
 /// of the candidates in rank order); the probabilities are the same up to the order in which
 /// their normaliser is summed.
 fn kept_candidates(logits: &[f32], p: &Sampling) -> Vec<Candidate> {
-    let mut cand: Vec<Candidate> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| l.is_finite())
-        .map(|(i, &l)| Candidate {
-            token: u32::try_from(i).unwrap_or(u32::MAX),
-            logit: l / p.temperature,
-            weight: 0.0,
-        })
-        .collect();
-    if cand.is_empty() {
-        return cand;
-    }
-    if p.top_k > 0 {
-        let k = usize::try_from(p.top_k).unwrap_or(usize::MAX).max(1);
-        if k < cand.len() {
+    let k = usize::try_from(p.top_k).unwrap_or(usize::MAX);
+    let mut cand = if (1..=SMALL_TOP_K).contains(&k) {
+        top_k_streamed(logits, p.temperature, k)
+    } else {
+        let mut cand: Vec<Candidate> = logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.is_finite())
+            .map(|(i, &l)| Candidate::new(i, l / p.temperature))
+            .collect();
+        if k > 0 && k < cand.len() {
             cand.select_nth_unstable_by(k - 1, Candidate::rank);
             cand.truncate(k);
         }
+        cand
+    };
+    if cand.is_empty() {
+        return cand;
     }
     let max = cand
         .iter()
@@ -172,10 +171,63 @@ struct Candidate {
 }
 
 impl Candidate {
+    fn new(index: usize, logit: f32) -> Self {
+        Self {
+            token: u32::try_from(index).unwrap_or(u32::MAX),
+            logit,
+            weight: 0.0,
+        }
+    }
+
     /// Rank order: higher logit first, then lower token id.
     fn rank(a: &Self, b: &Self) -> std::cmp::Ordering {
         b.logit.total_cmp(&a.logit).then(a.token.cmp(&b.token))
     }
+}
+
+/// Largest top-k taken in one streaming pass over the logits ([`top_k_streamed`]) rather than by
+/// collecting every candidate and selecting.
+const SMALL_TOP_K: usize = 4096;
+
+/// The `k` best finite logits (over `temperature`) in rank order's sense, unsorted: one pass with
+/// a heap of the `k` best so far, so nothing is allocated per vocabulary entry (Qwen3's default
+/// top-k of 20 made the collect-and-select path most of a draw's time).
+fn top_k_streamed(logits: &[f32], temperature: f32, k: usize) -> Vec<Candidate> {
+    // Ordered so that the heap's top is the worst kept candidate.
+    struct Worst(Candidate);
+    impl PartialEq for Worst {
+        fn eq(&self, other: &Self) -> bool {
+            self.cmp(other).is_eq()
+        }
+    }
+    impl Eq for Worst {}
+    impl PartialOrd for Worst {
+        fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    impl Ord for Worst {
+        fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+            Candidate::rank(&self.0, &other.0)
+        }
+    }
+    let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
+    for (i, &l) in logits.iter().enumerate() {
+        if !l.is_finite() {
+            continue;
+        }
+        let c = Candidate::new(i, l / temperature);
+        if heap.len() < k {
+            heap.push(Worst(c));
+        } else if heap
+            .peek()
+            .is_some_and(|w| Candidate::rank(&c, &w.0).is_lt())
+        {
+            heap.pop();
+            heap.push(Worst(c));
+        }
+    }
+    heap.into_iter().map(|w| w.0).collect()
 }
 
 /// Buckets of `nucleus`: half a logit below the best each, the last holding the rest.
@@ -431,6 +483,7 @@ mod tests {
                 (0, 0.5, 0.0),
                 (0, 1.0, 0.1),
                 (40, 0.8, 0.05),
+                (5000, 0.9, 0.0), // above SMALL_TOP_K: collected and selected
                 (0, 0.95, 0.01),
             ] {
                 for temperature in [0.3, 1.0, 2.5] {
@@ -522,6 +575,12 @@ mod probes {
                 1.0,
                 20,
                 1.05,
+            ),
+            (
+                "temperature 0.7, top-k 20, top-p 0.95 (Qwen3's defaults)",
+                0.95,
+                20,
+                1.0,
             ),
         ];
         for (name, top_p, top_k, repetition_penalty) in cases {
