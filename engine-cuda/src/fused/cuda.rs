@@ -20,7 +20,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail};
 
 use super::QkvInputs;
 use super::launch::Args;
@@ -82,6 +82,42 @@ fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> Result<CudaV
     Ok(buffer::<T>(storage)?.slice(layout.start_offset()..))
 }
 
+/// Views of several tensors' elements at once, from their storage guards (kept by the caller).
+fn views<'g, T: CudaDType, const N: usize>(
+    guards: &'g [(StorageRef<'_>, &Layout); N],
+) -> Result<[CudaView<'g, T>; N]> {
+    let views: Vec<CudaView<'g, T>> = guards
+        .iter()
+        .map(|(s, l)| view::<T>(s, l))
+        .collect::<Result<_>>()?;
+    views
+        .try_into()
+        .map_err(|_| candle_core::Error::msg("views: one per guard"))
+}
+
+/// The dimensions of attention over the KV cache, checked: q `(1, heads, queries, hd)` and the
+/// caches `(1, kv_heads, capacity, hd)`, all contiguous, the caches alike, heads a multiple of
+/// kv_heads. Returns `(heads, queries, kv_heads, capacity, hd)`.
+fn attention_dims(
+    op: &str,
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+) -> Result<(usize, usize, usize, usize, usize)> {
+    let (_, h, q_len, hd) = q.dims4()?;
+    let (_, kvh, cap, cache_hd) = k_cache.dims4()?;
+    let contiguous = q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous();
+    if !contiguous || cache_hd != hd || h % kvh != 0 || v_cache.dims() != k_cache.dims() {
+        bail!(
+            "{op}: q {:?} against caches {:?} and {:?} (contiguous, alike)",
+            q.dims(),
+            k_cache.dims(),
+            v_cache.dims()
+        );
+    }
+    Ok((h, q_len, kvh, cap, hd))
+}
+
 /// Row stride of a `(1, rows, cols)` tensor whose rows are contiguous.
 fn row_stride(layout: &Layout) -> Result<i64> {
     match layout.stride() {
@@ -125,14 +161,8 @@ fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
         bail!("rms norm weight {:?} for rows of {cols}", weight.dims());
     }
     let rows = x.elem_count() / cols;
-    let (xs, xl) = x.storage_and_layout();
-    let (ds, dl) = delta.storage_and_layout();
-    let (ws, wl) = weight.storage_and_layout();
-    let (xv, dv, wv) = (
-        view::<T>(&xs, xl)?,
-        view::<T>(&ds, dl)?,
-        view::<T>(&ws, wl)?,
-    );
+    let guards = [x, delta, weight].map(Tensor::storage_and_layout);
+    let [xv, dv, wv] = views::<T, 3>(&guards)?;
     // SAFETY: uninitialised, and every element is written by the kernel below.
     let mut sum = unsafe { dev.alloc::<T>(rows * cols) }?;
     // SAFETY: as `sum`.
@@ -226,11 +256,7 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
         bail!("qk_norm_rope_cache: the caches must be contiguous");
     }
     let guards = [i.q, i.k, i.v, i.k_cache, i.v_cache, cos, sin].map(Tensor::storage_and_layout);
-    let [qv, kv, vv, kc, vc, cv, sv] = [0, 1, 2, 3, 4, 5, 6].map(|n| {
-        let (s, l) = &guards[n];
-        view::<T>(s, l)
-    });
-    let (qv, kv, vv, kc, vc, cv, sv) = (qv?, kv?, vv?, kc?, vc?, cv?, sv?);
+    let [qv, kv, vv, kc, vc, cv, sv] = views::<T, 7>(&guards)?;
     let strides = [guards[0].1, guards[1].1, guards[2].1].map(row_stride);
     let [qs, ks, vs] = strides;
     let (qs, ks, vs) = (qs?, ks?, vs?);
@@ -312,17 +338,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     sfx: &str,
 ) -> Result<Tensor> {
     let dev = q.device().as_cuda_device()?;
-    let (_, h, q_len, hd) = q.dims4()?;
-    let (_, kvh, cap, cache_hd) = k_cache.dims4()?;
-    if q_len != 1 || !q.is_contiguous() || cache_hd != hd || h % kvh != 0 || len == 0 || len > cap {
-        bail!(
-            "decode_attention: q {:?}, cache {:?}, len {len}",
-            q.dims(),
-            k_cache.dims()
-        );
-    }
-    if !k_cache.is_contiguous() || !v_cache.is_contiguous() || v_cache.dims() != k_cache.dims() {
-        bail!("decode_attention: the caches must be contiguous and alike");
+    let (h, q_len, kvh, cap, hd) = attention_dims("decode_attention", q, k_cache, v_cache)?;
+    if q_len != 1 || len == 0 || len > cap {
+        bail!("decode_attention: {q_len} queries over {len} of {cap} cached positions");
     }
     let groups = h / kvh;
     if !super::decode_attention_supported(hd, groups) {
@@ -334,14 +352,8 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let splits = len.div_ceil(32).clamp(1, max_splits);
     let chunk = len.div_ceil(splits);
     let splits = len.div_ceil(chunk);
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k_cache.storage_and_layout();
-    let (vs, vl) = v_cache.storage_and_layout();
-    let (qv, kv, vv) = (
-        view::<T>(&qs, ql)?,
-        view::<T>(&ks, kl)?,
-        view::<T>(&vs, vl)?,
-    );
+    let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
+    let [qv, kv, vv] = views::<T, 3>(&guards)?;
     // SAFETY: every element is written: by the attention kernel with one split, else by the
     // merge kernel; the partials by the attention kernel for every (head, split).
     let mut out = unsafe { dev.alloc::<T>(h * hd) }?;
@@ -461,19 +473,11 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
     sfx: &str,
 ) -> Result<Tensor> {
     let dev = q.device().as_cuda_device()?;
-    let (_, h, len, hd) = q.dims4()?;
-    let (_, kvh, cap, cache_hd) = k_cache.dims4()?;
-    let contiguous = q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous();
-    if !contiguous
-        || cache_hd != hd
-        || h % kvh != 0
-        || offset + len > cap
-        || v_cache.dims() != k_cache.dims()
-    {
+    let (h, len, kvh, cap, hd) = attention_dims("flash_prefill", q, k_cache, v_cache)?;
+    if offset + len > cap {
         bail!(
-            "flash_prefill: q {:?}, cache {:?}, offset {offset}",
-            q.dims(),
-            k_cache.dims()
+            "flash_prefill: queries {offset}..{} beyond {cap} cached positions",
+            offset + len
         );
     }
     if !super::flash_prefill_supported(hd, q.dtype()) {
@@ -482,14 +486,8 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
             q.dtype()
         );
     }
-    let (qs, ql) = q.storage_and_layout();
-    let (ks, kl) = k_cache.storage_and_layout();
-    let (vs, vl) = v_cache.storage_and_layout();
-    let (qv, kv, vv) = (
-        view::<T>(&qs, ql)?,
-        view::<T>(&ks, kl)?,
-        view::<T>(&vs, vl)?,
-    );
+    let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
+    let [qv, kv, vv] = views::<T, 3>(&guards)?;
     // SAFETY: every element is written by the kernel below (each (query, head) row by the
     // block of its 64 queries and its head).
     let mut out = unsafe { dev.alloc::<T>(len * h * hd) }?;
