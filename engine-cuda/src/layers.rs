@@ -635,7 +635,8 @@ pub struct Attention {
 
 impl Attention {
     /// `x`: `(1, len, hidden)`; positions start at the cache length. `mask`: from
-    /// [`causal_mask`] (built here when needed and not given; the CUDA kernels need none).
+    /// [`causal_mask`], needed for several queries unless the fused kernels serve them (then, as
+    /// for a single query, `None`).
     pub fn forward(&mut self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
         if b != 1 {
@@ -718,15 +719,9 @@ impl Attention {
             crate::fused::causal_softmax(&scores, len, offset, scale as f32)?
         } else {
             let mut att = (scores * scale)?;
-            let built;
-            let mask = match mask {
-                Some(m) => Some(m),
-                None if len > 1 => {
-                    built = causal_mask(len, offset, att.dtype(), att.device())?;
-                    Some(&built)
-                }
-                None => None,
-            };
+            if len > 1 && mask.is_none() {
+                candle_core::bail!("attention over {len} queries needs the causal mask");
+            }
             if let Some(mask) = mask {
                 att = att
                     .reshape((kvh, groups, len, total))?
