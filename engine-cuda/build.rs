@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// The kernel files (`kernels/<name>.cu`, each becoming `<name>.ptx` in `OUT_DIR`).
-const KERNELS: [&str; 3] = ["fused", "quant_gemv", "flash_prefill"];
+const KERNELS: [&str; 4] = ["fused", "quant_gemv", "flash_prefill", "sample"];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");

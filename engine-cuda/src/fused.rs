@@ -196,6 +196,44 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
     ))
 }
 
+/// Attention's output `(heads, len, hd)` as the o projection's input `(1, len, heads·hd)`.
+pub fn heads_to_rows(x: &Tensor) -> Result<Tensor> {
+    let (h, len, hd) = x.dims3()?;
+    #[cfg(feature = "cuda")]
+    {
+        let aligned = |elems: usize| (elems * x.dtype().size_in_bytes()).is_multiple_of(16);
+        if applies(x) && x.is_contiguous() && aligned(hd) && aligned(x.layout().start_offset()) {
+            return cuda::heads_to_rows(x);
+        }
+    }
+    x.reshape((1, h, len, hd))?
+        .transpose(1, 2)?
+        .reshape((1, len, h * hd))
+}
+
+/// How a draw on the device ended ([`sample`]).
+pub enum Drawn {
+    /// The token, picked on the device.
+    Picked(u32),
+    /// The penalties are applied to the logits in place, but the device left the draw to the
+    /// host (no token kept, or rounding left the draw unclaimed): it draws from the penalised
+    /// logits.
+    Penalised,
+    /// Nothing done (not on a CUDA device, or not f32 logits): the host does it all.
+    NotHere,
+}
+
+/// Draws the next token from f32 logits `(1, vocab)` on the device as `draw` describes (the
+/// semantics of [`crate::sampling::Sampler::sample`]); only the token crosses to the host.
+pub fn sample(logits: &Tensor, draw: &crate::sampling::DeviceDraw) -> Result<Drawn> {
+    #[cfg(feature = "cuda")]
+    if applies(logits) && logits.dtype() == DType::F32 && logits.is_contiguous() {
+        return cuda::sample(logits, draw);
+    }
+    let _ = (logits, draw);
+    Ok(Drawn::NotHere)
+}
+
 /// `(x + delta, rms_norm(x + delta))` for `x`, `delta` of shape `(…, hidden)`: the new residual
 /// stream and the next block's input.
 pub fn add_rms_norm(x: &Tensor, delta: &Tensor, norm: &RmsNorm) -> Result<(Tensor, Tensor)> {
@@ -443,6 +481,25 @@ mod gpu_tests {
     /// bf16 keeps 8 bits of mantissa: a different summation order may move a value by an ulp.
     fn tolerance(dtype: DType) -> f32 {
         if dtype == DType::F32 { 1e-5 } else { 1e-2 }
+    }
+
+    #[test]
+    fn heads_to_rows_matches_transpose() {
+        let dev = device();
+        for dtype in [DType::BF16, DType::F32] {
+            let x = random(&[8, 37, 128], dtype, &dev);
+            let want = x
+                .reshape((1, 8, 37, 128))
+                .and_then(|t| t.transpose(1, 2))
+                .and_then(|t| t.reshape((1, 37, 8 * 128)))
+                .expect("reference");
+            let got = heads_to_rows(&x).expect("kernel");
+            assert_eq!(got.dims(), want.dims());
+            assert!(
+                rel_diff(&got, &want) == 0.0,
+                "{dtype:?}: a copy must be exact"
+            );
+        }
     }
 
     #[test]

@@ -739,12 +739,8 @@ impl Attention {
                 candle_nn::ops::softmax_last_dim(&att)?
             }
         };
-        let out = att.matmul(&v)?; // (kvh, groups·len, hd)
-        let out = out
-            .reshape((1, h, len, hd))?
-            .transpose(1, 2)?
-            .reshape((1, len, h * hd))?;
-        self.o_proj.forward(&out)
+        let out = att.matmul(&v)?.reshape((h, len, hd))?; // kv head-major: head order
+        self.o_proj.forward(&crate::fused::heads_to_rows(&out)?)
     }
 
     pub fn size_in_bytes(&self) -> usize {

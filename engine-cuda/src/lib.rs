@@ -33,12 +33,8 @@ pub mod models;
 pub mod sampling;
 pub mod weights;
 
-use device_worker::{DeviceWorker, Msg, Opener, WorkerModel};
+use device_worker::{DeviceWorker, Msg, Opener, PrefillChunks, WorkerModel};
 pub use device_worker::{FaultInjection, INJECT_FAULT_ENV};
-
-/// Prefill chunk when the load spec does not name one: long prompts go through the model this
-/// many tokens at a time, bounding the attention score matrix to `chunk × context`.
-pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 /// An engine failure: a kind (mapped to the C ABI's error kinds) and a message for humans.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,14 +234,14 @@ impl Engine {
             }
         };
         let prefill_chunk = match spec.prefill_chunk {
-            None => DEFAULT_PREFILL_CHUNK,
+            None => PrefillChunks::Auto,
             Some(0) => {
                 return Err(EngineError::new(
                     ErrorKind::BadInput,
                     "prefill_chunk must be > 0",
                 ));
             }
-            Some(c) => c as usize,
+            Some(c) => PrefillChunks::Fixed(c as usize),
         };
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let index = self.workers[worker].index;

@@ -23,6 +23,9 @@ pub trait CausalLm: Send {
     /// KV cache. Returns f32 logits of shape `(tokens.len(), vocab)` when `all_rows`, else
     /// `(1, vocab)` for the last position.
     fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor>;
+    /// Runs `tokens` as [`Self::forward`] does but stops before the logits: a prefill chunk
+    /// whose logits nobody reads (the vocabulary projection is a 1.2 GB read for an 8B model).
+    fn extend(&mut self, tokens: &[u32]) -> Result<()>;
     /// Keeps only the first `len` cached positions.
     fn truncate(&mut self, len: usize);
     /// Expects the cache to reach `positions` positions soon (see [`crate::layers::KvCache::plan`]).

@@ -56,6 +56,50 @@ impl Sampler {
     /// Picks the next token. `seen` holds prompt + generated tokens (repetition penalty).
     pub fn sample(&mut self, logits: &mut [f32], seen: &[u32]) -> u32 {
         self.apply_penalties(logits, seen);
+        self.sample_penalised(logits)
+    }
+
+    /// What a draw on the device needs ([`crate::fused::sample`]): the filters, the penalties
+    /// as token lists, and the draw's uniform number, taken from this sampler's generator.
+    /// `seen` as for [`Self::sample`].
+    pub fn device_draw(&mut self, seen: &[u32]) -> DeviceDraw<'_> {
+        let repeating = self.repetition_on();
+        if repeating {
+            self.absorb_seen(seen);
+        }
+        let p = &self.params;
+        let (generated, subtract) = if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            self.generated
+                .iter()
+                .map(|(&t, &n)| (t, p.presence_penalty + p.frequency_penalty * count(n)))
+                .unzip()
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let uniform = self.rng.random::<f32>();
+        let greedy = p.temperature <= 0.0 || !p.temperature.is_finite();
+        DeviceDraw {
+            // A greedy pick (here because of its penalties) is the top-1 draw at any temperature.
+            temperature: if greedy { 1.0 } else { p.temperature },
+            // 0 is off; a k beyond the vocabulary keeps everything, as off does.
+            top_k: if greedy {
+                1
+            } else {
+                i32::try_from(p.top_k).unwrap_or(0)
+            },
+            top_p: if greedy { 1.0 } else { p.top_p },
+            min_p: if greedy { 0.0 } else { p.min_p },
+            repetition_penalty: if repeating { p.repetition_penalty } else { 1.0 },
+            repeated: if repeating { &self.seen_distinct } else { &[] },
+            generated,
+            subtract,
+            uniform,
+        }
+    }
+
+    /// Picks the next token from logits whose penalties are already applied (by the device,
+    /// when its draw left the pick to the host).
+    pub fn sample_penalised(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 || !p.temperature.is_finite() {
             return argmax(logits);
@@ -75,21 +119,33 @@ impl Sampler {
         last.token
     }
 
+    fn repetition_on(&self) -> bool {
+        let r = self.params.repetition_penalty;
+        r > 0.0 && r != 1.0
+    }
+
+    /// Adds the tokens of `seen` not absorbed yet to the distinct ones.
+    fn absorb_seen(&mut self, seen: &[u32]) {
+        if seen.len() < self.seen_absorbed {
+            // Not the growing sequence this sampler followed: start over.
+            self.seen_set.clear();
+            self.seen_distinct.clear();
+            self.seen_absorbed = 0;
+        }
+        for &t in &seen[self.seen_absorbed..] {
+            if self.seen_set.insert(t) {
+                self.seen_distinct.push(t);
+            }
+        }
+        self.seen_absorbed = seen.len();
+    }
+
     fn apply_penalties(&mut self, logits: &mut [f32], seen: &[u32]) {
+        if self.repetition_on() {
+            self.absorb_seen(seen);
+        }
         let p = &self.params;
-        if p.repetition_penalty > 0.0 && p.repetition_penalty != 1.0 {
-            if seen.len() < self.seen_absorbed {
-                // Not the growing sequence this sampler followed: start over.
-                self.seen_set.clear();
-                self.seen_distinct.clear();
-                self.seen_absorbed = 0;
-            }
-            for &t in &seen[self.seen_absorbed..] {
-                if self.seen_set.insert(t) {
-                    self.seen_distinct.push(t);
-                }
-            }
-            self.seen_absorbed = seen.len();
+        if self.repetition_on() {
             // CTRL / transformers convention: shrink positive logits, grow negative ones, once
             // per distinct token.
             for &t in &self.seen_distinct {
@@ -106,13 +162,37 @@ impl Sampler {
             // OpenAI convention: over generated tokens only.
             for (&t, &n) in &self.generated {
                 if let Some(l) = logits.get_mut(t as usize) {
-                    #[allow(clippy::cast_precision_loss, reason = "counts are small")]
-                    let count = n as f32;
-                    *l -= p.presence_penalty + p.frequency_penalty * count;
+                    *l -= p.presence_penalty + p.frequency_penalty * count(n);
                 }
             }
         }
     }
+}
+
+#[allow(clippy::cast_precision_loss, reason = "counts are small")]
+fn count(n: u32) -> f32 {
+    n as f32
+}
+
+/// A draw for the device ([`Sampler::device_draw`]): the semantics of [`Sampler::sample`], with
+/// the penalties as lists and the draw's uniform number in hand.
+pub struct DeviceDraw<'a> {
+    /// Above 0 (greedy picks never come here).
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// 1 when off.
+    pub repetition_penalty: f32,
+    /// The distinct tokens the repetition penalty applies to.
+    pub repeated: &'a [u32],
+    /// Generated tokens (distinct), and what the presence and frequency penalties subtract from
+    /// each one's logit.
+    pub generated: Vec<u32>,
+    pub subtract: Vec<f32>,
+    /// In `[0, 1)`: the draw's position in the kept probability mass.
+    pub uniform: f32,
 }
 
 /// The tokens a draw at `p.temperature` (> 0) chooses from after top-k, min-p and top-p, each
@@ -399,7 +479,7 @@ mod tests {
     /// The definitions, computed the plain way: every candidate sorted by rank, top-k, softmax
     /// over the survivors, top-p, then min-p. Returns the ranked tokens with their probability
     /// and cumulative probability, and how many of them are kept.
-    fn reference(logits: &[f32], p: &Sampling) -> (Vec<(u32, f32, f32)>, usize) {
+    pub(super) fn reference(logits: &[f32], p: &Sampling) -> (Vec<(u32, f32, f32)>, usize) {
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
@@ -548,6 +628,178 @@ mod tests {
         for _ in 0..50 {
             assert!(s.sample(&mut logits.clone(), &[]) <= 1);
         }
+    }
+}
+
+/// The device draw ([`crate::fused::sample`]) against the definitions: for each filter
+/// combination and several uniform numbers, the picked token is one the host keeps, and the
+/// uniform number falls in its share of the kept mass (within rounding of its edges).
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::fused::{Drawn, sample};
+
+    const VOCAB: usize = 151_936;
+
+    fn device() -> Device {
+        Device::new_cuda(0).expect("a CUDA device")
+    }
+
+    /// Logits shaped like a language model's: a few clear leaders over a spread of noise.
+    fn model_like(seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut l: Vec<f32> = (0..VOCAB)
+            .map(|_| (0..4).map(|_| rng.random::<f32>() - 0.5).sum::<f32>() * 3.0)
+            .collect();
+        for (rank, i) in [77usize, 1234, 99_000, 5, 151_935].into_iter().enumerate() {
+            #[allow(clippy::cast_precision_loss, reason = "small ranks")]
+            let lead = 20.0 - rank as f32 * 0.7;
+            l[i] = lead;
+        }
+        l
+    }
+
+    fn draw_params(
+        temperature: f32,
+        top_k: i32,
+        top_p: f32,
+        min_p: f32,
+        u: f32,
+    ) -> DeviceDraw<'static> {
+        DeviceDraw {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty: 1.0,
+            repeated: &[],
+            generated: Vec::new(),
+            subtract: Vec::new(),
+            uniform: u,
+        }
+    }
+
+    fn run(logits: &[f32], d: &DeviceDraw) -> Drawn {
+        let t = Tensor::from_slice(logits, (1, logits.len()), &device()).expect("logits");
+        sample(&t, d).expect("device draw")
+    }
+
+    /// Whether `u` falls in `token`'s share of the kept mass, `kept` being (token, p,
+    /// cumulative p) in the order the draw walks.
+    fn in_share(kept: &[(u32, f64, f64)], token: u32, u: f32) -> bool {
+        let total = kept[kept.len() - 1].2;
+        let u = f64::from(u);
+        kept.iter().any(|&(t, q, c)| {
+            let (lo, hi) = ((c - q) / total, c / total);
+            t == token && u >= lo - 1e-4 && u <= hi + 1e-4
+        })
+    }
+
+    #[test]
+    fn device_draw_follows_the_definitions() {
+        let peaked = model_like(1);
+        let mut masked = model_like(2);
+        masked
+            .iter_mut()
+            .step_by(3)
+            .for_each(|l| *l = f32::NEG_INFINITY);
+        let mut tied = model_like(3);
+        tied[..40].iter_mut().for_each(|l| *l = 16.0);
+        #[allow(clippy::cast_precision_loss, reason = "synthetic logits")]
+        let flat: Vec<f32> = (0..VOCAB)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-4)
+            .collect();
+        let cases = [
+            ("peaked", &peaked),
+            ("masked", &masked),
+            ("tied", &tied),
+            ("flat", &flat),
+        ];
+        let filters = [
+            (0, 1.0, 0.0),
+            (1, 1.0, 0.0),
+            (20, 1.0, 0.0),
+            (0, 0.95, 0.0),
+            (20, 0.95, 0.0),
+            (0, 1.0, 0.05),
+            (40, 0.9, 0.05),
+            (0, 0.8, 0.1),
+        ];
+        let mut picked = 0;
+        for (name, logits) in cases {
+            for temperature in [0.7f32, 1.0] {
+                for (top_k, top_p, min_p) in filters {
+                    let p = Sampling {
+                        temperature,
+                        top_k: u32::try_from(top_k).expect("k"),
+                        top_p,
+                        min_p,
+                        ..Sampling::default()
+                    };
+                    let (ranked, keep) = super::tests::reference(logits, &p);
+                    // The device walks the kept tokens in id order.
+                    let mut kept: Vec<(u32, f64, f64)> = ranked[..keep]
+                        .iter()
+                        .map(|&(t, q, _)| (t, f64::from(q), 0.0))
+                        .collect();
+                    kept.sort_by_key(|&(t, _, _)| t);
+                    // In f64: 152k f32 additions would round more than the check allows.
+                    let mut acc = 0.0;
+                    for k in &mut kept {
+                        acc += k.1;
+                        k.2 = acc;
+                    }
+                    for u in [0.0f32, 0.3, 0.7, 0.999_99] {
+                        let what = format!(
+                            "{name}, T {temperature}, k {top_k}, p {top_p}, min-p {min_p}, u {u}"
+                        );
+                        match run(logits, &draw_params(temperature, top_k, top_p, min_p, u)) {
+                            Drawn::Picked(t) => {
+                                assert!(in_share(&kept, t, u), "{what}: picked {t}");
+                                picked += 1;
+                            }
+                            Drawn::Penalised | Drawn::NotHere => {
+                                panic!("{what}: not drawn on the device ({keep} kept)")
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(picked, 4 * 2 * filters.len() * 4);
+    }
+
+    /// The penalties the device applies in place equal the host's.
+    #[test]
+    fn device_penalties_match_the_host() {
+        let logits = model_like(4);
+        let params = Sampling {
+            temperature: 0.8,
+            top_k: 50,
+            repetition_penalty: 1.3,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Sampling::default()
+        };
+        let seen: Vec<u32> = [77u32, 5, 5, 300, 151_935, 8].into_iter().collect();
+        let mut host = Sampler::new(&params);
+        let mut device_side = Sampler::new(&params);
+        for &t in &seen[3..] {
+            host.observe(t);
+            device_side.observe(t);
+        }
+        let mut want = logits.clone();
+        host.apply_penalties(&mut want, &seen);
+        let t = Tensor::from_slice(&logits, (1, VOCAB), &device()).expect("logits");
+        let d = device_side.device_draw(&seen);
+        assert!(matches!(sample(&t, &d).expect("draw"), Drawn::Picked(_)));
+        let got = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("back");
+        assert_eq!(got, want);
     }
 }
 

@@ -86,6 +86,11 @@ def prefill(d, full):
             continue
         print(f"{n[:70]:70s} {layer_c[n]:14.0f} {layer_t[n] / 1e3:9.1f} "
               f"{100 * full * layer_t[n] / max(total_t, 1):5.1f}%")
+    # Which op a copy comes from shows in its neighbours: the 1-layer run, launch by launch.
+    seq = launches(f"{d}/ncu-prefill-l1.csv")
+    print(f"\nthe 1-layer run, launch by launch ({len(seq)} launches):")
+    for name, grid, us in seq:
+        print(f"  {name[:60]:60s} {grid:>14s} {us:9.2f} us")
 
 
 def main():

@@ -29,6 +29,7 @@ use crate::layers::{RmsNorm, RopeStyle};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const QUANT_GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant_gemv.ptx"));
 const FLASH_PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_prefill.ptx"));
+const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 
 /// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
 /// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
@@ -447,6 +448,40 @@ fn causal_softmax_t<T: CudaDType + DeviceRepr>(
     Ok(wrap(probs, dev, scores.shape().clone()))
 }
 
+pub fn heads_to_rows(x: &Tensor) -> Result<Tensor> {
+    by_dtype!(x.dtype(), heads_to_rows_t(x))
+}
+
+fn heads_to_rows_t<T: CudaDType + DeviceRepr>(x: &Tensor, sfx: &str) -> Result<Tensor> {
+    let dev = x.device().as_cuda_device()?;
+    let (h, len, hd) = x.dims3()?;
+    let (xs, xl) = x.storage_and_layout();
+    let xv = view::<T>(&xs, xl)?;
+    let n = h * len * hd;
+    // SAFETY: every element is written by the kernel below (each row by its 16-byte pieces).
+    let mut out = unsafe { dev.alloc::<T>(n) }?;
+    let [h_a, len_a, hd_a] = [h, len, hd].map(int);
+    let (h_a, len_a, hd_a) = (h_a?, len_a?, hd_a?);
+    let (f, stream) = function(dev, &format!("heads_to_rows_{sfx}"))?;
+    let mut b = Args::new(&stream);
+    b.input(&xv)
+        .output(&mut out)
+        .value(&h_a)
+        .value(&len_a)
+        .value(&hd_a);
+    let pieces = n * std::mem::size_of::<T>() / 16;
+    let cfg = LaunchConfig {
+        grid_dim: (grid(pieces.div_ceil(256).clamp(1, 1 << 16))?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: x holds h × len × hd contiguous elements (checked by the caller, as that
+    // hd × size is a multiple of 16 bytes), out the same count; argument types match
+    // `heads_to_rows_<T>`.
+    unsafe { b.launch(&f, cfg) }?;
+    Ok(wrap(out, dev, (1, len, h * hd)))
+}
+
 pub fn flash_prefill(
     q: &Tensor,
     k_cache: &Tensor,
@@ -698,4 +733,71 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
         .first()
         .copied()
         .ok_or_else(|| candle_core::Error::msg("argmax returned nothing"))
+}
+
+/// Warps of the sampling block, and the digits per radix round (`SAMPLE_WARPS`, `RADIX_BINS` in
+/// the kernel): each warp keeps a count and a weight per digit in shared memory.
+const SAMPLE_WARPS: usize = 32;
+const SAMPLE_BINS: usize = 256;
+
+pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super::Drawn> {
+    let dev = logits.device().as_cuda_device()?;
+    let n = logits.elem_count();
+    let (ls, ll) = logits.storage_and_layout();
+    let lv = view::<f32>(&ls, ll)?;
+    let stream = dev.cuda_stream();
+    // Empty lists still travel as one element (a buffer of none cannot be allocated); their
+    // lengths say how many the kernel reads.
+    let upload = |v: &[u32]| stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v });
+    let repeated = upload(d.repeated).w()?;
+    let generated = upload(&d.generated).w()?;
+    let subtract = stream
+        .clone_htod(if d.subtract.is_empty() {
+            &[0f32][..]
+        } else {
+            &d.subtract
+        })
+        .w()?;
+    // SAFETY: both written by the kernel below (thread 0 of its one block).
+    let mut out = unsafe { dev.alloc::<u32>(2) }?;
+    let ints = [n, d.repeated.len(), d.generated.len()].map(int);
+    let [n_a, n_rep, n_gen] = ints;
+    let (n_a, n_rep, n_gen) = (n_a?, n_rep?, n_gen?);
+    let (f, stream) = module_function(dev, "helexa_sample", SAMPLE_PTX, "sample_f32")?;
+    let shared = SAMPLE_WARPS * SAMPLE_BINS * 8;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        i32::try_from(shared).map_err(candle_core::Error::wrap)?,
+    )
+    .w()?;
+    let mut b = Args::new(&stream);
+    b.input(&lv)
+        .value(&n_a)
+        .input(&repeated)
+        .value(&n_rep)
+        .value(&d.repetition_penalty)
+        .input(&generated)
+        .input(&subtract)
+        .value(&n_gen)
+        .value(&d.temperature)
+        .value(&d.top_k)
+        .value(&d.top_p)
+        .value(&d.min_p)
+        .value(&d.uniform)
+        .output(&mut out);
+    let cfg = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (32 * SAMPLE_WARPS as u32, 1, 1),
+        shared_mem_bytes: u32::try_from(shared).map_err(candle_core::Error::wrap)?,
+    };
+    // SAFETY: the logits hold n f32 values (contiguous, checked by the caller), written in
+    // place on the one stream as the KV cache is (see the module's docs); the lists hold at
+    // least n_rep and n_gen elements; out two u32; the shared memory is the kernel's per-warp
+    // histograms (opted in above); argument types match `sample_f32`.
+    unsafe { b.launch(&f, cfg) }?;
+    let got = stream.clone_dtoh(&out).w()?;
+    Ok(match got[..] {
+        [token, 0] => super::Drawn::Picked(token),
+        _ => super::Drawn::Penalised,
+    })
 }

@@ -240,8 +240,9 @@ impl<F: FeedForward> Decoder<F> {
     }
 }
 
-impl<F: FeedForward> CausalLm for Decoder<F> {
-    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor> {
+impl<F: FeedForward> Decoder<F> {
+    /// The final-normed hidden states of `tokens`, appended to the KV cache.
+    fn hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let offset = self.cache_len();
         let mut x = self.embed.forward(tokens)?;
         // A single query sees every cached key, so it needs no mask; on a GPU the softmax
@@ -265,9 +266,20 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
             (x, h) = fused::add_rms_norm(&x, &ffn, next_norm)?;
         }
+        Ok(h)
+    }
+}
+
+impl<F: FeedForward> CausalLm for Decoder<F> {
+    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Tensor> {
+        let h = self.hidden(tokens)?;
         self.lm_head
             .forward(&last_rows(&h, all_rows)?)?
             .to_dtype(DType::F32)
+    }
+
+    fn extend(&mut self, tokens: &[u32]) -> Result<()> {
+        self.hidden(tokens).map(drop)
     }
 
     fn truncate(&mut self, len: usize) {

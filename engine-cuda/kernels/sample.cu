@@ -1,0 +1,351 @@
+// Sampling the next token on the device at batch 1: penalties, temperature, top-k, min-p and
+// top-p, then the draw, so that only the token id crosses to the host.
+//
+// Why: copying the logits row (600 KB for a 152k vocabulary) and filtering it on the host took
+// ~4 ms per token on the H200's host for a flat distribution, as long as the GPU's forward
+// pass; a sampled request decoded at half the greedy rate (docs/benchmarks.md).
+//
+// The kept set is the one of src/sampling.rs (`kept_candidates`), the reference: the finite
+// logits over the temperature ("keys") in rank order (higher first, then lower id), top-k of
+// them, probabilities normalised over those, then min-p and the shortest top-p prefix. Every
+// filter keeps a prefix in rank order, so each is a cut: the keys above a key t, and the first
+// j (by id) of the keys equal to t. The kernel finds the cuts without sorting:
+//   1. penalties in place (repetition once per distinct seen token, then presence/frequency);
+//   2. the best key and the number of finite ones (and, for top-p alone, the normaliser);
+//   3. top-k: a radix selection over the keys' order-preserving bits, 8 bits per round, four
+//      rounds: per round, counts and weights per digit among the keys that share the digits
+//      chosen so far, and the digit where the running count reaches k. The same for top-p by
+//      weight, within the top-k cut when both are on; min-p is a threshold on the weight;
+//   4. the draw: `u` (uniform in [0, 1), from the host's seeded generator) times the kept
+//      weight, walked over the kept keys in id order (any order draws the same distribution):
+//      each thread sums a contiguous run, a scan finds the run holding the draw, and that
+//      thread walks it.
+// The per-round histograms are per warp (summed in a fixed order afterwards), so a flat
+// distribution does not pile every atomic onto one counter.
+//
+// One block of 1024 threads: a pass over 600 KB by one SM takes microseconds, and one block
+// needs no grid-wide synchronisation. If rounding leaves the draw unclaimed, or no key is kept
+// (min-p above 1), the kernel says so and the host samples the penalised logits.
+//
+// Compiled to PTX by build.rs when the `cuda` feature is on; launched from src/fused/cuda.rs.
+
+#include "common.cuh"
+
+#define SAMPLE_WARPS 32
+#define RADIX_BINS 256
+
+// out[1]: picked, or left to the host (the logits are penalised in place either way).
+#define SAMPLE_PICKED 0u
+#define SAMPLE_ON_HOST 1u
+
+// The key's bits as an unsigned integer in the same order (total order: -0 before +0, as the
+// host's `total_cmp`).
+__device__ __forceinline__ uint32_t ordered(float f) {
+    const uint32_t b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float unordered(uint32_t o) {
+    return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
+}
+
+// Block-wide reductions in a fixed order (deterministic); `scratch` holds one value per warp.
+__device__ float block_sum(float v, float *scratch) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    v = warp_sum(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0f;
+    v = warp_sum(v);
+    __syncthreads(); // scratch is free again
+    return v;
+}
+
+__device__ float block_max(float v, float *scratch) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    v = warp_max(v);
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : -INFINITY;
+    v = warp_max(v);
+    __syncthreads();
+    return v;
+}
+
+// Exclusive prefix sum of one value per thread in thread order; `*total` gets the sum.
+__device__ float block_exclusive_scan(float v, float *scratch, float *total) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    float x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const float y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) scratch[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < warps ? scratch[lane] : 0.0f;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const float y = __shfl_up_sync(0xffffffffu, s, o);
+            if (lane >= o) s += y;
+        }
+        scratch[lane] = s; // inclusive over warps
+    }
+    __syncthreads();
+    const float before = warp > 0 ? scratch[warp - 1] : 0.0f;
+    *total = scratch[warps - 1];
+    __syncthreads();
+    return before + x - v;
+}
+
+// A prefix of the keys in rank order: those above `key` (ordered bits), and the first `ties`
+// (by id) of those equal to it. `above` and `above_w` count and weigh the keys above it,
+// `tie_w` is one tie's weight.
+struct Cut {
+    uint32_t key;
+    int ties;
+    int above;
+    float above_w;
+    float tie_w;
+};
+
+// What the passes share through shared memory.
+struct SampleShared {
+    float scratch[SAMPLE_WARPS];
+    uint32_t prefix;
+    int above;
+    float above_w;
+    int reached;
+    int pick;
+};
+
+// The shortest prefix in rank order, among the keys at or above `floor` (ordered bits), whose
+// count reaches `need` (by_weight false) or whose weight reaches `need_w` (by_weight true).
+// Returns false when the keys do not reach it (rounding of a weight target): all of them then.
+// `hist_n`, `hist_w`: SAMPLE_WARPS × RADIX_BINS each, in shared memory.
+__device__ bool radix_select(const float *logits, int n, float temperature, float best,
+                             uint32_t floor, bool by_weight, int need, float need_w,
+                             uint32_t *hist_n, float *hist_w, SampleShared *sh, Cut *cut) {
+    const int tid = threadIdx.x, threads = blockDim.x, warp = tid / 32;
+    if (tid == 0) {
+        sh->prefix = 0;
+        sh->above = 0;
+        sh->above_w = 0.0f;
+        sh->reached = 1;
+    }
+    for (int round = 0; round < 4; round++) {
+        const int shift = 24 - 8 * round;
+        for (int i = tid; i < SAMPLE_WARPS * RADIX_BINS; i += threads) {
+            hist_n[i] = 0;
+            hist_w[i] = 0.0f;
+        }
+        __syncthreads();
+        const uint32_t prefix = sh->prefix;
+        uint32_t *my_n = hist_n + warp * RADIX_BINS;
+        float *my_w = hist_w + warp * RADIX_BINS;
+        for (int i = tid; i < n; i += threads) {
+            const float l = logits[i];
+            if (!isfinite(l)) continue;
+            const float key = l / temperature;
+            const uint32_t o = ordered(key);
+            if (o < floor || (round > 0 && (o >> (shift + 8)) != prefix)) continue;
+            const int d = (o >> shift) & (RADIX_BINS - 1);
+            atomicAdd(&my_n[d], 1u);
+            atomicAdd(&my_w[d], expf(key - best));
+        }
+        __syncthreads();
+        // Per digit, the warps' counts and weights summed in warp order into warp 0's row.
+        for (int d = tid; d < RADIX_BINS; d += threads) {
+            uint32_t cn = 0;
+            float cw = 0.0f;
+            for (int w = 0; w < SAMPLE_WARPS; w++) {
+                cn += hist_n[w * RADIX_BINS + d];
+                cw += hist_w[w * RADIX_BINS + d];
+            }
+            hist_n[d] = cn;
+            hist_w[d] = cw;
+        }
+        __syncthreads();
+        if (tid == 0) {
+            int above = sh->above;
+            float above_w = sh->above_w;
+            int d = RADIX_BINS - 1;
+            for (; d >= 0; d--) {
+                const int cn = (int)hist_n[d];
+                if (cn == 0) continue;
+                const float cw = hist_w[d];
+                if (by_weight ? above_w + cw >= need_w : above + cn >= need) break;
+                above += cn;
+                above_w += cw;
+            }
+            if (d < 0) {
+                sh->reached = 0;
+            } else {
+                sh->prefix = (prefix << 8) | (uint32_t)d;
+                sh->above = above;
+                sh->above_w = above_w;
+                if (round == 3) {
+                    // The exact key: its ties, and how many of them the prefix takes.
+                    const int ties = (int)hist_n[d];
+                    const float tie_w = expf(unordered(sh->prefix) - best);
+                    int take = by_weight ? (int)ceilf((need_w - above_w) / tie_w) : need - above;
+                    take = max(1, min(take, ties));
+                    *cut = Cut{sh->prefix, take, above, above_w, tie_w};
+                }
+            }
+        }
+        __syncthreads();
+        if (!sh->reached) return false;
+    }
+    return true;
+}
+
+// Draws from `n` logits. `rep_tokens` (distinct, `n_rep`) get the repetition penalty,
+// `gen_tokens` (distinct, `n_gen`) lose `gen_sub` each (presence + frequency · count).
+// Dynamic shared memory: SAMPLE_WARPS × RADIX_BINS counts and weights (64 KB). Writes
+// out[0] = token, out[1] = SAMPLE_PICKED or SAMPLE_ON_HOST.
+extern "C" __global__ void __launch_bounds__(1024)
+    sample_f32(float *logits, int n, const uint32_t *rep_tokens, int n_rep, float rep_penalty,
+               const uint32_t *gen_tokens, const float *gen_sub, int n_gen, float temperature,
+               int top_k, float top_p, float min_p, float u, uint32_t *out) {
+    extern __shared__ __align__(16) uint8_t sample_smem[];
+    uint32_t *hist_n = reinterpret_cast<uint32_t *>(sample_smem);
+    float *hist_w = reinterpret_cast<float *>(hist_n + SAMPLE_WARPS * RADIX_BINS);
+    __shared__ SampleShared sh;
+    __shared__ Cut cut_k, cut_p;
+    const int tid = threadIdx.x, threads = blockDim.x;
+
+    follow_previous_kernel();
+
+    // 1. Penalties, as Sampler::apply_penalties: each list holds a token once, so no two threads
+    //    write one logit; the barrier orders the two lists.
+    for (int i = tid; i < n_rep; i += threads) {
+        const uint32_t t = rep_tokens[i];
+        if (t < (uint32_t)n) {
+            const float l = logits[t];
+            logits[t] = l > 0.0f ? l / rep_penalty : l * rep_penalty;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < n_gen; i += threads) {
+        const uint32_t t = gen_tokens[i];
+        if (t < (uint32_t)n) logits[t] -= gen_sub[i];
+    }
+    __syncthreads();
+
+    // 2. The best key and how many are finite.
+    float best = -INFINITY, finite = 0.0f;
+    for (int i = tid; i < n; i += threads) {
+        const float l = logits[i];
+        if (isfinite(l)) {
+            best = fmaxf(best, l / temperature);
+            finite += 1.0f;
+        }
+    }
+    best = block_max(best, sh.scratch);
+    const int n_finite = (int)block_sum(finite, sh.scratch);
+    const bool k_on = top_k > 0 && top_k < n_finite, p_on = top_p > 0.0f && top_p < 1.0f,
+               m_on = min_p > 0.0f;
+    if (n_finite == 0) {
+        if (tid == 0) { out[0] = 0; out[1] = SAMPLE_ON_HOST; }
+        return;
+    }
+
+    // 3. The cut: top-k, then top-p within it (normalised over it), as kept_candidates.
+    bool has_cut = false;
+    Cut cut{0, 0, 0, 0.0f, 0.0f};
+    if (k_on) {
+        radix_select(logits, n, temperature, best, 0, false, top_k, 0.0f, hist_n, hist_w, &sh,
+                     &cut_k);
+        __syncthreads();
+        cut = cut_k;
+        has_cut = true;
+    }
+    if (p_on) {
+        float z;
+        if (k_on) {
+            z = cut.above_w + cut.ties * cut.tie_w;
+        } else {
+            float part = 0.0f;
+            for (int i = tid; i < n; i += threads) {
+                const float l = logits[i];
+                if (isfinite(l)) part += expf(l / temperature - best);
+            }
+            z = block_sum(part, sh.scratch);
+        }
+        const uint32_t floor = k_on ? cut.key : 0u;
+        if (radix_select(logits, n, temperature, best, floor, true, 0, top_p * z, hist_n, hist_w,
+                         &sh, &cut_p)) {
+            __syncthreads();
+            Cut p = cut_p;
+            // Past the top-k cut's ties only by rounding: the top-k cut then.
+            if (k_on && p.key == cut.key) p.ties = min(p.ties, cut.ties);
+            cut = p;
+            has_cut = true;
+        }
+    }
+
+    // 4. The draw over the kept keys, in id order, each thread a contiguous run.
+    const int per = (n + threads - 1) / threads, start = min(n, tid * per),
+              end = min(n, start + per);
+    // Ties of the cut before this run: which of them are kept depends on their id order.
+    float run_ties = 0.0f;
+    if (has_cut) {
+        for (int i = start; i < end; i++) {
+            const float l = logits[i];
+            if (isfinite(l) && ordered(l / temperature) == cut.key) run_ties += 1.0f;
+        }
+    }
+    float ignored;
+    const int ties_before = (int)block_exclusive_scan(run_ties, sh.scratch, &ignored);
+    // Whether key `key` (a tie if it equals the cut, `*tie` of them seen) is kept; its weight.
+    auto kept = [&](float key, int *tie, float *w) {
+        const uint32_t o = ordered(key);
+        bool in = true;
+        if (has_cut) {
+            if (o == cut.key) in = (*tie)++ < cut.ties;
+            else in = o > cut.key;
+        }
+        *w = expf(key - best);
+        return in && (!m_on || *w >= min_p);
+    };
+    float part = 0.0f;
+    {
+        int tie = ties_before;
+        for (int i = start; i < end; i++) {
+            const float l = logits[i];
+            float w;
+            if (isfinite(l) && kept(l / temperature, &tie, &w)) part += w;
+        }
+    }
+    float total;
+    const float before = block_exclusive_scan(part, sh.scratch, &total);
+    // The run that holds r, by the scan's own boundaries (the lowest claimant if rounding
+    // makes two claim).
+    float *bounds = hist_w; // free again
+    bounds[tid] = before;
+    if (tid == 0) sh.pick = -1;
+    __syncthreads();
+    const float r = u * total;
+    const float upper = tid + 1 < threads ? bounds[tid + 1] : INFINITY;
+    if (part > 0.0f && r >= before && r < upper) {
+        float acc = before;
+        int pick = -1, tie = ties_before;
+        for (int i = start; i < end; i++) {
+            const float l = logits[i];
+            float w;
+            if (!isfinite(l) || !kept(l / temperature, &tie, &w)) continue;
+            pick = i;
+            acc += w;
+            if (acc > r) break;
+        }
+        atomicMin(reinterpret_cast<unsigned int *>(&sh.pick), (unsigned int)pick);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        const bool picked = total > 0.0f && sh.pick >= 0;
+        out[0] = picked ? (uint32_t)sh.pick : 0u;
+        out[1] = picked ? SAMPLE_PICKED : SAMPLE_ON_HOST;
+    }
+}
