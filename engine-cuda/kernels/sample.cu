@@ -11,7 +11,8 @@
 // filter keeps a prefix in rank order, so each is a cut: the keys above a key t, and the first
 // j (by id) of the keys equal to t. The kernel finds the cuts without sorting:
 //   1. penalties in place (repetition once per distinct seen token, then presence/frequency);
-//   2. the best key and the number of finite ones (and, for top-p alone, the normaliser);
+//   2. every key's order-preserving bits and weight, once, into scratch buffers; the best key,
+//      the number of finite ones and the normaliser;
 //   3. top-k: a radix selection over the keys' order-preserving bits, 8 bits per round, four
 //      rounds: per round, counts and weights per digit among the keys that share the digits
 //      chosen so far, and the digit where the running count reaches k. The same for top-p by
@@ -37,6 +38,9 @@
 // out[1]: picked, or left to the host (the logits are penalised in place either way).
 #define SAMPLE_PICKED 0u
 #define SAMPLE_ON_HOST 1u
+
+// Not a finite logit: below every key's ordered bits (those of -inf are 0x007fffff).
+#define NOT_A_KEY 0u
 
 // The key's bits as an unsigned integer in the same order (total order: -0 before +0, as the
 // host's `total_cmp`).
@@ -124,7 +128,7 @@ struct SampleShared {
 // count reaches `need` (by_weight false) or whose weight reaches `need_w` (by_weight true).
 // Returns false when the keys do not reach it (rounding of a weight target): all of them then.
 // `hist_n`, `hist_w`: SAMPLE_WARPS × RADIX_BINS each, in shared memory.
-__device__ bool radix_select(const float *logits, int n, float temperature, float best,
+__device__ bool radix_select(const uint32_t *okeys, const float *weights, int n, float best,
                              uint32_t floor, bool by_weight, int need, float need_w,
                              uint32_t *hist_n, float *hist_w, SampleShared *sh, Cut *cut) {
     const int tid = threadIdx.x, threads = blockDim.x, warp = tid / 32;
@@ -145,14 +149,11 @@ __device__ bool radix_select(const float *logits, int n, float temperature, floa
         uint32_t *my_n = hist_n + warp * RADIX_BINS;
         float *my_w = hist_w + warp * RADIX_BINS;
         for (int i = tid; i < n; i += threads) {
-            const float l = logits[i];
-            if (!isfinite(l)) continue;
-            const float key = l / temperature;
-            const uint32_t o = ordered(key);
-            if (o < floor || (round > 0 && (o >> (shift + 8)) != prefix)) continue;
+            const uint32_t o = okeys[i];
+            if (o == NOT_A_KEY || o < floor || (round > 0 && (o >> (shift + 8)) != prefix)) continue;
             const int d = (o >> shift) & (RADIX_BINS - 1);
             atomicAdd(&my_n[d], 1u);
-            atomicAdd(&my_w[d], expf(key - best));
+            atomicAdd(&my_w[d], weights[i]);
         }
         __syncthreads();
         // Per digit, the warps' counts and weights summed in warp order into warp 0's row.
@@ -203,12 +204,15 @@ __device__ bool radix_select(const float *logits, int n, float temperature, floa
 
 // Draws from `n` logits. `rep_tokens` (distinct, `n_rep`) get the repetition penalty,
 // `gen_tokens` (distinct, `n_gen`) lose `gen_sub` each (presence + frequency · count).
+// `okeys` and `weights` (n each) are scratch: every key's ordered bits and weight, computed
+// once (a division and an exponential per logit in every pass made the draw compute-bound).
 // Dynamic shared memory: SAMPLE_WARPS × RADIX_BINS counts and weights (64 KB). Writes
 // out[0] = token, out[1] = SAMPLE_PICKED or SAMPLE_ON_HOST.
 extern "C" __global__ void __launch_bounds__(1024)
     sample_f32(float *logits, int n, const uint32_t *rep_tokens, int n_rep, float rep_penalty,
                const uint32_t *gen_tokens, const float *gen_sub, int n_gen, float temperature,
-               int top_k, float top_p, float min_p, float u, uint32_t *out) {
+               int top_k, float top_p, float min_p, float u, uint32_t *okeys, float *weights,
+               uint32_t *out) {
     extern __shared__ __align__(16) uint8_t sample_smem[];
     uint32_t *hist_n = reinterpret_cast<uint32_t *>(sample_smem);
     float *hist_w = reinterpret_cast<float *>(hist_n + SAMPLE_WARPS * RADIX_BINS);
@@ -234,17 +238,30 @@ extern "C" __global__ void __launch_bounds__(1024)
     }
     __syncthreads();
 
-    // 2. The best key and how many are finite.
+    // 2. The keys, the best of them and how many are finite; then the weights and their sum
+    //    in a fixed order (the normaliser without top-k).
     float best = -INFINITY, finite = 0.0f;
     for (int i = tid; i < n; i += threads) {
         const float l = logits[i];
+        uint32_t o = NOT_A_KEY;
         if (isfinite(l)) {
-            best = fmaxf(best, l / temperature);
+            const float key = l / temperature;
+            o = ordered(key);
+            best = fmaxf(best, key);
             finite += 1.0f;
         }
+        okeys[i] = o;
     }
     best = block_max(best, sh.scratch);
     const int n_finite = (int)block_sum(finite, sh.scratch);
+    float z_part = 0.0f;
+    for (int i = tid; i < n; i += threads) {
+        const uint32_t o = okeys[i];
+        const float w = o == NOT_A_KEY ? 0.0f : expf(unordered(o) - best);
+        weights[i] = w;
+        z_part += w;
+    }
+    const float z_all = block_sum(z_part, sh.scratch);
     const bool k_on = top_k > 0 && top_k < n_finite, p_on = top_p > 0.0f && top_p < 1.0f,
                m_on = min_p > 0.0f;
     if (n_finite == 0) {
@@ -256,27 +273,16 @@ extern "C" __global__ void __launch_bounds__(1024)
     bool has_cut = false;
     Cut cut{0, 0, 0, 0.0f, 0.0f};
     if (k_on) {
-        radix_select(logits, n, temperature, best, 0, false, top_k, 0.0f, hist_n, hist_w, &sh,
-                     &cut_k);
+        radix_select(okeys, weights, n, best, 0, false, top_k, 0.0f, hist_n, hist_w, &sh, &cut_k);
         __syncthreads();
         cut = cut_k;
         has_cut = true;
     }
     if (p_on) {
-        float z;
-        if (k_on) {
-            z = cut.above_w + cut.ties * cut.tie_w;
-        } else {
-            float part = 0.0f;
-            for (int i = tid; i < n; i += threads) {
-                const float l = logits[i];
-                if (isfinite(l)) part += expf(l / temperature - best);
-            }
-            z = block_sum(part, sh.scratch);
-        }
+        const float z = k_on ? cut.above_w + cut.ties * cut.tie_w : z_all;
         const uint32_t floor = k_on ? cut.key : 0u;
-        if (radix_select(logits, n, temperature, best, floor, true, 0, top_p * z, hist_n, hist_w,
-                         &sh, &cut_p)) {
+        if (radix_select(okeys, weights, n, best, floor, true, 0, top_p * z, hist_n, hist_w, &sh,
+                         &cut_p)) {
             __syncthreads();
             Cut p = cut_p;
             // Past the top-k cut's ties only by rounding: the top-k cut then.
@@ -292,31 +298,26 @@ extern "C" __global__ void __launch_bounds__(1024)
     // Ties of the cut before this run: which of them are kept depends on their id order.
     float run_ties = 0.0f;
     if (has_cut) {
-        for (int i = start; i < end; i++) {
-            const float l = logits[i];
-            if (isfinite(l) && ordered(l / temperature) == cut.key) run_ties += 1.0f;
-        }
+        for (int i = start; i < end; i++) run_ties += okeys[i] == cut.key ? 1.0f : 0.0f;
     }
     float ignored;
     const int ties_before = (int)block_exclusive_scan(run_ties, sh.scratch, &ignored);
-    // Whether key `key` (a tie if it equals the cut, `*tie` of them seen) is kept; its weight.
-    auto kept = [&](float key, int *tie, float *w) {
-        const uint32_t o = ordered(key);
+    // Whether candidate i (a tie if its key is the cut's, `*tie` of them seen) is kept.
+    auto kept = [&](int i, int *tie) {
+        const uint32_t o = okeys[i];
+        if (o == NOT_A_KEY) return false;
         bool in = true;
         if (has_cut) {
             if (o == cut.key) in = (*tie)++ < cut.ties;
             else in = o > cut.key;
         }
-        *w = expf(key - best);
-        return in && (!m_on || *w >= min_p);
+        return in && (!m_on || weights[i] >= min_p);
     };
     float part = 0.0f;
     {
         int tie = ties_before;
         for (int i = start; i < end; i++) {
-            const float l = logits[i];
-            float w;
-            if (isfinite(l) && kept(l / temperature, &tie, &w)) part += w;
+            if (kept(i, &tie)) part += weights[i];
         }
     }
     float total;
@@ -333,11 +334,9 @@ extern "C" __global__ void __launch_bounds__(1024)
         float acc = before;
         int pick = -1, tie = ties_before;
         for (int i = start; i < end; i++) {
-            const float l = logits[i];
-            float w;
-            if (!isfinite(l) || !kept(l / temperature, &tie, &w)) continue;
+            if (!kept(i, &tie)) continue;
             pick = i;
-            acc += w;
+            acc += weights[i];
             if (acc > r) break;
         }
         atomicMin(reinterpret_cast<unsigned int *>(&sh.pick), (unsigned int)pick);

@@ -219,7 +219,10 @@ impl Projections {
     }
 
     /// Each projection of `x` (`(…, in)` → `(…, out_i)`), in the order given to `new`. Fused
-    /// outputs are views; at one token they are contiguous, so later reshapes copy nothing.
+    /// outputs are views: at one token they are contiguous, so later reshapes copy nothing; over
+    /// several tokens their rows are strided, which the fused kernels read as they are, while
+    /// the composed ops would copy them, so off the fused path each dense part is its own
+    /// product there.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
         match self {
@@ -231,7 +234,9 @@ impl Projections {
                 }
                 Ok(out)
             }
-            Self::Fused { views, .. } if tokens > 1 && !views.is_empty() => {
+            Self::Fused { views, .. }
+                if tokens > 1 && !views.is_empty() && !crate::fused::applies(x) =>
+            {
                 views.iter().map(|p| p.forward(x)).collect()
             }
             Self::Fused { linear, widths, .. } => {

@@ -758,8 +758,15 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
             &d.subtract
         })
         .w()?;
-    // SAFETY: both written by the kernel below (thread 0 of its one block).
-    let mut out = unsafe { dev.alloc::<u32>(2) }?;
+    // SAFETY: written by the kernel below before it reads them: every key and weight (its
+    // first passes), the result (thread 0 of its one block).
+    let (mut okeys, mut weights, mut out) = unsafe {
+        (
+            dev.alloc::<u32>(n)?,
+            dev.alloc::<f32>(n)?,
+            dev.alloc::<u32>(2)?,
+        )
+    };
     let ints = [n, d.repeated.len(), d.generated.len()].map(int);
     let [n_a, n_rep, n_gen] = ints;
     let (n_a, n_rep, n_gen) = (n_a?, n_rep?, n_gen?);
@@ -784,6 +791,8 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
         .value(&d.top_p)
         .value(&d.min_p)
         .value(&d.uniform)
+        .output(&mut okeys)
+        .output(&mut weights)
         .output(&mut out);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
@@ -792,8 +801,8 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
     };
     // SAFETY: the logits hold n f32 values (contiguous, checked by the caller), written in
     // place on the one stream as the KV cache is (see the module's docs); the lists hold at
-    // least n_rep and n_gen elements; out two u32; the shared memory is the kernel's per-warp
-    // histograms (opted in above); argument types match `sample_f32`.
+    // least n_rep and n_gen elements; the scratch n each; out two u32; the shared memory is the
+    // kernel's per-warp histograms (opted in above); argument types match `sample_f32`.
     unsafe { b.launch(&f, cfg) }?;
     let got = stream.clone_dtoh(&out).w()?;
     Ok(match got[..] {
