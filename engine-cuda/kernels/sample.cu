@@ -127,8 +127,9 @@ struct SampleShared {
 // The shortest prefix in rank order, among the keys at or above `floor` (ordered bits), whose
 // count reaches `need` (by_weight false) or whose weight reaches `need_w` (by_weight true).
 // Returns false when the keys do not reach it (rounding of a weight target): all of them then.
-// `hist_n`, `hist_w`: SAMPLE_WARPS × RADIX_BINS each, in shared memory.
-__device__ bool radix_select(const uint32_t *okeys, const float *weights, int n, float best,
+// `okeys` and `weights` hold 4·n4 entries, 16-byte aligned; `hist_n`, `hist_w`: SAMPLE_WARPS ×
+// RADIX_BINS each, in shared memory.
+__device__ bool radix_select(const uint32_t *okeys, const float *weights, int n4, float best,
                              uint32_t floor, bool by_weight, int need, float need_w,
                              uint32_t *hist_n, float *hist_w, SampleShared *sh, Cut *cut) {
     const int tid = threadIdx.x, threads = blockDim.x, warp = tid / 32;
@@ -148,12 +149,22 @@ __device__ bool radix_select(const uint32_t *okeys, const float *weights, int n,
         const uint32_t prefix = sh->prefix;
         uint32_t *my_n = hist_n + warp * RADIX_BINS;
         float *my_w = hist_w + warp * RADIX_BINS;
-        for (int i = tid; i < n; i += threads) {
-            const uint32_t o = okeys[i];
-            if (o == NOT_A_KEY || o < floor || (round > 0 && (o >> (shift + 8)) != prefix)) continue;
+        auto count = [&](uint32_t o, float w) {
+            if (o == NOT_A_KEY || o < floor || (round > 0 && (o >> (shift + 8)) != prefix)) return;
             const int d = (o >> shift) & (RADIX_BINS - 1);
             atomicAdd(&my_n[d], 1u);
-            atomicAdd(&my_w[d], weights[i]);
+            atomicAdd(&my_w[d], w);
+        };
+        const uint4 *ok4 = reinterpret_cast<const uint4 *>(okeys);
+        const float4 *w4 = reinterpret_cast<const float4 *>(weights);
+#pragma unroll 4
+        for (int i = tid; i < n4; i += threads) {
+            const uint4 o = ok4[i];
+            const float4 w = w4[i];
+            count(o.x, w.x);
+            count(o.y, w.y);
+            count(o.z, w.z);
+            count(o.w, w.w);
         }
         __syncthreads();
         // Per digit, the warps' counts and weights summed in warp order into warp 0's row.
@@ -204,8 +215,9 @@ __device__ bool radix_select(const uint32_t *okeys, const float *weights, int n,
 
 // Draws from `n` logits. `rep_tokens` (distinct, `n_rep`) get the repetition penalty,
 // `gen_tokens` (distinct, `n_gen`) lose `gen_sub` each (presence + frequency · count).
-// `okeys` and `weights` (n each) are scratch: every key's ordered bits and weight, computed
-// once (a division and an exponential per logit in every pass made the draw compute-bound).
+// `okeys` and `weights` (n rounded up to a multiple of 4 each, 16-byte aligned) are scratch:
+// every key's ordered bits and weight, computed once (a division and an exponential per logit
+// in every pass made the passes compute-bound), read 16 bytes at a time after that.
 // Dynamic shared memory: SAMPLE_WARPS × RADIX_BINS counts and weights (64 KB). Writes
 // out[0] = token, out[1] = SAMPLE_PICKED or SAMPLE_ON_HOST.
 extern "C" __global__ void __launch_bounds__(1024)
@@ -240,9 +252,10 @@ extern "C" __global__ void __launch_bounds__(1024)
 
     // 2. The keys, the best of them and how many are finite; then the weights and their sum
     //    in a fixed order (the normaliser without top-k).
+    const int n4 = (n + 3) / 4;
     float best = -INFINITY, finite = 0.0f;
-    for (int i = tid; i < n; i += threads) {
-        const float l = logits[i];
+    for (int i = tid; i < 4 * n4; i += threads) {
+        const float l = i < n ? logits[i] : NAN; // the padding is no key
         uint32_t o = NOT_A_KEY;
         if (isfinite(l)) {
             const float key = l / temperature;
@@ -255,12 +268,13 @@ extern "C" __global__ void __launch_bounds__(1024)
     best = block_max(best, sh.scratch);
     const int n_finite = (int)block_sum(finite, sh.scratch);
     float z_part = 0.0f;
-    for (int i = tid; i < n; i += threads) {
+    for (int i = tid; i < 4 * n4; i += threads) {
         const uint32_t o = okeys[i];
         const float w = o == NOT_A_KEY ? 0.0f : expf(unordered(o) - best);
         weights[i] = w;
         z_part += w;
     }
+    __syncthreads(); // the weights are read 16 bytes at a time, across threads, from here on
     const float z_all = block_sum(z_part, sh.scratch);
     const bool k_on = top_k > 0 && top_k < n_finite, p_on = top_p > 0.0f && top_p < 1.0f,
                m_on = min_p > 0.0f;
@@ -273,7 +287,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     bool has_cut = false;
     Cut cut{0, 0, 0, 0.0f, 0.0f};
     if (k_on) {
-        radix_select(okeys, weights, n, best, 0, false, top_k, 0.0f, hist_n, hist_w, &sh, &cut_k);
+        radix_select(okeys, weights, n4, best, 0, false, top_k, 0.0f, hist_n, hist_w, &sh,
+                     &cut_k);
         __syncthreads();
         cut = cut_k;
         has_cut = true;
@@ -281,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (p_on) {
         const float z = k_on ? cut.above_w + cut.ties * cut.tie_w : z_all;
         const uint32_t floor = k_on ? cut.key : 0u;
-        if (radix_select(okeys, weights, n, best, floor, true, 0, top_p * z, hist_n, hist_w, &sh,
+        if (radix_select(okeys, weights, n4, best, floor, true, 0, top_p * z, hist_n, hist_w, &sh,
                          &cut_p)) {
             __syncthreads();
             Cut p = cut_p;
@@ -292,32 +307,42 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
     }
 
-    // 4. The draw over the kept keys, in id order, each thread a contiguous run.
-    const int per = (n + threads - 1) / threads, start = min(n, tid * per),
-              end = min(n, start + per);
+    // 4. The draw over the kept keys, in id order, each thread a contiguous run of 4-entry
+    //    pieces.
+    const uint4 *ok4 = reinterpret_cast<const uint4 *>(okeys);
+    const float4 *w4 = reinterpret_cast<const float4 *>(weights);
+    const int per = (n4 + threads - 1) / threads, start = min(n4, tid * per),
+              end = min(n4, start + per);
     // Ties of the cut before this run: which of them are kept depends on their id order.
     float run_ties = 0.0f;
     if (has_cut) {
-        for (int i = start; i < end; i++) run_ties += okeys[i] == cut.key ? 1.0f : 0.0f;
+        for (int i = start; i < end; i++) {
+            const uint4 o = ok4[i];
+            run_ties += (o.x == cut.key) + (o.y == cut.key) + (o.z == cut.key) + (o.w == cut.key);
+        }
     }
     float ignored;
     const int ties_before = (int)block_exclusive_scan(run_ties, sh.scratch, &ignored);
-    // Whether candidate i (a tie if its key is the cut's, `*tie` of them seen) is kept.
-    auto kept = [&](int i, int *tie) {
-        const uint32_t o = okeys[i];
+    // Whether a candidate (a tie if its key is the cut's, `*tie` of them seen) is kept.
+    auto kept = [&](uint32_t o, float w, int *tie) {
         if (o == NOT_A_KEY) return false;
         bool in = true;
         if (has_cut) {
             if (o == cut.key) in = (*tie)++ < cut.ties;
             else in = o > cut.key;
         }
-        return in && (!m_on || weights[i] >= min_p);
+        return in && (!m_on || w >= min_p);
     };
     float part = 0.0f;
     {
         int tie = ties_before;
         for (int i = start; i < end; i++) {
-            if (kept(i, &tie)) part += weights[i];
+            const uint4 o = ok4[i];
+            const float4 w = w4[i];
+            part += kept(o.x, w.x, &tie) ? w.x : 0.0f;
+            part += kept(o.y, w.y, &tie) ? w.y : 0.0f;
+            part += kept(o.z, w.z, &tie) ? w.z : 0.0f;
+            part += kept(o.w, w.w, &tie) ? w.w : 0.0f;
         }
     }
     float total;
@@ -333,11 +358,10 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (part > 0.0f && r >= before && r < upper) {
         float acc = before;
         int pick = -1, tie = ties_before;
-        for (int i = start; i < end; i++) {
-            if (!kept(i, &tie)) continue;
+        for (int i = 4 * start; i < 4 * end && acc <= r; i++) {
+            if (!kept(okeys[i], weights[i], &tie)) continue;
             pick = i;
             acc += weights[i];
-            if (acc > r) break;
         }
         atomicMin(reinterpret_cast<unsigned int *>(&sh.pick), (unsigned int)pick);
     }

@@ -66,18 +66,25 @@ impl Linear {
     }
 }
 
+/// Tokens from which a block-quantized product dequantizes its weight ([`dequantized_product`])
+/// unless `HELEXA_ENGINE_DEQUANT_TOKENS` says otherwise. Measured on the H200 (Qwen3-8B
+/// shapes, docs/benchmarks.md): over 2048 tokens the dense product is twice as fast as candle's
+/// MMQ kernel (Q8_0 10.2k → 19.5k tok/s, Q4_K_M 9.0k → 19.5k), over 512 it is 9% slower for
+/// Q8_0 and 6% faster for Q4_K_M; a line through those puts Q8_0's break-even near 600 tokens.
+pub const DEQUANT_TOKENS: usize = 1024;
+
 /// Whether a block-quantized product over `x` takes the dequantize-then-cuBLAS path: `x` is
 /// `(1, tokens, in)` in bf16/f16 on a CUDA device with at least `HELEXA_ENGINE_DEQUANT_TOKENS`
-/// tokens (unset or 0: never, the default). The weight's dense copy (2 bytes a weight, for the
-/// length of one product) is the price; with enough tokens per product it buys the tensor
-/// cores' bf16 rate over the integer MMQ kernel. Off until measured on a GPU.
+/// tokens (default [`DEQUANT_TOKENS`]; 0: never). The weight's dense copy (2 bytes a weight, for
+/// the length of one product) is the price; with enough tokens per product it buys the tensor
+/// cores' bf16 rate over the integer MMQ kernel.
 fn dequantized_product_applies(x: &Tensor) -> bool {
     static MIN_TOKENS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let min_tokens = *MIN_TOKENS.get_or_init(|| {
         std::env::var("HELEXA_ENGINE_DEQUANT_TOKENS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+            .unwrap_or(DEQUANT_TOKENS)
     });
     min_tokens > 0
         && x.device().is_cuda()

@@ -758,12 +758,13 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
             &d.subtract
         })
         .w()?;
+    let padded = n.next_multiple_of(4);
     // SAFETY: written by the kernel below before it reads them: every key and weight (its
     // first passes), the result (thread 0 of its one block).
     let (mut okeys, mut weights, mut out) = unsafe {
         (
-            dev.alloc::<u32>(n)?,
-            dev.alloc::<f32>(n)?,
+            dev.alloc::<u32>(padded)?,
+            dev.alloc::<f32>(padded)?,
             dev.alloc::<u32>(2)?,
         )
     };
@@ -801,7 +802,8 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
     };
     // SAFETY: the logits hold n f32 values (contiguous, checked by the caller), written in
     // place on the one stream as the KV cache is (see the module's docs); the lists hold at
-    // least n_rep and n_gen elements; the scratch n each; out two u32; the shared memory is the
+    // least n_rep and n_gen elements; the scratch n rounded up to 4 each (fresh allocations:
+    // 16-byte aligned); out two u32; the shared memory is the
     // kernel's per-warp histograms (opted in above); argument types match `sample_f32`.
     unsafe { b.launch(&f, cfg) }?;
     let got = stream.clone_dtoh(&out).w()?;
