@@ -227,8 +227,16 @@ pub enum Drawn {
 /// semantics of [`crate::sampling::Sampler::sample`]); only the token crosses to the host.
 pub fn sample(logits: &Tensor, draw: &crate::sampling::DeviceDraw) -> Result<Drawn> {
     #[cfg(feature = "cuda")]
-    if applies(logits) && logits.dtype() == DType::F32 && logits.is_contiguous() {
-        return cuda::sample(logits, draw);
+    {
+        // `HELEXA_ENGINE_DEVICE_SAMPLING=0` draws on the host, to measure the difference.
+        static ON: OnceLock<bool> = OnceLock::new();
+        if switch(&ON, "HELEXA_ENGINE_DEVICE_SAMPLING")
+            && applies(logits)
+            && logits.dtype() == DType::F32
+            && logits.is_contiguous()
+        {
+            return cuda::sample(logits, draw);
+        }
     }
     let _ = (logits, draw);
     Ok(Drawn::NotHere)
