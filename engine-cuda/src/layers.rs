@@ -751,7 +751,8 @@ impl Attention {
                 candle_nn::ops::softmax_last_dim(&att)?
             }
         };
-        let out = att.matmul(&v)?.reshape((h, len, hd))?; // kv head-major: head order
+        // (kvh, groups·len, hd) is (heads, len, hd): row block kv·groups + g is head kv·groups + g.
+        let out = att.matmul(&v)?.reshape((h, len, hd))?;
         self.o_proj.forward(&crate::fused::heads_to_rows(&out)?)
     }
 

@@ -238,9 +238,7 @@ impl<F: FeedForward> Decoder<F> {
             weight_bytes,
         })
     }
-}
 
-impl<F: FeedForward> Decoder<F> {
     /// The final-normed hidden states of `tokens`, appended to the KV cache.
     fn hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
         let offset = self.cache_len();
