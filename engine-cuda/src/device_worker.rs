@@ -172,25 +172,29 @@ impl WorkerModel {
         self.run(tokens, |m| m.forward(tokens, all_rows)?.to_vec2::<f32>())
     }
 
-    /// One decode step whose pick is the plain argmax: only the index leaves the device.
-    fn forward_greedy(&mut self, token: u32) -> Result<u32, EngineError> {
-        self.run(&[token], |m| {
-            crate::fused::argmax(&m.forward(&[token], false)?)
-        })
+    /// A forward pass over `tokens` (the last prompt chunk or one decoded token) whose pick is
+    /// the plain argmax of the last position: only the index leaves the device.
+    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32, EngineError> {
+        self.run(tokens, |m| crate::fused::argmax(&m.forward(tokens, false)?))
     }
 
-    /// One decode step that draws on the device when it can ([`crate::fused::sample`]): only
-    /// the token leaves it; otherwise the logits do, penalised or not, for the host's draw.
+    /// A forward pass over `tokens` whose next token is drawn on the device when it can be
+    /// ([`crate::fused::sample`]): only the token leaves it; otherwise the logits do, penalised
+    /// or not, for the host's draw.
     fn forward_sampled(
         &mut self,
-        token: u32,
+        tokens: &[u32],
         sampler: &mut Sampler,
         seen: &[u32],
     ) -> Result<Next, EngineError> {
-        let draw = sampler.device_draw(seen);
-        self.run(&[token], |m| {
-            let logits = m.forward(&[token], false)?;
+        self.run(tokens, |m| {
+            let logits = m.forward(tokens, false)?;
             let host_row = |l: &candle_core::Tensor| l.flatten_all()?.to_vec1::<f32>();
+            if !crate::fused::samples_on_device(&logits) {
+                return Ok(Next::Logits(host_row(&logits)?));
+            }
+            // Only now: the draw takes its uniform number from the request's generator.
+            let draw = sampler.device_draw(seen);
             Ok(match crate::fused::sample(&logits, &draw)? {
                 Drawn::Picked(t) => Next::Picked(t),
                 Drawn::Penalised => Next::Penalised(host_row(&logits)?),
@@ -245,22 +249,39 @@ impl WorkerModel {
         tokens: &[u32],
         all_rows: bool,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !all_rows {
+            let last = self.prefill_all_but_last(tokens)?;
+            return self.forward(last, false);
+        }
+        let size = self.plan_prefill(tokens.len());
         let mut out = Vec::new();
-        // Room for the whole prompt and the first generated token at once.
-        let positions = self.model.cache_len() + tokens.len() + 1;
-        self.model.plan(positions.min(self.model.max_positions()));
-        let chunks: Vec<&[u32]> = tokens.chunks(self.prefill_chunk.size(positions)).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            if all_rows {
-                out.extend(self.forward(chunk, true)?);
-            } else if i + 1 == chunks.len() {
-                out = self.forward(chunk, false)?;
-            } else {
-                // Nobody reads these logits; nor does the host wait for the chunk.
-                self.run(chunk, |m| m.extend(chunk))?;
-            }
+        for chunk in tokens.chunks(size) {
+            out.extend(self.forward(chunk, true)?);
         }
         Ok(out)
+    }
+
+    /// Plans the KV cache for `len` more tokens and the first generated one; returns the
+    /// prefill chunk size.
+    fn plan_prefill(&mut self, len: usize) -> usize {
+        let positions = self.model.cache_len() + len + 1;
+        self.model.plan(positions.min(self.model.max_positions()));
+        self.prefill_chunk.size(positions)
+    }
+
+    /// Runs every prefill chunk of `tokens` (not empty) but the last, computing no logits (nobody
+    /// reads them, and the host need not wait for them); returns the last chunk, whose forward
+    /// pass also picks the next token.
+    fn prefill_all_but_last<'t>(&mut self, tokens: &'t [u32]) -> Result<&'t [u32], EngineError> {
+        let size = self.plan_prefill(tokens.len());
+        let last = (tokens.len() - 1) / size * size;
+        for chunk in tokens[..last].chunks(size) {
+            self.run(chunk, |m| m.extend(chunk))?;
+        }
+        Ok(&tokens[last..])
     }
 
     pub fn check_prompt(&self, prompt: &[u32], extra: usize) -> Result<(), EngineError> {
@@ -311,17 +332,19 @@ impl WorkerModel {
         self.cached.truncate(reuse);
         let mut generated = 0u32;
         self.maybe_inject(inject, generated);
-        let logits = self
-            .prefill(&prompt[reuse..], false)?
-            .pop()
-            .ok_or_else(|| EngineError::new(ErrorKind::Internal, "prefill returned no logits"))?;
         let mut sampler = Sampler::new(&request.sampling);
         let greedy = sampler.is_plain_greedy();
-        let mut next = Next::Logits(logits);
         let ctx = self.model.max_positions();
         // Sized once for the whole decode (the context bounds it) so no token reallocates.
         let mut seen = Vec::with_capacity(ctx.max(prompt.len()) + 1);
         seen.extend_from_slice(prompt);
+        // The first token is picked as every later one: on the device where it can be.
+        let last = self.prefill_all_but_last(&prompt[reuse..])?;
+        let mut next = if greedy {
+            Next::Picked(self.forward_greedy(last)?)
+        } else {
+            self.forward_sampled(last, &mut sampler, &seen)?
+        };
         let (finish, stop_id) = loop {
             if generated >= request.max_tokens {
                 break (Finish::Length, None);
@@ -346,9 +369,9 @@ impl WorkerModel {
             }
             self.maybe_inject(inject, generated);
             next = if greedy {
-                Next::Picked(self.forward_greedy(token)?)
+                Next::Picked(self.forward_greedy(&[token])?)
             } else {
-                self.forward_sampled(token, &mut sampler, &seen)?
+                self.forward_sampled(&[token], &mut sampler, &seen)?
             };
         };
         Ok(GenerateSummary {

@@ -223,20 +223,24 @@ pub enum Drawn {
     NotHere,
 }
 
+/// Whether [`sample`] draws from `logits` on the device: f32, contiguous, on a CUDA device,
+/// with the fused kernels on and `HELEXA_ENGINE_DEVICE_SAMPLING` not `0` (to measure the
+/// difference).
+pub fn samples_on_device(logits: &Tensor) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    cfg!(feature = "cuda")
+        && switch(&ON, "HELEXA_ENGINE_DEVICE_SAMPLING")
+        && applies(logits)
+        && logits.dtype() == DType::F32
+        && logits.is_contiguous()
+}
+
 /// Draws the next token from f32 logits `(1, vocab)` on the device as `draw` describes (the
 /// semantics of [`crate::sampling::Sampler::sample`]); only the token crosses to the host.
 pub fn sample(logits: &Tensor, draw: &crate::sampling::DeviceDraw) -> Result<Drawn> {
     #[cfg(feature = "cuda")]
-    {
-        // `HELEXA_ENGINE_DEVICE_SAMPLING=0` draws on the host, to measure the difference.
-        static ON: OnceLock<bool> = OnceLock::new();
-        if switch(&ON, "HELEXA_ENGINE_DEVICE_SAMPLING")
-            && applies(logits)
-            && logits.dtype() == DType::F32
-            && logits.is_contiguous()
-        {
-            return cuda::sample(logits, draw);
-        }
+    if samples_on_device(logits) {
+        return cuda::sample(logits, draw);
     }
     let _ = (logits, draw);
     Ok(Drawn::NotHere)
