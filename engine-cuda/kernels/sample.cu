@@ -21,8 +21,9 @@
 //      weight, walked over the kept keys in id order (any order draws the same distribution):
 //      each thread sums a contiguous run, a scan finds the run holding the draw, and that
 //      thread walks it.
-// The per-round histograms are per warp (summed in a fixed order afterwards), so a flat
-// distribution does not pile every atomic onto one counter.
+// The per-round histograms are per warp (summed in a fixed order afterwards), so the atomics
+// of a flat distribution spread over 32 counters instead of one; within a warp, lanes adding to
+// one digit still take turns (the likely rest of the draw's cost: docs/benchmarks.md).
 //
 // One block of 1024 threads: a pass over 600 KB by one SM takes microseconds, and one block
 // needs no grid-wide synchronisation. If rounding leaves the draw unclaimed, or no key is kept
