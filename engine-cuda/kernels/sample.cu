@@ -131,7 +131,7 @@ struct SampleShared {
 // `okeys` and `weights` hold 4·n4 entries, 16-byte aligned; `hist_n`, `hist_w`: SAMPLE_WARPS ×
 // RADIX_BINS each, in shared memory.
 __device__ bool radix_select(const uint32_t *okeys, const float *weights, int n4, float best,
-                             uint32_t floor, bool by_weight, int need, float need_w,
+                             uint32_t floor, bool by_weight, int need, float need_w, bool fold,
                              uint32_t *hist_n, float *hist_w, SampleShared *sh, Cut *cut) {
     const int tid = threadIdx.x, threads = blockDim.x, warp = tid / 32;
     if (tid == 0) {
@@ -150,11 +150,33 @@ __device__ bool radix_select(const uint32_t *okeys, const float *weights, int n4
         const uint32_t prefix = sh->prefix;
         uint32_t *my_n = hist_n + warp * RADIX_BINS;
         float *my_w = hist_w + warp * RADIX_BINS;
+        // With `fold`, a thread adds each run of its keys that share a digit with one pair of
+        // atomics: on flat logits nearly every key has the first rounds' digits, and the lanes
+        // of a warp adding to one counter take turns.
+        int run_d = 0;
+        uint32_t run_n = 0;
+        float run_w = 0.0f;
+        auto flush = [&]() {
+            if (run_n == 0) return;
+            atomicAdd(&my_n[run_d], run_n);
+            atomicAdd(&my_w[run_d], run_w);
+            run_n = 0;
+            run_w = 0.0f;
+        };
         auto count = [&](uint32_t o, float w) {
             if (o == NOT_A_KEY || o < floor || (round > 0 && (o >> (shift + 8)) != prefix)) return;
             const int d = (o >> shift) & (RADIX_BINS - 1);
-            atomicAdd(&my_n[d], 1u);
-            atomicAdd(&my_w[d], w);
+            if (!fold) {
+                atomicAdd(&my_n[d], 1u);
+                atomicAdd(&my_w[d], w);
+                return;
+            }
+            if (d != run_d) {
+                flush();
+                run_d = d;
+            }
+            run_n++;
+            run_w += w;
         };
         const uint4 *ok4 = reinterpret_cast<const uint4 *>(okeys);
         const float4 *w4 = reinterpret_cast<const float4 *>(weights);
@@ -167,6 +189,7 @@ __device__ bool radix_select(const uint32_t *okeys, const float *weights, int n4
             count(o.z, w.z);
             count(o.w, w.w);
         }
+        flush();
         __syncthreads();
         // Per digit, the warps' counts and weights summed in warp order into warp 0's row.
         for (int d = tid; d < RADIX_BINS; d += threads) {
@@ -219,13 +242,14 @@ __device__ bool radix_select(const uint32_t *okeys, const float *weights, int n4
 // `okeys` and `weights` (n rounded up to a multiple of 4 each, 16-byte aligned) are scratch:
 // every key's ordered bits and weight, computed once (a division and an exponential per logit
 // in every pass made the passes compute-bound), read 16 bytes at a time after that.
+// `fold`: count runs of equal digits per thread before the atomics (HELEXA_ENGINE_SAMPLE_FOLD).
 // Dynamic shared memory: SAMPLE_WARPS × RADIX_BINS counts and weights (64 KB). Writes
 // out[0] = token, out[1] = SAMPLE_PICKED or SAMPLE_ON_HOST.
 extern "C" __global__ void __launch_bounds__(1024)
     sample_f32(float *logits, int n, const uint32_t *rep_tokens, int n_rep, float rep_penalty,
                const uint32_t *gen_tokens, const float *gen_sub, int n_gen, float temperature,
                int top_k, float top_p, float min_p, float u, uint32_t *okeys, float *weights,
-               uint32_t *out) {
+               int fold, uint32_t *out) {
     extern __shared__ __align__(16) uint8_t sample_smem[];
     uint32_t *hist_n = reinterpret_cast<uint32_t *>(sample_smem);
     float *hist_w = reinterpret_cast<float *>(hist_n + SAMPLE_WARPS * RADIX_BINS);
@@ -288,7 +312,7 @@ extern "C" __global__ void __launch_bounds__(1024)
     bool has_cut = false;
     Cut cut{0, 0, 0, 0.0f, 0.0f};
     if (k_on) {
-        radix_select(okeys, weights, n4, best, 0, false, top_k, 0.0f, hist_n, hist_w, &sh,
+        radix_select(okeys, weights, n4, best, 0, false, top_k, 0.0f, fold, hist_n, hist_w, &sh,
                      &cut_k);
         __syncthreads();
         cut = cut_k;
@@ -297,8 +321,8 @@ extern "C" __global__ void __launch_bounds__(1024)
     if (p_on) {
         const float z = k_on ? cut.above_w + cut.ties * cut.tie_w : z_all;
         const uint32_t floor = k_on ? cut.key : 0u;
-        if (radix_select(okeys, weights, n4, best, floor, true, 0, top_p * z, hist_n, hist_w, &sh,
-                         &cut_p)) {
+        if (radix_select(okeys, weights, n4, best, floor, true, 0, top_p * z, fold, hist_n,
+                         hist_w, &sh, &cut_p)) {
             __syncthreads();
             Cut p = cut_p;
             // Past the top-k cut's ties only by rounding: the top-k cut then.

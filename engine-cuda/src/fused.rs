@@ -238,11 +238,24 @@ pub fn samples_on_device(logits: &Tensor) -> bool {
 /// Draws the next token from f32 logits `(1, vocab)` on the device as `draw` describes (the
 /// semantics of [`crate::sampling::Sampler::sample`]); only the token crosses to the host.
 pub fn sample(logits: &Tensor, draw: &crate::sampling::DeviceDraw) -> Result<Drawn> {
+    static FOLD: OnceLock<bool> = OnceLock::new();
+    let fold =
+        *FOLD.get_or_init(|| std::env::var("HELEXA_ENGINE_SAMPLE_FOLD").is_ok_and(|v| v == "1"));
+    sample_variant(logits, draw, fold)
+}
+
+/// [`sample`] with its histogram counting chosen: `fold` counts each thread's runs of equal
+/// digits before the atomics (`HELEXA_ENGINE_SAMPLE_FOLD=1`, off until measured).
+pub fn sample_variant(
+    logits: &Tensor,
+    draw: &crate::sampling::DeviceDraw,
+    fold: bool,
+) -> Result<Drawn> {
     #[cfg(feature = "cuda")]
     if samples_on_device(logits) {
-        return cuda::sample(logits, draw);
+        return cuda::sample(logits, draw, fold);
     }
-    let _ = (logits, draw);
+    let _ = (logits, draw, fold);
     Ok(Drawn::NotHere)
 }
 

@@ -705,7 +705,7 @@ mod gpu_tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
-    use crate::fused::{Drawn, sample};
+    use crate::fused::{Drawn, sample, sample_variant};
 
     const VOCAB: usize = 151_936;
 
@@ -747,9 +747,12 @@ mod gpu_tests {
         }
     }
 
-    fn run(logits: &[f32], d: &DeviceDraw) -> Drawn {
-        let t = Tensor::from_slice(logits, (1, logits.len()), &device()).expect("logits");
-        sample(&t, d).expect("device draw")
+    /// The device draw, each way of counting the histograms (plain, folded).
+    fn run(logits: &[f32], d: &DeviceDraw) -> [Drawn; 2] {
+        [false, true].map(|fold| {
+            let t = Tensor::from_slice(logits, (1, logits.len()), &device()).expect("logits");
+            sample_variant(&t, d, fold).expect("device draw")
+        })
     }
 
     /// The kept tokens in id order, the order the device walks, with their cumulative
@@ -850,23 +853,26 @@ mod gpu_tests {
                         let what = format!(
                             "{name}, T {temperature}, k {top_k}, p {top_p}, min-p {min_p}, u {u}"
                         );
-                        match run(logits, &draw_params(temperature, top_k, top_p, min_p, u)) {
-                            Drawn::Picked(t) => {
-                                assert!(
-                                    kept_sets.iter().any(|kept| in_share(kept, t, u)),
-                                    "{what}: picked {t}"
-                                );
-                                picked += 1;
-                            }
-                            Drawn::Penalised | Drawn::NotHere => {
-                                panic!("{what}: not drawn on the device ({keep} kept)")
+                        let drawn = run(logits, &draw_params(temperature, top_k, top_p, min_p, u));
+                        for (way, drawn) in ["plain", "folded"].into_iter().zip(drawn) {
+                            match drawn {
+                                Drawn::Picked(t) => {
+                                    assert!(
+                                        kept_sets.iter().any(|kept| in_share(kept, t, u)),
+                                        "{what}, {way}: picked {t}"
+                                    );
+                                    picked += 1;
+                                }
+                                Drawn::Penalised | Drawn::NotHere => {
+                                    panic!("{what}, {way}: not drawn on the device ({keep} kept)")
+                                }
                             }
                         }
                     }
                 }
             }
         }
-        assert_eq!(picked, 4 * 2 * filters.len() * 4);
+        assert_eq!(picked, 2 * 4 * 2 * filters.len() * 4);
     }
 
     /// The penalties the device applies in place equal the host's.

@@ -12,9 +12,9 @@
 #                                       # layer over one prompt (default bf16, 2048 tokens; ncu)
 #   scripts/device/gpu-check.sh all     # issue 7's evidence in one call (~8 min of the 10 a call
 #                                       # may take; measured parts: check ~2.5, full bench ~4,
-#                                       # a short bench ~1 each): check, bench, sampled decode
-#                                       # (temperature 0.7, top-p 0.95) and the prefill with the
-#                                       # dequantized product on for Q8_0 / Q4_K_M;
+#                                       # a short bench ~0.5 each): check, bench, and BF16
+#                                       # sampled decode (temperature 0.7, top-p 0.95) on the
+#                                       # device, with HELEXA_ENGINE_SAMPLE_FOLD=1, on the host;
 #                                       # other switches: `bench` with them set, as
 #                                       # docs/benchmarks.md records; outputs folded into three files
 #                                       # (fold_outputs.py). Kernel breakdowns (`kernels`,
@@ -53,11 +53,14 @@ all)
   # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
   timeout 200 "$0" check || status=1
   timeout 270 "$0" bench || status=1
-  BENCH_ARGS="--prefill 512 --decode-context 0 --temperature 0.7 --top-p 0.95" \
-    BENCH_TAG=sampled timeout 90 "$0" bench bf16,q4_k_m || status=1
-  prefill="--prefill 512,2048 --decode-context 0 --decode-tokens 8"
-  BENCH_ARGS="$prefill" BENCH_TAG=dequant-128 HELEXA_ENGINE_DEQUANT_TOKENS=128 timeout 60 "$0" \
-    bench q8_0,q4_k_m || status=1
+  # Sampled decode (BF16): on the device as by default, with the folded histogram counting,
+  # and on the host.
+  sampled="--prefill 512 --decode-context 0 --temperature 0.7 --top-p 0.95"
+  BENCH_ARGS="$sampled" BENCH_TAG=sampled timeout 45 "$0" bench bf16 || status=1
+  BENCH_ARGS="$sampled" BENCH_TAG=sampled-fold HELEXA_ENGINE_SAMPLE_FOLD=1 timeout 45 "$0" \
+    bench bf16 || status=1
+  BENCH_ARGS="$sampled" BENCH_TAG=sampled-host HELEXA_ENGINE_DEVICE_SAMPLING=0 timeout 45 "$0" \
+    bench bf16 || status=1
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;

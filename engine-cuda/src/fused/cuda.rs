@@ -740,7 +740,11 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
 const SAMPLE_WARPS: usize = 32;
 const SAMPLE_BINS: usize = 256;
 
-pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super::Drawn> {
+pub fn sample(
+    logits: &Tensor,
+    d: &crate::sampling::DeviceDraw,
+    fold: bool,
+) -> Result<super::Drawn> {
     let dev = logits.device().as_cuda_device()?;
     let n = logits.elem_count();
     let (ls, ll) = logits.storage_and_layout();
@@ -771,6 +775,7 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
     let ints = [n, d.repeated.len(), d.generated.len()].map(int);
     let [n_a, n_rep, n_gen] = ints;
     let (n_a, n_rep, n_gen) = (n_a?, n_rep?, n_gen?);
+    let fold = i32::from(fold);
     let (f, stream) = module_function(dev, "helexa_sample", SAMPLE_PTX, "sample_f32")?;
     let shared = SAMPLE_WARPS * SAMPLE_BINS * 8;
     f.set_attribute(
@@ -794,6 +799,7 @@ pub fn sample(logits: &Tensor, d: &crate::sampling::DeviceDraw) -> Result<super:
         .value(&d.uniform)
         .output(&mut okeys)
         .output(&mut weights)
+        .value(&fold)
         .output(&mut out);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
