@@ -326,8 +326,9 @@ const NUCLEUS_SORTED: usize = 1024;
 /// its lowest ids as the mass needs. Each round's window spans at most 1/64 of the last one's
 /// logit range (the best and the worst fall in different buckets), so a few rounds reach a
 /// small or tied window. One round of half-logit buckets sufficed for peaked logits; nearly
-/// flat ones (a random-weight model's, where the nucleus is most of the vocabulary) left ~150k
-/// candidates in one bucket to sort: 2.0 ms per draw, now 1.0 ms (`sampling_cost`).
+/// flat ones (a random-weight model's, where the nucleus holds tens of thousands of tokens)
+/// left them in one or a few buckets; the probe's flat case sorted ~50k: 2.0 ms per draw, now
+/// 1.0 ms (`sampling_cost`).
 fn nucleus(cand: &mut [Candidate], max: f32, mass: f32) -> usize {
     let (mut front, mut end, mut above) = (0, cand.len(), 0.0f32);
     let mut high = max;
@@ -826,7 +827,7 @@ mod gpu_tests {
                     let (ranked, keep) = super::tests::reference(logits, &p);
                     // The top-p cut may fall anywhere the cumulative probability is within
                     // rounding of top-p (both sides sum their normaliser in f32, in different
-                    // orders; over 150k flat candidates that moves it by a few tokens). The
+                    // orders; over thousands of flat candidates that moves it by a few tokens). The
                     // other filters' cut bounds it.
                     let (_, others) = super::tests::reference(
                         logits,
