@@ -101,6 +101,7 @@ kernels)
   # cut to 1 and 2 layers, 4 and 8 tokens each. Differences isolate the launches per token
   # per layer and per token outside the layers; scripts/device/kernel_counts.py does the
   # arithmetic, groups GPU time by kernel and lists the last decoded token launch by launch.
+  # BENCH_ARGS="--temperature 0.7 --top-p 0.95" profiles sampled decode (the device draw).
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   for layers in 1 2; do
     "$bin/helexa-node" synth --preset qwen3-8b --layers "$layers" --formats "${2:-bf16}" \
@@ -109,7 +110,8 @@ kernels)
     for tokens in 4 8; do
       "$ncu" --clock-control none --csv --log-file "/tmp/ncu-l$layers-t$tokens.csv" --metrics gpu__time_duration.sum \
         "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" --prefill 8 \
-        --decode-context 0 --decode-tokens "$tokens" --warmup 0 --repeats 1 > /dev/null 2>&1
+        --decode-context 0 --decode-tokens "$tokens" --warmup 0 --repeats 1 ${BENCH_ARGS:-} \
+        > /dev/null 2>&1
     done
   done
   python3 scripts/device/kernel_counts.py /tmp 36 | tee "$OUT/kernels.txt"

@@ -57,8 +57,11 @@ def launches(path):
     return out
 
 
-def last_token(seq, pick="argmax_f32"):
-    """The launches after the second-to-last greedy pick up to and including the last."""
+def last_token(seq):
+    """The launches after the second-to-last pick (greedy argmax or device draw) up to and
+    including the last."""
+    names = {name for name, _, _ in seq}
+    pick = "sample_f32" if "sample_f32" in names else "argmax_f32"
     picks = [i for i, (name, _, _) in enumerate(seq) if name == pick]
     return seq[picks[-2] + 1:picks[-1] + 1] if len(picks) >= 2 else []
 
