@@ -177,7 +177,7 @@ fn count(n: u32) -> f32 {
 /// A draw for the device ([`Sampler::device_draw`]): the semantics of [`Sampler::sample`], with
 /// the penalties as lists and the draw's uniform number in hand.
 pub struct DeviceDraw<'a> {
-    /// Above 0 (greedy picks never come here).
+    /// Above 0 (a greedy pick with penalties comes as top-k 1 at temperature 1).
     pub temperature: f32,
     /// 0 = off.
     pub top_k: i32,
