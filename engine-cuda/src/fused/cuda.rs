@@ -750,18 +750,17 @@ pub fn sample(
     let (ls, ll) = logits.storage_and_layout();
     let lv = view::<f32>(&ls, ll)?;
     let stream = dev.cuda_stream();
-    // Empty lists still travel as one element (a buffer of none cannot be allocated); their
-    // lengths say how many the kernel reads.
-    let upload = |v: &[u32]| stream.clone_htod(if v.is_empty() { &[0u32][..] } else { v });
+    // The penalty lists travel only when there are some (most requests have none): an empty
+    // one is a null pointer, which the kernel never reads (its length is 0), rather than an
+    // allocation and an upload per token.
+    let upload = |v: &[u32]| (!v.is_empty()).then(|| stream.clone_htod(v)).transpose();
     let repeated = upload(d.repeated).w()?;
     let generated = upload(&d.generated).w()?;
-    let subtract = stream
-        .clone_htod(if d.subtract.is_empty() {
-            &[0f32][..]
-        } else {
-            &d.subtract
-        })
+    let subtract = (!d.subtract.is_empty())
+        .then(|| stream.clone_htod(&d.subtract))
+        .transpose()
         .w()?;
+    let null: u64 = 0;
     let padded = n.next_multiple_of(4);
     // SAFETY: written by the kernel below before it reads them: every key and weight (its
     // first passes), the result (thread 0 of its one block).
@@ -784,14 +783,21 @@ pub fn sample(
     )
     .w()?;
     let mut b = Args::new(&stream);
-    b.input(&lv)
-        .value(&n_a)
-        .input(&repeated)
-        .value(&n_rep)
-        .value(&d.repetition_penalty)
-        .input(&generated)
-        .input(&subtract)
-        .value(&n_gen)
+    b.input(&lv).value(&n_a);
+    match &repeated {
+        Some(buf) => b.input(buf),
+        None => b.value(&null),
+    };
+    b.value(&n_rep).value(&d.repetition_penalty);
+    match &generated {
+        Some(buf) => b.input(buf),
+        None => b.value(&null),
+    };
+    match &subtract {
+        Some(buf) => b.input(buf),
+        None => b.value(&null),
+    };
+    b.value(&n_gen)
         .value(&d.temperature)
         .value(&d.top_k)
         .value(&d.top_p)
@@ -807,8 +813,8 @@ pub fn sample(
         shared_mem_bytes: u32::try_from(shared).map_err(candle_core::Error::wrap)?,
     };
     // SAFETY: the logits hold n f32 values (contiguous, checked by the caller), written in
-    // place on the one stream as the KV cache is (see the module's docs); the lists hold at
-    // least n_rep and n_gen elements; the scratch n rounded up to 4 each (fresh allocations:
+    // place on the one stream as the KV cache is (see the module's docs); the lists hold
+    // n_rep and n_gen elements (null when 0: the kernel's loops over them do not run); the scratch n rounded up to 4 each (fresh allocations:
     // 16-byte aligned); out two u32; the shared memory is the
     // kernel's per-warp histograms (opted in above); argument types match `sample_f32`.
     unsafe { b.launch(&f, cfg) }?;
