@@ -756,9 +756,41 @@ mod gpu_tests {
         })
     }
 
+    /// Kept tokens with their probability and the cumulative probability up to each, in f64.
+    type Kept = Vec<(u32, f64, f64)>;
+
+    /// The reference's kept count, and the kept sets a correct draw may use, each in id order:
+    /// the top-p cut may fall anywhere the cumulative probability is within rounding of top-p
+    /// (both sides sum their normaliser in f32, in different orders; over thousands of flat
+    /// candidates that moves it by a few tokens), bounded by the other filters' cut.
+    fn kept_sets(logits: &[f32], p: &Sampling) -> (usize, Vec<Kept>) {
+        let (ranked, keep) = super::tests::reference(logits, p);
+        let (_, others) = super::tests::reference(
+            logits,
+            &Sampling {
+                top_p: 1.0,
+                ..p.clone()
+            },
+        );
+        let reach = |mass: f32| {
+            ranked
+                .iter()
+                .position(|r| r.2 >= mass)
+                .map_or(ranked.len(), |i| i + 1)
+        };
+        let mut keeps = vec![keep];
+        if p.top_p < 1.0 {
+            keeps.push(reach(p.top_p - 1e-4).min(others));
+            keeps.push(reach(p.top_p + 1e-4).min(others));
+        }
+        keeps.dedup();
+        let sets = keeps.iter().map(|&k| in_id_order(&ranked[..k])).collect();
+        (keep, sets)
+    }
+
     /// The kept tokens in id order, the order the device walks, with their cumulative
     /// probabilities (in f64: 152k f32 additions would round more than the check allows).
-    fn in_id_order(kept: &[(u32, f32, f32)]) -> Vec<(u32, f64, f64)> {
+    fn in_id_order(kept: &[(u32, f32, f32)]) -> Kept {
         let mut kept: Vec<(u32, f64, f64)> = kept
             .iter()
             .map(|&(t, q, _)| (t, f64::from(q), 0.0))
@@ -824,32 +856,7 @@ mod gpu_tests {
                         min_p,
                         ..Sampling::default()
                     };
-                    let (ranked, keep) = super::tests::reference(logits, &p);
-                    // The top-p cut may fall anywhere the cumulative probability is within
-                    // rounding of top-p (both sides sum their normaliser in f32, in different
-                    // orders; over thousands of flat candidates that moves it by a few tokens). The
-                    // other filters' cut bounds it.
-                    let (_, others) = super::tests::reference(
-                        logits,
-                        &Sampling {
-                            top_p: 1.0,
-                            ..p.clone()
-                        },
-                    );
-                    let reach = |mass: f32| {
-                        ranked
-                            .iter()
-                            .position(|r| r.2 >= mass)
-                            .map_or(ranked.len(), |i| i + 1)
-                    };
-                    let mut keeps = vec![keep];
-                    if top_p < 1.0 {
-                        keeps.push(reach(top_p - 1e-4).min(others));
-                        keeps.push(reach(top_p + 1e-4).min(others));
-                    }
-                    keeps.dedup();
-                    let kept_sets: Vec<Vec<(u32, f64, f64)>> =
-                        keeps.iter().map(|&k| in_id_order(&ranked[..k])).collect();
+                    let (keep, kept_sets) = kept_sets(logits, &p);
                     for u in [0.0f32, 0.3, 0.7, 0.999_99] {
                         let what = format!(
                             "{name}, T {temperature}, k {top_k}, p {top_p}, min-p {min_p}, u {u}"
@@ -874,6 +881,33 @@ mod gpu_tests {
             }
         }
         assert_eq!(picked, 2 * 4 * 2 * filters.len() * 4);
+    }
+
+    /// A vocabulary that is not a multiple of 4 (the kernel pads its scratch to one): the
+    /// padding is never drawn, and the draws follow the definitions.
+    #[test]
+    fn device_draw_with_an_odd_vocabulary() {
+        #[allow(clippy::cast_precision_loss, reason = "synthetic logits")]
+        let logits: Vec<f32> = (0..1003).map(|i| ((i * 37) % 101) as f32 * 0.1).collect();
+        for (top_k, top_p, min_p) in [(0, 1.0, 0.0), (20, 0.9, 0.0), (0, 0.8, 0.05)] {
+            let p = Sampling {
+                temperature: 1.0,
+                top_k: u32::try_from(top_k).expect("k"),
+                top_p,
+                min_p,
+                ..Sampling::default()
+            };
+            let (_, sets) = kept_sets(&logits, &p);
+            for u in [0.0f32, 0.5, 0.999_99] {
+                for drawn in run(&logits, &draw_params(1.0, top_k, top_p, min_p, u)) {
+                    let Drawn::Picked(t) = drawn else {
+                        panic!("k {top_k}, p {top_p}, min-p {min_p}, u {u}: not drawn");
+                    };
+                    let ok = t < 1003 && sets.iter().any(|kept| in_share(kept, t, u));
+                    assert!(ok, "k {top_k}, p {top_p}, min-p {min_p}, u {u}: picked {t}");
+                }
+            }
+        }
     }
 
     /// The penalties the device applies in place equal the host's.
