@@ -32,6 +32,23 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Sum (or max) over the block (blockDim.x a multiple of 32, at most 1024) in a fixed order;
+// every thread gets the result.
+template <bool MAX>
+__device__ float block_reduce(float v) {
+    __shared__ float partial[32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const float none = MAX ? -INFINITY : 0.0f;
+    v = MAX ? warp_max(v) : warp_sum(v);
+    __syncthreads(); // `partial` may still be read from a previous call
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    v = lane < warps ? partial[lane] : none;
+    return MAX ? warp_max(v) : warp_sum(v);
+}
+__device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
+__device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
+
 // ---- programmatic dependent launch ---------------------------------------------------------------
 // The launcher (src/fused/launch.rs) lets each kernel start while the previous one on the stream
 // is finishing (compute 9.0+). So that this is safe, every kernel calls `wait_for_previous_kernel`

@@ -12,22 +12,6 @@
 
 #include "common.cuh"
 
-// Sum (or max) over the block (blockDim.x a multiple of 32, at most 1024); every thread gets
-// the result.
-template <bool MAX>
-__device__ float block_reduce(float v) {
-    __shared__ float partial[32];
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    const float none = MAX ? -INFINITY : 0.0f;
-    v = MAX ? warp_max(v) : warp_sum(v);
-    __syncthreads(); // `partial` may still be read from a previous call
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    v = lane < warps ? partial[lane] : none;
-    return MAX ? warp_max(v) : warp_sum(v);
-}
-__device__ float block_sum(float v) { return block_reduce<false>(v); }
-
 // ---- residual add + RMSNorm --------------------------------------------------------------------
 // sum = x + delta (stored in T, the new residual stream); normed = sum / rms(sum) * w.
 // One block per row, each thread keeping its ≤ ADD_NORM_MAX_PER_THREAD elements in registers
@@ -254,7 +238,7 @@ __device__ void attn_combine(const float *part_o, const float *part_ml, T *out, 
     const int head = blockIdx.x, t = threadIdx.x;
     const float *ml = part_ml + (size_t)head * splits * 2;
     const float m = t < splits ? ml[2 * t] : -INFINITY;
-    const float mx = block_reduce<true>(m);
+    const float mx = block_max(m);
     const float f = m > -INFINITY ? __expf(m - mx) : 0.0f; // -inf: an empty chunk
     if (t < splits) weight[t] = f;
     const float sum = block_sum(t < splits ? ml[2 * t + 1] * f : 0.0f);
@@ -286,7 +270,7 @@ __device__ void causal_softmax(const T *scores, T *probs, int len, int total, in
     const float sc = rnd<T>(scale);
     float mx = -INFINITY;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) mx = fmaxf(mx, rnd<T>(to_f(x[j]) * sc));
-    mx = block_reduce<true>(mx);
+    mx = block_max(mx);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += expf(rnd<T>(to_f(x[j]) * sc) - mx);
     sum = block_sum(sum);

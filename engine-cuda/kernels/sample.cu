@@ -54,29 +54,6 @@ __device__ __forceinline__ float unordered(uint32_t o) {
     return __uint_as_float((o & 0x80000000u) ? (o & 0x7fffffffu) : ~o);
 }
 
-// Block-wide reductions in a fixed order (deterministic); `scratch` holds one value per warp.
-__device__ float block_sum(float v, float *scratch) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    v = warp_sum(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : 0.0f;
-    v = warp_sum(v);
-    __syncthreads(); // scratch is free again
-    return v;
-}
-
-__device__ float block_max(float v, float *scratch) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    v = warp_max(v);
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < warps ? scratch[lane] : -INFINITY;
-    v = warp_max(v);
-    __syncthreads();
-    return v;
-}
-
 // Exclusive prefix sum of one value per thread in thread order; `*total` gets the sum.
 __device__ float block_exclusive_scan(float v, float *scratch, float *total) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
@@ -290,8 +267,8 @@ extern "C" __global__ void __launch_bounds__(1024)
         }
         okeys[i] = o;
     }
-    best = block_max(best, sh.scratch);
-    const int n_finite = (int)block_sum(finite, sh.scratch);
+    best = block_max(best);
+    const int n_finite = (int)block_sum(finite);
     float z_part = 0.0f;
     for (int i = tid; i < 4 * n4; i += threads) {
         const uint32_t o = okeys[i];
@@ -300,7 +277,7 @@ extern "C" __global__ void __launch_bounds__(1024)
         z_part += w;
     }
     __syncthreads(); // the weights are read 16 bytes at a time, across threads, from here on
-    const float z_all = block_sum(z_part, sh.scratch);
+    const float z_all = block_sum(z_part);
     const bool k_on = top_k > 0 && top_k < n_finite, p_on = top_p > 0.0f && top_p < 1.0f,
                m_on = min_p > 0.0f;
     if (n_finite == 0) {

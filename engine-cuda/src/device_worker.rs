@@ -166,12 +166,6 @@ impl WorkerModel {
         }
     }
 
-    /// One forward pass, keeping `cached` in step with the KV cache and turning failures into
-    /// engine errors: a device failure records a device fault, anything else resets the cache.
-    fn forward(&mut self, tokens: &[u32], all_rows: bool) -> Result<Vec<Vec<f32>>, EngineError> {
-        self.run(tokens, |m| m.forward(tokens, all_rows)?.to_vec2::<f32>())
-    }
-
     /// A forward pass over `tokens` (the last prompt chunk or one decoded token) whose pick is
     /// the plain argmax of the last position: only the index leaves the device.
     fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32, EngineError> {
@@ -204,7 +198,8 @@ impl WorkerModel {
     }
 
     /// A forward pass over `tokens` (`step` runs it on the model and reads the result), keeping
-    /// `cached` in step with the KV cache and turning failures into engine errors.
+    /// `cached` in step with the KV cache and turning failures into engine errors: a device
+    /// failure records a device fault, anything else resets the cache.
     fn run<R>(
         &mut self,
         tokens: &[u32],
@@ -242,24 +237,13 @@ impl WorkerModel {
         }
     }
 
-    /// Runs `tokens` through the model in prefill chunks; returns the logits of the last
-    /// position, or of every position when `all_rows`.
-    pub fn prefill(
-        &mut self,
-        tokens: &[u32],
-        all_rows: bool,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        if tokens.is_empty() {
-            return Ok(Vec::new());
-        }
-        if !all_rows {
-            let last = self.prefill_all_but_last(tokens)?;
-            return self.forward(last, false);
-        }
+    /// Runs `tokens` through the model in the same prefill chunks as `generate`; returns the
+    /// logits of every position (`Engine::forward_logits`).
+    pub fn prefill_all_rows(&mut self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, EngineError> {
         let size = self.plan_prefill(tokens.len());
         let mut out = Vec::new();
         for chunk in tokens.chunks(size) {
-            out.extend(self.forward(chunk, true)?);
+            out.extend(self.run(chunk, |m| m.forward(chunk, true)?.to_vec2::<f32>())?);
         }
         Ok(out)
     }

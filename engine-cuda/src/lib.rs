@@ -430,7 +430,7 @@ impl Engine {
             st.check_prompt(&prompt, 0)?;
             st.model.truncate(0);
             st.cached.clear();
-            st.prefill(&prompt, true)
+            st.prefill_all_rows(&prompt)
         })
     }
 

@@ -77,18 +77,21 @@ impl Sampler {
             (Vec::new(), Vec::new())
         };
         let uniform = self.rng.random::<f32>();
-        let greedy = p.temperature <= 0.0 || !p.temperature.is_finite();
-        DeviceDraw {
-            // A greedy pick (here because of its penalties) is the top-1 draw at any temperature.
-            temperature: if greedy { 1.0 } else { p.temperature },
-            // 0 is off; a k beyond the vocabulary keeps everything, as off does.
-            top_k: if greedy {
-                1
+        let (temperature, top_k, top_p, min_p) =
+            if p.temperature <= 0.0 || !p.temperature.is_finite() {
+                // A greedy pick (here because of its penalties) is the top-1 draw at any
+                // temperature.
+                (1.0, 1, 1.0, 0.0)
             } else {
-                i32::try_from(p.top_k).unwrap_or(0)
-            },
-            top_p: if greedy { 1.0 } else { p.top_p },
-            min_p: if greedy { 0.0 } else { p.min_p },
+                // top-k 0 is off; a k beyond the vocabulary keeps everything, as off does.
+                let top_k = i32::try_from(p.top_k).unwrap_or(0);
+                (p.temperature, top_k, p.top_p, p.min_p)
+            };
+        DeviceDraw {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
             repetition_penalty: if repeating { p.repetition_penalty } else { 1.0 },
             repeated: if repeating { &self.seen_distinct } else { &[] },
             generated,

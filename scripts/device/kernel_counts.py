@@ -91,7 +91,11 @@ def prefill(d, full):
               f"{100 * full * layer_t[n] / max(total_t, 1):5.1f}%")
     # Which op a copy comes from shows in its neighbours: the 1-layer run, launch by launch.
     seq = launches(f"{d}/ncu-prefill-l1.csv")
-    print(f"\nthe 1-layer run, launch by launch ({len(seq)} launches):")
+    print_launches(f"the 1-layer run, launch by launch ({len(seq)} launches)", seq)
+
+
+def print_launches(title, seq):
+    print(f"\n{title}:")
     for name, grid, us in seq:
         print(f"  {name[:60]:60s} {grid:>14s} {us:9.2f} us")
 
@@ -122,10 +126,8 @@ def main():
               f"{100 * model_t[n] / max(total_t, 1):5.1f}%")
     token = last_token(launches(f"{d}/ncu-l2-t8.csv"))
     if token:
-        print(f"\nlast decoded token of the 2-layer model, launch by launch "
-              f"({sum(t for _, _, t in token):.1f} us):")
-        for name, grid, us in token:
-            print(f"  {name[:60]:60s} {grid:>14s} {us:9.2f} us")
+        print_launches(f"last decoded token of the 2-layer model, launch by launch "
+                       f"({sum(t for _, _, t in token):.1f} us)", token)
 
 
 if __name__ == "__main__":

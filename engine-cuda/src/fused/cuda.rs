@@ -760,7 +760,6 @@ pub fn sample(
         .then(|| stream.clone_htod(&d.subtract))
         .transpose()
         .w()?;
-    let null: u64 = 0;
     let padded = n.next_multiple_of(4);
     // SAFETY: written by the kernel below before it reads them: every key and weight (its
     // first passes), the result (thread 0 of its one block).
@@ -783,21 +782,14 @@ pub fn sample(
     )
     .w()?;
     let mut b = Args::new(&stream);
-    b.input(&lv).value(&n_a);
-    match &repeated {
-        Some(buf) => b.input(buf),
-        None => b.value(&null),
-    };
-    b.value(&n_rep).value(&d.repetition_penalty);
-    match &generated {
-        Some(buf) => b.input(buf),
-        None => b.value(&null),
-    };
-    match &subtract {
-        Some(buf) => b.input(buf),
-        None => b.value(&null),
-    };
-    b.value(&n_gen)
+    b.input(&lv)
+        .value(&n_a)
+        .input_or_null(repeated.as_ref())
+        .value(&n_rep)
+        .value(&d.repetition_penalty)
+        .input_or_null(generated.as_ref())
+        .input_or_null(subtract.as_ref())
+        .value(&n_gen)
         .value(&d.temperature)
         .value(&d.top_k)
         .value(&d.top_p)

@@ -71,6 +71,15 @@ impl<'a> Args<'a> {
         self.address(address)
     }
 
+    /// A buffer the kernel reads, or a null pointer where there is none (the kernel must not
+    /// read it then, e.g. because a length argument says 0).
+    pub fn input_or_null<T>(&mut self, buf: Option<&'a impl DevicePtr<T>>) -> &mut Self {
+        match buf {
+            Some(buf) => self.input(buf),
+            None => self.value(&NULL),
+        }
+    }
+
     /// A buffer the kernel writes.
     pub fn output<T>(&mut self, buf: &'a mut impl DevicePtrMut<T>) -> &mut Self {
         let (address, guard) = buf.device_ptr_mut(self.stream);
@@ -150,6 +159,9 @@ impl<'a> Args<'a> {
 
 /// Set when the driver refused the attribute once.
 static REFUSED: AtomicBool = AtomicBool::new(false);
+
+/// A null device pointer, for [`Args::input_or_null`].
+static NULL: u64 = 0;
 
 /// Whether launches on `stream` may overlap the previous kernel (see the module docs).
 fn overlaps_previous_kernel(stream: &CudaStream) -> Result<bool> {
