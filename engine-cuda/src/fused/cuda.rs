@@ -140,6 +140,20 @@ fn grid(x: usize) -> Result<u32> {
     u32::try_from(x).map_err(candle_core::Error::wrap)
 }
 
+/// `bytes` of dynamic shared memory for launches of `f`, as the launch configuration wants
+/// them; above the 48 KB every block gets, the function's opt-in (idempotent; a driver call, so
+/// only made when needed).
+fn dynamic_shared(f: &CudaFunction, bytes: usize) -> Result<u32> {
+    if bytes > SHARED_MEMORY_DEFAULT {
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            i32::try_from(bytes).map_err(candle_core::Error::wrap)?,
+        )
+        .w()?;
+    }
+    u32::try_from(bytes).map_err(candle_core::Error::wrap)
+}
+
 pub fn add_rms_norm(
     x: &Tensor,
     delta: &Tensor,
@@ -539,12 +553,7 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
     let elem = std::mem::size_of::<T>();
     let shared =
         3 * FLASH_ROWS * hd * elem + FLASH_ROWS * FLASH_ROWS * (4 + elem) + FLASH_ROWS * hd * 4;
-    let shared_u32 = u32::try_from(shared).map_err(candle_core::Error::wrap)?;
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        i32::try_from(shared).map_err(candle_core::Error::wrap)?,
-    )
-    .w()?;
+    let shared_u32 = dynamic_shared(&f, shared)?;
     let mut b = Args::new(&stream);
     b.input(&qv).input(&kv).input(&vv).output(&mut out);
     b.value(&h_a)
@@ -678,16 +687,8 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     let mut b = Args::new(&stream);
     b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
-    let shared = u32::try_from(launch.shared_bytes).map_err(candle_core::Error::wrap)?;
-    // More than the default 48 KB needs the function's opt-in (idempotent; at the default two
-    // stages most products stay under it and skip this driver call).
-    if launch.shared_bytes > SHARED_MEMORY_DEFAULT {
-        f.set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            i32::try_from(shared).map_err(candle_core::Error::wrap)?,
-        )
-        .w()?;
-    }
+    // At the default two stages most products stay under 48 KB and skip the opt-in.
+    let shared = dynamic_shared(&f, launch.shared_bytes)?;
     let cfg = LaunchConfig {
         grid_dim: (grid(blocks)?, 1, 1),
         block_dim: (grid(launch.warps * 32)?, 1, 1),
@@ -775,12 +776,7 @@ pub fn sample(
     let (n_a, n_rep, n_gen) = (n_a?, n_rep?, n_gen?);
     let fold = i32::from(fold);
     let (f, stream) = module_function(dev, "helexa_sample", SAMPLE_PTX, "sample_f32")?;
-    let shared = SAMPLE_WARPS * SAMPLE_BINS * 8;
-    f.set_attribute(
-        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        i32::try_from(shared).map_err(candle_core::Error::wrap)?,
-    )
-    .w()?;
+    let shared = dynamic_shared(&f, SAMPLE_WARPS * SAMPLE_BINS * 8)?;
     let mut b = Args::new(&stream);
     b.input(&lv)
         .value(&n_a)
@@ -802,7 +798,7 @@ pub fn sample(
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (32 * SAMPLE_WARPS as u32, 1, 1),
-        shared_mem_bytes: u32::try_from(shared).map_err(candle_core::Error::wrap)?,
+        shared_mem_bytes: shared,
     };
     // SAFETY: the logits hold n f32 values (contiguous, checked by the caller), written in
     // place on the one stream as the KV cache is (see the module's docs); the lists hold
