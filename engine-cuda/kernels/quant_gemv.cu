@@ -37,13 +37,25 @@
 #define QG_UNIT 64
 #define QG_CHUNK (32 * QG_UNIT)
 
-// Quantized x in shared memory: int8 values, and per 32 values the scale and scale · Σ values.
+// Where element `i` of the quantized x sits in shared memory: 16 bytes of padding after every
+// 64 values. Lane l reads its 64 values from element 64·l (Q6_K: 16-value runs 128 apart), so
+// without the padding the eight lanes of one 16-byte load phase start on two banks only (a
+// 4-way conflict: Nsight Compute showed the shared-memory queue full, "MIO throttle" and
+// "short scoreboard" the top stalls); with it they start on eight distinct banks.
+__device__ __forceinline__ int x_slot(int i) { return i + (i / 64) * 16; }
+// Bytes of the padded int8 x for `cols` values (the launcher's layout must match).
+#define QG_X_BYTES(cols) ((cols) + (cols) / 4)
+
+// Quantized x in shared memory: int8 values (padded, see x_slot), and per 32 values the scale
+// and scale · Σ values.
 struct QuantX {
     const int8_t *q;
     const float *d;
     const float *sum;
     // The 16 int8 values from element `i` (a multiple of 16) as four packed words.
-    __device__ __forceinline__ int4 at(int i) const { return *reinterpret_cast<const int4 *>(q + i); }
+    __device__ __forceinline__ int4 at(int i) const {
+        return *reinterpret_cast<const int4 *>(q + x_slot(i));
+    }
 };
 
 __device__ __forceinline__ float half_bits(uint32_t bits) {
@@ -61,6 +73,22 @@ __device__ __forceinline__ int dot4x4(int4 w, int4 x, int acc) {
 __device__ __forceinline__ uint32_t word_a2(const uint8_t *p) {
     const uint16_t *h = reinterpret_cast<const uint16_t *>(p);
     return static_cast<uint32_t>(h[0]) | (static_cast<uint32_t>(h[1]) << 16);
+}
+
+// Four 32-bit words from a 2-byte-aligned shared-memory address: five aligned 4-byte loads
+// shifted into place (eight 2-byte loads would queue twice as many shared-memory requests).
+// Reads up to 4 bytes past the 16, which the callers keep inside the block.
+__device__ __forceinline__ void words4_a2(const uint8_t *p, uint32_t out[4]) {
+    // Offsetting the pointer (not rebuilding it from an integer) keeps the loads shared-memory
+    // loads rather than generic ones.
+    const uint32_t off = static_cast<uint32_t>(reinterpret_cast<uintptr_t>(p)) & 2;
+    const uint32_t *w = reinterpret_cast<const uint32_t *>(p - off);
+    const uint32_t shift = off * 8;
+    uint32_t v[5];
+#pragma unroll
+    for (int i = 0; i < 5; i++) v[i] = w[i];
+#pragma unroll
+    for (int i = 0; i < 4; i++) out[i] = __funnelshift_r(v[i], v[i + 1], shift);
 }
 
 // Each format: its block (weights, bytes) and `dot`, the lane's 64 weights of a staged chunk
@@ -136,6 +164,10 @@ struct Q4K {
 // Q6_K: 210-byte blocks of 256: 128 bytes of low 4 bits, 64 bytes of high 2 bits, 16 int8
 // scales (one per 16 weights), f16 d; weight = d·scale·(q − 32). A lane takes a quarter: in
 // half n of the block, the 16 positions l ∈ [16h, 16h + 16) of each of its four 32-runs.
+// The 6-bit q (0..63) are multiplied as they are and 32·Σx taken off per 16 (four more dot
+// products with −32 in every byte): subtracting 32 from each byte first is a saturating byte
+// operation that sm_90 emulates in ~6 instructions per word, which made this format's product
+// bound by instructions (Nsight Compute: math-pipe throttle, 48% of DRAM bandwidth).
 struct Q6K {
     static constexpr int BLOCK = 256, BYTES = 210;
     static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
@@ -144,22 +176,26 @@ struct Q6K {
         const uint8_t *ql = blk + 64 * n + 16 * h, *qh = blk + 128 + 32 * n + 16 * h;
         const int8_t *sc = reinterpret_cast<const int8_t *>(blk + 192) + 8 * n + h;
         const int base = k - 64 * (lane % 4) + 128 * n + 16 * h; // element of run 0, position 0
-        int run[4][4]; // run r: positions 128n + 32r + 16h + (0..15), as signed int8 × 4
+        uint32_t a[4], b[4], hi[4];
+        words4_a2(ql, a);
+        words4_a2(ql + 32, b);
+        words4_a2(qh, hi);
+        int run[4][4]; // run r: positions 128n + 32r + 16h + (0..15), 6-bit q × 4
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const uint32_t a = word_a2(ql + 4 * i), b = word_a2(ql + 32 + 4 * i),
-                           hi = word_a2(qh + 4 * i);
-            run[0][i] = __vsubss4((a & 0x0F0F0F0F) | ((hi << 4) & 0x30303030), 0x20202020);
-            run[1][i] = __vsubss4((b & 0x0F0F0F0F) | ((hi << 2) & 0x30303030), 0x20202020);
-            run[2][i] = __vsubss4(((a >> 4) & 0x0F0F0F0F) | (hi & 0x30303030), 0x20202020);
-            run[3][i] = __vsubss4(((b >> 4) & 0x0F0F0F0F) | ((hi >> 2) & 0x30303030), 0x20202020);
+            run[0][i] = (a[i] & 0x0F0F0F0F) | ((hi[i] << 4) & 0x30303030);
+            run[1][i] = (b[i] & 0x0F0F0F0F) | ((hi[i] << 2) & 0x30303030);
+            run[2][i] = ((a[i] >> 4) & 0x0F0F0F0F) | (hi[i] & 0x30303030);
+            run[3][i] = ((b[i] >> 4) & 0x0F0F0F0F) | ((hi[i] >> 2) & 0x30303030);
         }
+        const int4 minus32 = make_int4(0xE0E0E0E0, 0xE0E0E0E0, 0xE0E0E0E0, 0xE0E0E0E0);
         float acc = 0.0f;
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int e = base + 32 * r;
             const int4 w4 = make_int4(run[r][0], run[r][1], run[r][2], run[r][3]);
-            acc += sc[2 * r] * x.d[e / 32] * dot4x4(w4, x.at(e), 0);
+            const int4 x4 = x.at(e);
+            acc += sc[2 * r] * x.d[e / 32] * dot4x4(w4, x4, dot4x4(minus32, x4, 0));
         }
         return half_bits(word_a2(blk + 208)) * acc;
     }
@@ -190,9 +226,13 @@ __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int
     uint32_t packed[2] = {0, 0};
     int qsum = 0;
     if (amax != 0.0f) {
+        // One division, not eight: a correctly rounded f32 division is a ~20-instruction
+        // sequence on the path every block runs before its first product. (v·(127/amax) can
+        // round a value at an exact half differently from v/(amax/127); both are q8_1.)
+        const float inv = 127.0f / amax;
 #pragma unroll
         for (int i = 0; i < 8; i++) {
-            const int qi = static_cast<int>(roundf(v[i] / scale));
+            const int qi = static_cast<int>(roundf(v[i] * inv));
             qsum += qi;
             packed[i / 4] |= (static_cast<uint32_t>(qi) & 0xFF) << (8 * (i % 4));
         }
@@ -200,24 +240,42 @@ __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int
 #pragma unroll
     for (int o = 1; o < 4; o <<= 1) qsum += __shfl_xor_sync(0xffffffffu, qsum, o);
     if (e >= cols) return;
-    *reinterpret_cast<uint2 *>(q + e) = make_uint2(packed[0], packed[1]);
+    *reinterpret_cast<uint2 *>(q + x_slot(e)) = make_uint2(packed[0], packed[1]);
     if (threadIdx.x % 4 == 0) {
         d[e / 32] = scale;
         sum[e / 32] = scale * static_cast<float>(qsum);
     }
 }
 
+// SwiGLU's gate on eight values: v = silu(v) · u, rounded through T where the separate
+// silu_mul kernel (fused.cu) stores T, so the product sees the values it would have read.
+template <typename T>
+__device__ __forceinline__ void gate8(float v[8], const float u[8]) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) v[i] = rnd<T>(rnd<T>(silu(v[i])) * u[i]);
+}
+
 // Quantizes x (`cols` values, a multiple of 32) into shared memory: each thread takes eight
 // values, the block 2048 per step, and two steps' loads are issued before either is used, so
 // the prologue costs about one round trip to L2 per 4096 values rather than one per group.
+// With `up` (not null), x is SwiGLU's gate projection and the product's input silu(x) · up,
+// formed here: the down projection then needs no separate gate kernel (one launch fewer per
+// layer, and the gated vector never goes through memory).
 template <typename T>
-__device__ void quantize_x(const T *x, int cols, int8_t *q, float *d, float *sum) {
+__device__ void quantize_x(const T *x, const T *up, int cols, int8_t *q, float *d, float *sum) {
     constexpr int STEP = QG_WARPS * 32 * 8;
     for (int base = 0; base < cols; base += 2 * STEP) { // uniform over the block: shuffles stay full
         const int e0 = base + 8 * threadIdx.x, e1 = e0 + STEP;
         float a[8], b[8];
         load8(x, e0, cols, a);
         load8(x, e1, cols, b);
+        if (up != nullptr) {
+            float ua[8], ub[8];
+            load8(up, e0, cols, ua);
+            load8(up, e1, cols, ub);
+            gate8<T>(a, ua);
+            gate8<T>(b, ub);
+        }
         quantize8(a, e0, cols, q, d, sum);
         quantize8(b, e1, cols, q, d, sum);
     }
@@ -234,69 +292,78 @@ template <int N> __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Shared memory: STAGES chunk buffers per warp, then the quantized x (cols + cols/32·8
-// bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of `row_bytes` a
-// multiple of 16, w and x 16-byte aligned.
+// Shared memory: STAGES chunk buffers per warp, then the quantized x (QG_X_BYTES(cols) +
+// cols/32·8 bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of
+// `row_bytes` a multiple of 16, w and x 16-byte aligned.
 template <class F, typename T, int STAGES>
-__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
-                           int rows, int cols, int row_bytes) {
+__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, const T *__restrict__ up,
+                           T *__restrict__ y, int rows, int cols, int row_bytes) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     uint8_t *stages = smem + warp * STAGES * CHUNK_BYTES;
     int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * STAGES * CHUNK_BYTES);
-    float *xd = reinterpret_cast<float *>(xq + cols);
+    float *xd = reinterpret_cast<float *>(xq + QG_X_BYTES(cols));
     float *xs = xd + cols / 32;
 
-    // The warp's work: chunk t % chunks of its (t / chunks)-th row, rows strided over the grid.
+    // The warp's work: each chunk of its rows in turn, rows strided over the grid. Positions
+    // are counters stepped per chunk, not t / chunks and t % chunks: an integer division is a
+    // ~25-instruction sequence, and two per chunk were a third of the Q4_K loop's instructions.
     const int chunks = (cols + QG_CHUNK - 1) / QG_CHUNK;
     const int first_row = blockIdx.x * QG_WARPS + warp, row_step = gridDim.x * QG_WARPS;
-    const int items = first_row < rows ? (rows - first_row + row_step - 1) / row_step * chunks : 0;
-    // Starts copying item t into its stage (one commit group per item, empty past the end, so
-    // the groups in flight always count STAGES - 1).
-    auto issue = [&](int t) {
-        if (t < items) {
-            const int c = t % chunks;
-            const uint8_t *src = w + (size_t)(first_row + t / chunks * row_step) * row_bytes +
-                                 (size_t)c * CHUNK_BYTES;
-            uint8_t *dst = stages + (t % STAGES) * CHUNK_BYTES;
-            const int n = min(CHUNK_BYTES, row_bytes - c * CHUNK_BYTES) / 16;
-            for (int i = lane; i < n; i += 32) copy16_async(dst + 16 * i, src + 16 * i);
+    const int my_rows = first_row < rows ? (rows - first_row + row_step - 1) / row_step : 0;
+    // The next chunk to request: its row (ordinal among the warp's), chunk and stage.
+    int next_row = 0, next_chunk = 0, next_stage = 0;
+    const uint8_t *next_src = w + (size_t)first_row * row_bytes;
+    // Starts copying the next chunk into its stage (one commit group per chunk, empty past the
+    // end, so the groups in flight always count STAGES - 1).
+    auto issue = [&]() {
+        if (next_row < my_rows) {
+            uint8_t *dst = stages + next_stage * CHUNK_BYTES;
+            const int n = min(CHUNK_BYTES, row_bytes - next_chunk * CHUNK_BYTES) / 16;
+            for (int i = lane; i < n; i += 32) copy16_async(dst + 16 * i, next_src + 16 * i);
+            next_src += CHUNK_BYTES;
+            if (++next_chunk == chunks) {
+                next_chunk = 0;
+                ++next_row;
+                next_src = w + (size_t)(first_row + next_row * row_step) * row_bytes;
+            }
         }
         copies_commit();
+        next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
     };
 #pragma unroll
-    for (int t = 0; t < STAGES - 1; t++) issue(t); // weights only: the previous kernel may still run
+    for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    quantize_x<T>(x, cols, xq, xd, xs);
+    quantize_x<T>(x, up, cols, xq, xd, xs);
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
-    float acc = 0.0f;
-    for (int t = 0; t < items; t++) {
-        issue(t + STAGES - 1); // into the stage computed last round
-        copies_wait<STAGES - 1>();
-        __syncwarp(); // every lane's copies of item t have landed
-        const int c = t % chunks;
-        const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
-        if (lane < units) acc += F::dot(stages + (t % STAGES) * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
-        if (c == chunks - 1) {
-            acc = warp_sum(acc);
-            if (lane == 0) y[first_row + t / chunks * row_step] = from_f<T>(acc);
-            acc = 0.0f;
+    int stage = 0;
+    for (int r = 0; r < my_rows; r++) {
+        float acc = 0.0f;
+        for (int c = 0; c < chunks; c++) {
+            issue(); // into the stage computed last round
+            copies_wait<STAGES - 1>();
+            __syncwarp(); // every lane's copies of this chunk have landed
+            const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
+            if (lane < units) acc += F::dot(stages + stage * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
+            stage = stage + 1 == STAGES ? 0 : stage + 1;
+            __syncwarp(); // the stage is refilled next round
         }
-        __syncwarp(); // the stage is refilled next round
+        acc = warp_sum(acc);
+        if (lane == 0) y[first_row + r * row_step] = from_f<T>(acc);
     }
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>_s<stages>
+// quant_gemv_<format>_<activation type>_s<stages>; `up` null for a plain product.
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
-        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
-                                         int row_bytes) {                                           \
-        quant_gemv<F, T, S>(w, x, y, rows, cols, row_bytes);                                       \
+        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, const T *up, T *y, int rows, \
+                                         int cols, int row_bytes) {                                 \
+        quant_gemv<F, T, S>(w, x, up, y, rows, cols, row_bytes);                                   \
     }
 #define QUANT_GEMV_STAGES(F, FSUF, T, SUF)                                                          \
     QUANT_GEMV(F, FSUF, T, SUF, 2) QUANT_GEMV(F, FSUF, T, SUF, 3) QUANT_GEMV(F, FSUF, T, SUF, 4)

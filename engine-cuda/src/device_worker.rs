@@ -169,7 +169,14 @@ impl WorkerModel {
     /// A forward pass over `tokens` (the last prompt chunk or one decoded token) whose pick is
     /// the plain argmax of the last position: only the index leaves the device.
     fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32, EngineError> {
-        self.run(tokens, |m| crate::fused::argmax(&m.forward(tokens, false)?))
+        self.run(tokens, |m| {
+            let start = std::time::Instant::now();
+            let logits = m.forward(tokens, false)?;
+            let queued = start.elapsed();
+            let token = crate::fused::argmax(&logits)?;
+            step_timing::record(queued, start.elapsed());
+            Ok(token)
+        })
     }
 
     /// A forward pass over `tokens` whose next token is drawn on the device when it can be
@@ -358,6 +365,7 @@ impl WorkerModel {
                 self.forward_sampled(&[token], &mut sampler, &seen)?
             };
         };
+        step_timing::report(&self.id);
         Ok(GenerateSummary {
             prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
             reused_prompt_tokens: u32::try_from(reuse).unwrap_or(u32::MAX),
@@ -374,6 +382,47 @@ impl WorkerModel {
             self.injected_fault = Some(format!(
                 "CUDA_ERROR_INJECTED: fault injected by {INJECT_FAULT_ENV} after {generated} tokens"
             ));
+        }
+    }
+}
+
+/// `HELEXA_ENGINE_STEP_TIMING=1`: each greedy request reports (on stderr) how long the host
+/// took to queue a step's kernels and how long the whole step took until its token was back.
+/// When the two are close, the host's launch path, not the GPU, sets the decode rate (the
+/// GPU finishes each kernel before the host has queued the next).
+mod step_timing {
+    use std::cell::Cell;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    thread_local! {
+        /// Steps, time queuing, time until the token was back.
+        static TOTALS: Cell<(u32, Duration, Duration)> = const { Cell::new((0, Duration::ZERO, Duration::ZERO)) };
+    }
+
+    fn on() -> bool {
+        static ON: OnceLock<bool> = OnceLock::new();
+        *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_STEP_TIMING").is_ok_and(|v| v == "1"))
+    }
+
+    pub(super) fn record(queued: Duration, total: Duration) {
+        if on() {
+            TOTALS.with(|t| {
+                let (n, q, a) = t.get();
+                t.set((n + 1, q + queued, a + total));
+            });
+        }
+    }
+
+    pub(super) fn report(model: &str) {
+        let (n, queued, total) = TOTALS.replace((0, Duration::ZERO, Duration::ZERO));
+        if on() && n > 0 {
+            let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
+            eprintln!(
+                "step timing {model}: {n} steps, {:.0} µs queuing, {:.0} µs until the token is back",
+                per(queued),
+                per(total)
+            );
         }
     }
 }

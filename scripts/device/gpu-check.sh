@@ -10,6 +10,8 @@
 #   scripts/device/gpu-check.sh kernels [FORMAT]  # kernel launches and GPU time per decoded token (ncu)
 #   scripts/device/gpu-check.sh prefill-kernels [FORMAT] [PROMPT]  # GPU time per kernel of one
 #                                       # layer over one prompt (default bf16, 2048 tokens; ncu)
+#   scripts/device/gpu-check.sh gemv-profile [FORMATS]  # Nsight Compute sections (throughput,
+#                                       # memory, occupancy, warp stalls) per GEMV launch
 #   scripts/device/gpu-check.sh all     # issue 7's evidence in one call (~8 min of the 10 a call
 #                                       # may take; measured parts: check ~2.5, full bench ~4,
 #                                       # a short bench ~0.5 each): check, bench, and BF16
@@ -132,7 +134,25 @@ prefill-kernels)
   done
   python3 scripts/device/kernel_counts.py --prefill /tmp 36 | tee "$OUT/prefill-kernels-$format.txt"
   ;;
-*) echo "unknown mode $mode (check | bench | kernels | prefill-kernels | all)"; exit 2 ;;
+gemv-profile)
+  # Why the batch-1 products run below the bandwidth: Nsight Compute's throughput, memory,
+  # occupancy and warp-stall sections on each GEMV launch of two decoded tokens of the Qwen3-8B
+  # shapes cut to one layer, per format (default all three).
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  for format in $(echo "${2:-bf16,q8_0,q4_k_m}" | tr , ' '); do
+    "$bin/helexa-node" synth --preset qwen3-8b --layers 1 --formats "$format" \
+      --out /tmp/profile-models > /dev/null
+    model=$(ls -d /tmp/profile-models/*-"$format"/ | head -1)
+    "$ncu" --clock-control none --kernel-name regex:gemv --launch-count 12 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+      --section LaunchStats --section SchedulerStats --section WarpStateStats \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      "$bin/helexa-node" bench --engine "$bin/engine-cuda.so" --model "$model" --prefill 8 \
+      --decode-context 0 --decode-tokens 2 --warmup 0 --repeats 1 > "$OUT/gemv-profile-$format.txt" 2>&1
+    echo "gemv-profile $format: exit $? ($(grep -c '^  [a-z_0-9]*gemv' "$OUT/gemv-profile-$format.txt") launches)"
+  done
+  ;;
+*) echo "unknown mode $mode (check | bench | kernels | prefill-kernels | gemv-profile | all)"; exit 2 ;;
 esac
 tar -C /tmp -czf "$OUT/jitcache.tgz" jc 2>/dev/null
 exit $status

@@ -11,13 +11,15 @@
     reason = "kernel launches and uninitialised device buffers"
 )]
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail};
@@ -60,14 +62,49 @@ fn function(dev: &CudaDevice, name: &str) -> Result<(CudaFunction, Arc<CudaStrea
 }
 
 /// A kernel of the PTX module `module` (loaded on first use) and the stream to launch it on.
+///
+/// Handles are kept per device (candle's id, new when a faulted device is re-created) and
+/// name on the calling thread, the device's worker: candle's lookup asks the driver
+/// (`cuModuleGetFunction`, by name) on every call, and a decoded token launches ~400 kernels,
+/// with the host's launch path the limit of quantized decode on the H200 (docs/benchmarks.md).
 fn module_function(
     dev: &CudaDevice,
-    module: &str,
+    module: &'static str,
     ptx: &'static str,
     name: &str,
 ) -> Result<(CudaFunction, Arc<CudaStream>)> {
-    let f = dev.get_or_load_custom_func(name, module, ptx)?;
-    Ok((f.into_cuda_function(), dev.cuda_stream()))
+    thread_local! {
+        static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, String), CudaFunction>> =
+            RefCell::new(HashMap::new());
+    }
+    let key = (dev.id(), module, name.to_owned());
+    let cached = FUNCTIONS.with_borrow(|fs| fs.get(&key).cloned());
+    let f = match cached {
+        Some(f) => f,
+        None => {
+            let f = dev
+                .get_or_load_custom_func(name, module, ptx)?
+                .into_cuda_function();
+            FUNCTIONS.with_borrow_mut(|fs| fs.insert(key, f.clone()));
+            f
+        }
+    };
+    Ok((f, dev.cuda_stream()))
+}
+
+/// A device attribute, asked of the driver once per device and thread (it does not change).
+pub(super) fn device_attribute(ctx: &CudaContext, attribute: CUdevice_attribute) -> Result<i32> {
+    thread_local! {
+        static ATTRIBUTES: RefCell<HashMap<(usize, CUdevice_attribute), i32>> =
+            RefCell::new(HashMap::new());
+    }
+    let key = (ctx.ordinal(), attribute);
+    if let Some(v) = ATTRIBUTES.with_borrow(|a| a.get(&key).copied()) {
+        return Ok(v);
+    }
+    let v = ctx.attribute(attribute).w()?;
+    ATTRIBUTES.with_borrow_mut(|a| a.insert(key, v));
+    Ok(v)
 }
 
 /// The buffer of a CUDA tensor's storage.
@@ -638,12 +675,20 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
-pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
-    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
+/// `x · wᵀ`, or with `up` `(silu(x) · up) · wᵀ` (SwiGLU's down projection, the gate formed in
+/// the kernel's prologue).
+pub fn quant_gemv(
+    x: &Tensor,
+    up: Option<&Tensor>,
+    w: &QTensor,
+    launch: &QuantGemv,
+) -> Result<Tensor> {
+    by_dtype!(x.dtype(), quant_gemv_t(x, up, w, launch))
 }
 
 fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
+    up: Option<&Tensor>,
     w: &QTensor,
     launch: &QuantGemv,
     sfx: &str,
@@ -653,8 +698,21 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
         bail!("quant_gemv: x {:?} against w {:?}", x.dims(), w.shape());
     }
+    if let Some(up) = up
+        && (up.elem_count() != cols
+            || !up.is_contiguous()
+            || up.dtype() != x.dtype()
+            || !up.layout().start_offset().is_multiple_of(8))
+    {
+        bail!("quant_gemv: up {:?} against x {:?}", up.dims(), x.dims());
+    }
     let (xs, xl) = x.storage_and_layout();
     let xv = view::<T>(&xs, xl)?;
+    let up_storage = up.map(Tensor::storage_and_layout);
+    let upv = match &up_storage {
+        Some((us, ul)) => Some(view::<T>(us, ul)?),
+        None => None,
+    };
     let (f, stream) = module_function(
         dev,
         "helexa_quant_gemv",
@@ -669,12 +727,14 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let ctx = stream.context();
-    let sms = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .w()?;
-    let sm_shared = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
-        .w()?;
+    let sms = device_attribute(
+        ctx,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?;
+    let sm_shared = device_attribute(
+        ctx,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+    )?;
     // As many blocks as are resident at once (shared memory or registers permitting); warps
     // then take further rows in turn.
     let per_sm = (usize::try_from(sm_shared).unwrap_or(0)
@@ -685,7 +745,10 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let mut b = Args::new(&stream);
-    b.value(&w_addr).input(&xv).output(&mut y);
+    b.value(&w_addr)
+        .input(&xv)
+        .input_or_null(upv.as_ref())
+        .output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
@@ -696,8 +759,9 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
     // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
-    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (opted
-    // in above); argument types match `quant_gemv_<format>_<T>`
+    // holds cols elements and y rows, up (if any) cols elements (checked; null otherwise, and
+    // then not read); shared_bytes is what the kernel lays out for cols (opted in above);
+    // argument types match `quant_gemv_<format>_<T>`
     // (the weight pointer travels as a u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     let mut dims = x.dims().to_vec();

@@ -173,8 +173,9 @@ fn overlaps_previous_kernel(stream: &CudaStream) -> Result<bool> {
     {
         return Ok(false);
     }
-    let major = ctx
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-        .w()?;
+    let major = super::cuda::device_attribute(
+        ctx,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+    )?;
     Ok(major >= 9)
 }
