@@ -49,12 +49,6 @@ __device__ float block_reduce(float v) {
 __device__ __forceinline__ float block_sum(float v) { return block_reduce<false>(v); }
 __device__ __forceinline__ float block_max(float v) { return block_reduce<true>(v); }
 
-// SwiGLU's silu(g) = g / (1 + e^-g), with the fast exponential and division: its result is
-// rounded to bf16/f16 (or feeds 8-bit quantization) next, and the quantized products form it
-// in every block's prologue, where the IEEE division's ~10-instruction sequence showed.
-// (e^-g overflowing to inf gives 0, silu's limit.)
-__device__ __forceinline__ float silu(float g) { return __fdividef(g, 1.0f + __expf(-g)); }
-
 // ---- programmatic dependent launch ---------------------------------------------------------------
 // The launcher (src/fused/launch.rs) lets each kernel start while the previous one on the stream
 // is finishing (compute 9.0+). So that this is safe, every kernel calls `wait_for_previous_kernel`

@@ -20,9 +20,11 @@
 // path up to summation order (mixing in the exact sum measured 2.5× further from the
 // dequantized reference).
 //
-// Measured on an H200 (docs/benchmarks.md): decode +9% (Q8_0) and +15% (Q4_K_M) over MMVQ.
-// What is left: ~7 µs of fixed cost per launch, streaming at ~3.2 TB/s, and Q4_K bound by
-// instructions rather than bytes.
+// Measured on an H200 (docs/benchmarks.md): decode +9% (Q8_0) and +15% (Q4_K_M) over MMVQ,
+// then (sixth session) Q4_K_M +19-35% from the Q6_K dot product, the padded x and the loop's
+// counters below. Nsight Compute after them: the Q8_0 vocabulary product streams at 90% of
+// DRAM bandwidth, Q6_K's at 71% and Q4_K's large ones at ~60%, the latter two issue-bound;
+// the small products (≤ 27 MB) are mostly fixed cost, 8-11 µs each.
 //
 // Compiled to PTX by build.rs when the `cuda` feature is on; launched from src/fused/cuda.rs.
 
@@ -247,35 +249,17 @@ __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int
     }
 }
 
-// SwiGLU's gate on eight values: v = silu(v) · u, rounded through T where the separate
-// silu_mul kernel (fused.cu) stores T, so the product sees the values it would have read.
-template <typename T>
-__device__ __forceinline__ void gate8(float v[8], const float u[8]) {
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = rnd<T>(rnd<T>(silu(v[i])) * u[i]);
-}
-
 // Quantizes x (`cols` values, a multiple of 32) into shared memory: each thread takes eight
 // values, the block 2048 per step, and two steps' loads are issued before either is used, so
 // the prologue costs about one round trip to L2 per 4096 values rather than one per group.
-// With `up` (not null), x is SwiGLU's gate projection and the product's input silu(x) · up,
-// formed here: the down projection then needs no separate gate kernel (one launch fewer per
-// layer, and the gated vector never goes through memory).
 template <typename T>
-__device__ void quantize_x(const T *x, const T *up, int cols, int8_t *q, float *d, float *sum) {
+__device__ void quantize_x(const T *x, int cols, int8_t *q, float *d, float *sum) {
     constexpr int STEP = QG_WARPS * 32 * 8;
     for (int base = 0; base < cols; base += 2 * STEP) { // uniform over the block: shuffles stay full
         const int e0 = base + 8 * threadIdx.x, e1 = e0 + STEP;
         float a[8], b[8];
         load8(x, e0, cols, a);
         load8(x, e1, cols, b);
-        if (up != nullptr) {
-            float ua[8], ub[8];
-            load8(up, e0, cols, ua);
-            load8(up, e1, cols, ub);
-            gate8<T>(a, ua);
-            gate8<T>(b, ub);
-        }
         quantize8(a, e0, cols, q, d, sum);
         quantize8(b, e1, cols, q, d, sum);
     }
@@ -296,8 +280,8 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // cols/32·8 bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of
 // `row_bytes` a multiple of 16, w and x 16-byte aligned.
 template <class F, typename T, int STAGES>
-__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, const T *__restrict__ up,
-                           T *__restrict__ y, int rows, int cols, int row_bytes) {
+__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
+                           int rows, int cols, int row_bytes) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
@@ -336,7 +320,7 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    quantize_x<T>(x, up, cols, xq, xd, xs);
+    quantize_x<T>(x, cols, xq, xd, xs);
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
@@ -358,12 +342,12 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>_s<stages>; `up` null for a plain product.
+// quant_gemv_<format>_<activation type>_s<stages>
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
-        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, const T *up, T *y, int rows, \
-                                         int cols, int row_bytes) {                                 \
-        quant_gemv<F, T, S>(w, x, up, y, rows, cols, row_bytes);                                   \
+        quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
+                                         int row_bytes) {                                           \
+        quant_gemv<F, T, S>(w, x, y, rows, cols, row_bytes);                                       \
     }
 #define QUANT_GEMV_STAGES(F, FSUF, T, SUF)                                                          \
     QUANT_GEMV(F, FSUF, T, SUF, 2) QUANT_GEMV(F, FSUF, T, SUF, 3) QUANT_GEMV(F, FSUF, T, SUF, 4)

@@ -48,20 +48,6 @@ impl Linear {
         }
     }
 
-    /// Applies the layer to SwiGLU's gated input `silu(gate) · up`. One token over quantized
-    /// weights forms the gate inside the product ([`crate::fused::quant_gemv_gated`]);
-    /// otherwise the gate kernel runs first.
-    pub fn forward_gated(&self, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-        if let QMatMul::QTensor(w) = &self.weight
-            && self.bias.is_none()
-            && crate::fused::quant_gemv_applies(gate, w)
-            && crate::fused::gated_input_applies(gate, up)
-        {
-            return crate::fused::quant_gemv_gated(gate, up, w);
-        }
-        self.forward(&crate::fused::silu_mul(gate, up)?)
-    }
-
     /// Rows of the weight (`out`).
     pub fn out_features(&self) -> usize {
         match &self.weight {
@@ -793,7 +779,7 @@ impl Mlp {
             .forward(x)?
             .try_into()
             .map_err(|_| candle_core::Error::msg("the MLP needs gate and up projections"))?;
-        self.down_proj.forward_gated(&gate, &up)
+        self.down_proj.forward(&crate::fused::silu_mul(&gate, &up)?)
     }
 
     pub fn size_in_bytes(&self) -> usize {

@@ -675,20 +675,12 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
-/// `x · wᵀ`, or with `up` `(silu(x) · up) · wᵀ` (SwiGLU's down projection, the gate formed in
-/// the kernel's prologue).
-pub fn quant_gemv(
-    x: &Tensor,
-    up: Option<&Tensor>,
-    w: &QTensor,
-    launch: &QuantGemv,
-) -> Result<Tensor> {
-    by_dtype!(x.dtype(), quant_gemv_t(x, up, w, launch))
+pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
+    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
 }
 
 fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
-    up: Option<&Tensor>,
     w: &QTensor,
     launch: &QuantGemv,
     sfx: &str,
@@ -698,21 +690,8 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
         bail!("quant_gemv: x {:?} against w {:?}", x.dims(), w.shape());
     }
-    if let Some(up) = up
-        && (up.elem_count() != cols
-            || !up.is_contiguous()
-            || up.dtype() != x.dtype()
-            || !up.layout().start_offset().is_multiple_of(8))
-    {
-        bail!("quant_gemv: up {:?} against x {:?}", up.dims(), x.dims());
-    }
     let (xs, xl) = x.storage_and_layout();
     let xv = view::<T>(&xs, xl)?;
-    let up_storage = up.map(Tensor::storage_and_layout);
-    let upv = match &up_storage {
-        Some((us, ul)) => Some(view::<T>(us, ul)?),
-        None => None,
-    };
     let (f, stream) = module_function(
         dev,
         "helexa_quant_gemv",
@@ -745,10 +724,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let mut b = Args::new(&stream);
-    b.value(&w_addr)
-        .input(&xv)
-        .input_or_null(upv.as_ref())
-        .output(&mut y);
+    b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
@@ -759,9 +735,8 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
     // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
-    // holds cols elements and y rows, up (if any) cols elements (checked; null otherwise, and
-    // then not read); shared_bytes is what the kernel lays out for cols (opted in above);
-    // argument types match `quant_gemv_<format>_<T>`
+    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (opted
+    // in above); argument types match `quant_gemv_<format>_<T>`
     // (the weight pointer travels as a u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     let mut dims = x.dims().to_vec();
