@@ -484,6 +484,7 @@ impl WorkerState {
     /// device stays faulted with the reason.
     fn reopen(&mut self) {
         self.device = Device::Cpu;
+        crate::fused::forget_kernel_handles();
         let outcome = (self.open)(self.index);
         let mut fault = self.fault.lock().unwrap_or_else(PoisonError::into_inner);
         match outcome {

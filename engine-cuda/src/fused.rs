@@ -87,6 +87,14 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Drops the kernel handles this thread keeps (see `cuda::module_function`). They hold the
+/// device's CUDA context; the worker calls this before re-creating a faulted device, so that
+/// the old context is released rather than handed back.
+pub fn forget_kernel_handles() {
+    #[cfg(feature = "cuda")]
+    cuda::forget_kernel_handles();
+}
+
 /// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), and the weights each warp
 /// stages in shared memory at a time (`QG_CHUNK`).
 const QUANT_GEMV_WARPS: usize = 8;

@@ -61,22 +61,31 @@ fn function(dev: &CudaDevice, name: &str) -> Result<(CudaFunction, Arc<CudaStrea
     module_function(dev, "helexa_fused", PTX, name)
 }
 
+thread_local! {
+    /// Kernel handles by device, module and name, on the thread that launches them (a device's
+    /// worker). Each holds its module and so the device's CUDA context.
+    static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, String), CudaFunction>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Drops this thread's kernel handles: a faulted device's context can only be released (and
+/// a fresh one created) once nothing holds it.
+pub fn forget_kernel_handles() {
+    FUNCTIONS.with_borrow_mut(HashMap::clear);
+}
+
 /// A kernel of the PTX module `module` (loaded on first use) and the stream to launch it on.
 ///
 /// Handles are kept per device (candle's id, new when a faulted device is re-created) and
-/// name on the calling thread, the device's worker: candle's lookup asks the driver
-/// (`cuModuleGetFunction`, by name) on every call, and a decoded token launches ~400 kernels,
-/// with the host's launch path the limit of quantized decode on the H200 (docs/benchmarks.md).
+/// name on the calling thread: candle's lookup asks the driver (`cuModuleGetFunction`, by
+/// name) on every call, and a decoded token launches ~400 kernels, with the host's launch
+/// path the limit of quantized decode on the H200 (docs/benchmarks.md).
 fn module_function(
     dev: &CudaDevice,
     module: &'static str,
     ptx: &'static str,
     name: &str,
 ) -> Result<(CudaFunction, Arc<CudaStream>)> {
-    thread_local! {
-        static FUNCTIONS: RefCell<HashMap<(DeviceId, &'static str, String), CudaFunction>> =
-            RefCell::new(HashMap::new());
-    }
     let key = (dev.id(), module, name.to_owned());
     let cached = FUNCTIONS.with_borrow(|fs| fs.get(&key).cloned());
     let f = match cached {
