@@ -30,9 +30,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use helexa_engine_abi::json::{Finish, GenerateParams, GenerateSummary};
+use helexa_engine_abi::json::{DecodeTiming, Finish, GenerateParams, GenerateSummary};
 
 use crate::fused::Drawn;
 use crate::models::CausalLm;
@@ -168,13 +169,17 @@ impl WorkerModel {
 
     /// A forward pass over `tokens` (the last prompt chunk or one decoded token) whose pick is
     /// the plain argmax of the last position: only the index leaves the device.
-    fn forward_greedy(&mut self, tokens: &[u32]) -> Result<u32, EngineError> {
+    fn forward_greedy(
+        &mut self,
+        tokens: &[u32],
+        timing: &mut StepTiming,
+    ) -> Result<u32, EngineError> {
         self.run(tokens, |m| {
-            let start = std::time::Instant::now();
+            let start = Instant::now();
             let logits = m.forward(tokens, false)?;
             let queued = start.elapsed();
             let token = crate::fused::argmax(&logits)?;
-            step_timing::record(queued, start.elapsed());
+            timing.record(queued, start.elapsed());
             Ok(token)
         })
     }
@@ -187,20 +192,26 @@ impl WorkerModel {
         tokens: &[u32],
         sampler: &mut Sampler,
         seen: &[u32],
+        timing: &mut StepTiming,
     ) -> Result<Next, EngineError> {
         self.run(tokens, |m| {
+            let start = Instant::now();
             let logits = m.forward(tokens, false)?;
+            let queued = start.elapsed();
             let host_row = |l: &candle_core::Tensor| l.flatten_all()?.to_vec1::<f32>();
-            if !crate::fused::samples_on_device(&logits) {
-                return Ok(Next::Logits(host_row(&logits)?));
-            }
-            // Only now: the draw takes its uniform number from the request's generator.
-            let draw = sampler.device_draw(seen);
-            Ok(match crate::fused::sample(&logits, &draw)? {
-                Drawn::Picked(t) => Next::Picked(t),
-                Drawn::Penalised => Next::Penalised(host_row(&logits)?),
-                Drawn::NotHere => Next::Logits(host_row(&logits)?),
-            })
+            let next = if crate::fused::samples_on_device(&logits) {
+                // Only now: the draw takes its uniform number from the request's generator.
+                let draw = sampler.device_draw(seen);
+                match crate::fused::sample(&logits, &draw)? {
+                    Drawn::Picked(t) => Next::Picked(t),
+                    Drawn::Penalised => Next::Penalised(host_row(&logits)?),
+                    Drawn::NotHere => Next::Logits(host_row(&logits)?),
+                }
+            } else {
+                Next::Logits(host_row(&logits)?)
+            };
+            timing.record(queued, start.elapsed());
+            Ok(next)
         })
     }
 
@@ -331,11 +342,14 @@ impl WorkerModel {
         seen.extend_from_slice(prompt);
         // The first token is picked as every later one: on the device where it can be.
         let last = self.prefill_all_but_last(&prompt[reuse..])?;
+        // The first token's step is the prompt's last chunk: timed apart from the decode steps.
+        let mut first_step = StepTiming::default();
         let mut next = if greedy {
-            Next::Picked(self.forward_greedy(last)?)
+            Next::Picked(self.forward_greedy(last, &mut first_step)?)
         } else {
-            self.forward_sampled(last, &mut sampler, &seen)?
+            self.forward_sampled(last, &mut sampler, &seen, &mut first_step)?
         };
+        let mut timing = StepTiming::default();
         let (finish, stop_id) = loop {
             if generated >= request.max_tokens {
                 break (Finish::Length, None);
@@ -360,18 +374,18 @@ impl WorkerModel {
             }
             self.maybe_inject(inject, generated);
             next = if greedy {
-                Next::Picked(self.forward_greedy(&[token])?)
+                Next::Picked(self.forward_greedy(&[token], &mut timing)?)
             } else {
-                self.forward_sampled(&[token], &mut sampler, &seen)?
+                self.forward_sampled(&[token], &mut sampler, &seen, &mut timing)?
             };
         };
-        step_timing::report(&self.id);
         Ok(GenerateSummary {
             prompt_tokens: u32::try_from(prompt.len()).unwrap_or(u32::MAX),
             reused_prompt_tokens: u32::try_from(reuse).unwrap_or(u32::MAX),
             generated_tokens: generated,
             finish,
             stop_id,
+            decode_timing: timing.summary(),
         })
     }
 
@@ -386,44 +400,31 @@ impl WorkerModel {
     }
 }
 
-/// `HELEXA_ENGINE_STEP_TIMING=1`: each greedy request reports (on stderr) how long the host
-/// took to queue a step's kernels and how long the whole step took until its token was back.
-/// When the two are close, the host's launch path, not the GPU, sets the decode rate (the
-/// GPU finishes each kernel before the host has queued the next).
-mod step_timing {
-    use std::cell::Cell;
-    use std::sync::OnceLock;
-    use std::time::Duration;
+/// How long decode steps took: the host queuing each step's device work (the model's forward
+/// returns once its kernels are queued), and the whole step until its token was known. Sent
+/// back in the summary ([`DecodeTiming`]); when the two are close, the host's launch path, not
+/// the device, sets the decode rate.
+#[derive(Default)]
+struct StepTiming {
+    steps: u32,
+    queued: Duration,
+    total: Duration,
+}
 
-    thread_local! {
-        /// Steps, time queuing, time until the token was back.
-        static TOTALS: Cell<(u32, Duration, Duration)> = const { Cell::new((0, Duration::ZERO, Duration::ZERO)) };
+impl StepTiming {
+    fn record(&mut self, queued: Duration, total: Duration) {
+        self.steps += 1;
+        self.queued += queued;
+        self.total += total;
     }
 
-    fn on() -> bool {
-        static ON: OnceLock<bool> = OnceLock::new();
-        *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_STEP_TIMING").is_ok_and(|v| v == "1"))
-    }
-
-    pub(super) fn record(queued: Duration, total: Duration) {
-        if on() {
-            TOTALS.with(|t| {
-                let (n, q, a) = t.get();
-                t.set((n + 1, q + queued, a + total));
-            });
-        }
-    }
-
-    pub(super) fn report(model: &str) {
-        let (n, queued, total) = TOTALS.replace((0, Duration::ZERO, Duration::ZERO));
-        if on() && n > 0 {
-            let per = |d: Duration| d.as_secs_f64() * 1e6 / f64::from(n);
-            eprintln!(
-                "step timing {model}: {n} steps, {:.0} µs queuing, {:.0} µs until the token is back",
-                per(queued),
-                per(total)
-            );
-        }
+    fn summary(&self) -> Option<DecodeTiming> {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        (self.steps > 0).then(|| DecodeTiming {
+            steps: self.steps,
+            queued_us: us(self.queued),
+            total_us: us(self.total),
+        })
     }
 }
 

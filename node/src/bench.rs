@@ -318,6 +318,13 @@ struct Figure {
     /// bench (e.g. an optimisation on and off) can be compared token by token.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     greedy_tokens: Vec<u32>,
+    /// Decode: milliseconds per step the engine's host code spent queuing the step's device
+    /// work, and the step's whole time, over the timed runs (when the engine reports them).
+    /// Queuing close to the whole step means the host's launch path sets the rate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_queue_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_ms: Option<f64>,
 }
 
 /// Loads one model, measures every figure, unloads it.
@@ -412,8 +419,9 @@ fn measure(
         eprintln!("  decode @{c}");
         let mut runs = Vec::new();
         let mut greedy_tokens = Vec::new();
+        let mut timings = Vec::new();
         for i in 0..args.warmup + args.repeats {
-            let (s, tokens) = decode_once(
+            let (s, tokens, timing) = decode_once(
                 engine,
                 loaded.handle,
                 &prompts.fresh(c.max(1)),
@@ -422,6 +430,7 @@ fn measure(
             )?;
             if i >= args.warmup {
                 runs.push(s);
+                timings.extend(timing);
                 if greedy_tokens.is_empty() {
                     greedy_tokens = tokens;
                 }
@@ -429,8 +438,11 @@ fn measure(
         }
         let per_token =
             formulas::decode_bytes_per_token(desc, dtype_bytes, c.max(1), args.decode_tokens);
+        let (host_queue_ms, step_ms) = per_step_ms(&timings).unzip();
         decode.push(Figure {
             greedy_tokens,
+            host_queue_ms,
+            step_ms,
             ..Figure::new(
                 c,
                 args.decode_tokens,
@@ -482,6 +494,8 @@ impl Figure {
             ratio: median_tok_s / ceiling,
             per_token,
             greedy_tokens: Vec::new(),
+            host_queue_ms: None,
+            step_ms: None,
         }
     }
 }
@@ -547,15 +561,25 @@ fn prefill_once(engine: &crate::EngineHandle, model: u64, prompt: &[u32]) -> any
     Ok(seconds)
 }
 
-/// One decode: seconds from the first generated token to the `tokens`-th token after it, and
-/// the generated tokens.
+/// Milliseconds per decode step spent queuing, and in all, over the runs' engine timings.
+fn per_step_ms(timings: &[json::DecodeTiming]) -> Option<(f64, f64)> {
+    let steps: u64 = timings.iter().map(|t| u64::from(t.steps)).sum();
+    let sum = |f: fn(&json::DecodeTiming) -> u64| timings.iter().map(f).sum::<u64>() as f64;
+    (steps > 0).then(|| {
+        let per = |us: f64| us / 1e3 / steps as f64;
+        (per(sum(|t| t.queued_us)), per(sum(|t| t.total_us)))
+    })
+}
+
+/// One decode: seconds from the first generated token to the `tokens`-th token after it, the
+/// generated tokens, and the engine's timing of the steps (if it reports one).
 fn decode_once(
     engine: &crate::EngineHandle,
     model: u64,
     prompt: &[u32],
     tokens: u32,
     sampling: &json::Sampling,
-) -> anyhow::Result<(f64, Vec<u32>)> {
+) -> anyhow::Result<(f64, Vec<u32>, Option<json::DecodeTiming>)> {
     let mut stamps = Vec::with_capacity(tokens as usize + 1);
     let mut ids = Vec::with_capacity(tokens as usize + 1);
     let summary = engine
@@ -567,9 +591,11 @@ fn decode_once(
         .context("decode run")?;
     check_summary(&summary, prompt.len(), tokens + 1)?;
     match (stamps.first(), stamps.last()) {
-        (Some(first), Some(last)) if stamps.len() == tokens as usize + 1 => {
-            Ok((last.duration_since(*first).as_secs_f64(), ids))
-        }
+        (Some(first), Some(last)) if stamps.len() == tokens as usize + 1 => Ok((
+            last.duration_since(*first).as_secs_f64(),
+            ids,
+            summary.decode_timing,
+        )),
         _ => bail!(
             "engine delivered {} tokens, expected {}",
             stamps.len(),
@@ -652,5 +678,11 @@ fn print_report(r: &ModelReport) {
             100.0 * f.ratio,
             f.per_token
         );
+        if let (Some(queued), Some(step)) = (f.host_queue_ms, f.step_ms) {
+            println!(
+                "  host queuing {queued:.2} of {step:.2} ms per step ({:.0}%)",
+                100.0 * queued / step
+            );
+        }
     }
 }

@@ -157,6 +157,7 @@ impl Backend for FakeBackend {
             generated_tokens: 0,
             finish: Finish::Length,
             stop_id: None,
+            decode_timing: None,
         };
         for token in (self.script)(prompt) {
             if summary.generated_tokens >= params.max_tokens {

@@ -193,6 +193,23 @@ pub struct GenerateSummary {
     /// The stop id that ended generation when `finish == Stop`.
     #[serde(default)]
     pub stop_id: Option<u32>,
+    /// Where the decode steps' time went, when the engine measures it (optional: engines that
+    /// do not may leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode_timing: Option<DecodeTiming>,
+}
+
+/// The host's share of the decode steps (each token after the first): the time the engine's
+/// host code took to queue a step's device work, against the step's whole time until its token
+/// was known. When the two are close the host, not the device, sets the decode rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecodeTiming {
+    /// Decode steps measured.
+    pub steps: u32,
+    /// Microseconds the host spent queuing them, in all.
+    pub queued_us: u64,
+    /// Microseconds they took in all, until each step's token was known.
+    pub total_us: u64,
 }
 
 /// Why generation ended.

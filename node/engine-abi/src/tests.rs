@@ -213,6 +213,11 @@ fn json_types_round_trip() {
             generated_tokens: 3,
             finish,
             stop_id: (finish == Finish::Stop).then_some(2),
+            decode_timing: (finish == Finish::Length).then_some(DecodeTiming {
+                steps: 2,
+                queued_us: 4_500,
+                total_us: 5_100,
+            }),
         });
     }
 }
@@ -226,11 +231,24 @@ fn json_wire_format_is_pinned() {
         generated_tokens: 3,
         finish: Finish::Cancelled,
         stop_id: None,
+        decode_timing: None,
     };
     assert_eq!(
         serde_json::to_value(&summary).unwrap(),
         json!({"prompt_tokens": 5, "reused_prompt_tokens": 0, "generated_tokens": 3,
                "finish": "cancelled", "stop_id": null})
+    );
+    let timed = GenerateSummary {
+        decode_timing: Some(DecodeTiming {
+            steps: 2,
+            queued_us: 10,
+            total_us: 30,
+        }),
+        ..summary
+    };
+    assert_eq!(
+        serde_json::to_value(&timed).unwrap()["decode_timing"],
+        json!({"steps": 2, "queued_us": 10, "total_us": 30})
     );
     let device = serde_json::to_value(device()).unwrap();
     assert_eq!(

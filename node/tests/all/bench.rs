@@ -58,7 +58,12 @@ fn synth_then_bench_every_format_on_the_cpu_engine() {
         dir.path(),
     );
     assert!(stdout.contains("backend cpu"), "{stdout}");
-    for figure in ["load", "prefill 40 (tok/s)", "decode 6 @24 (tok/s)"] {
+    for figure in [
+        "load",
+        "prefill 40 (tok/s)",
+        "decode 6 @24 (tok/s)",
+        "host queuing",
+    ] {
         assert!(stdout.contains(figure), "no {figure:?} in\n{stdout}");
     }
 
@@ -101,6 +106,14 @@ fn synth_then_bench_every_format_on_the_cpu_engine() {
             assert!(tokens.iter().all(Value::is_u64), "{label}: {f}");
         }
         assert!(prefill.iter().all(|f| f.get("greedy_tokens").is_none()));
+        // The engine times its decode steps: the host's queuing is part of each step (on the
+        // CPU engine nearly all of it, as the work runs where it is queued).
+        for f in decode {
+            let queued = f["host_queue_ms"].as_f64().unwrap();
+            let step = f["step_ms"].as_f64().unwrap();
+            assert!(queued > 0.0 && queued <= step, "{label}: {f}");
+        }
+        assert!(prefill.iter().all(|f| f.get("step_ms").is_none()));
         // More context reads more KV cache per token.
         assert!(decode[1]["per_token"].as_f64() > decode[0]["per_token"].as_f64());
         decode_bytes.push(decode[0]["per_token"].as_f64().unwrap());
