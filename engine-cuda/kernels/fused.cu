@@ -66,7 +66,9 @@ __device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
 // (heads, len, hd); k and v to the caches (kv_heads, cap, hd) at rows offset..offset+len.
 // Replaces q-norm, k-norm, two rope kernels, the transposes' copies and the two cache writes.
 // `q_w`/`k_w` may be null (no per-head norm). style 0: rotate i with i + hd/2 (NEOX / HF),
-// style 1: rotate 2i with 2i+1 (GPT-J / llama.cpp's Llama layout).
+// style 1: rotate 2i with 2i+1 (GPT-J / llama.cpp's Llama layout). `offset_at`, when not null,
+// is a device int that replaces `offset` (a decode step replayed from a CUDA graph, whose
+// arguments are fixed at capture).
 #define ROPE_MAX_HD 256
 #define ROPE_WARPS 4
 template <typename T>
@@ -74,8 +76,9 @@ __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_st
                                    long v_stride, const T *q_w, const T *k_w, const T *cos,
                                    const T *sin, T *q_out, T *k_cache, T *v_cache, int len,
                                    int heads, int kv_heads, int hd, int cap, int offset, float eps,
-                                   int style) {
+                                   int style, const int *offset_at) {
     follow_previous_kernel();
+    if (offset_at != nullptr) offset = *offset_at;
     __shared__ float vals[ROPE_WARPS][ROPE_MAX_HD];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int per_token = heads + 2 * kv_heads;
@@ -128,13 +131,24 @@ __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_st
 // softmax in f32. With one split the block writes the output; with several it writes
 // unnormalised partials and their (max, sum), which `attn_combine` merges. Replaces q·Kᵀ, the
 // scale, the softmax and p·V.
+// `pos_at`, when not null, is the device position of the query (a decode step replayed from a
+// CUDA graph, whose grid and arguments are fixed at capture): L is that plus one and `chunk` is
+// worked out as the launcher does for L with at most `max_splits` splits. The grid then has
+// the splits of the longest L the graph serves; splits past L see no position and write an
+// empty partial (max −inf, sum 0), which the merge weighs 0, so the result is the same as a
+// launch sized for L.
 #define ATTN_WARPS 8
 #define ATTN_ROWS 4
 template <typename T, int EPL, int G>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
-                                 float scale) {
+                                 float scale, const int *pos_at, int max_splits) {
     follow_previous_kernel();
+    if (pos_at != nullptr) {
+        L = *pos_at + 1;
+        const int splits_for_l = min(max((L + 31) / 32, 1), max_splits);
+        chunk = (L + splits_for_l - 1) / splits_for_l;
+    }
     constexpr int HD = EPL * 32;
     __shared__ float s_o[ATTN_WARPS][G * HD];
     __shared__ float s_m[ATTN_WARPS][G], s_l[ATTN_WARPS][G];
@@ -422,9 +436,11 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
     extern "C" __global__ void qk_norm_rope_cache_##SUF(                                            \
         const T *q, const T *k, const T *v, long q_stride, long k_stride, long v_stride,           \
         const T *q_w, const T *k_w, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache,  \
-        int len, int heads, int kv_heads, int hd, int cap, int offset, float eps, int style) {     \
+        int len, int heads, int kv_heads, int hd, int cap, int offset, float eps, int style,       \
+        const int *offset_at) {                                                                     \
         qk_norm_rope_cache<T>(q, k, v, q_stride, k_stride, v_stride, q_w, k_w, cos, sin, q_out,    \
-                              k_cache, v_cache, len, heads, kv_heads, hd, cap, offset, eps, style);\
+                              k_cache, v_cache, len, heads, kv_heads, hd, cap, offset, eps, style, \
+                              offset_at);                                                           \
     }                                                                                               \
     extern "C" __global__ void causal_softmax_##SUF(const T *scores, T *probs, int len, int total,  \
                                                     int offset, float scale) {                     \
@@ -447,9 +463,9 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
 #define DECODE_ATTN(T, SUF, EPL, G)                                                                 \
     extern "C" __global__ void decode_attention_##SUF##_e##EPL##_g##G(                              \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
-        int cap, int L, int chunk, float scale) {                                                   \
+        int cap, int L, int chunk, float scale, const int *pos_at, int max_splits) {                \
         decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
-                                    scale);                                                         \
+                                    scale, pos_at, max_splits);                                     \
     }
 
 ENTRY_POINTS(float, f32)

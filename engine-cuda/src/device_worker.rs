@@ -146,6 +146,10 @@ pub(crate) struct WorkerModel {
     device_fault: Option<String>,
     /// KV cache bytes, published for `memory_report` without a round trip to the worker.
     pub cache_bytes: Arc<AtomicUsize>,
+    /// Greedy decode steps replayed from a CUDA graph (`HELEXA_ENGINE_GRAPH=1`); `None` when
+    /// off, not on a GPU, or after the model refused a capture.
+    #[cfg(feature = "cuda")]
+    step_graph: Option<crate::step_graph::StepGraph>,
 }
 
 impl WorkerModel {
@@ -164,7 +168,58 @@ impl WorkerModel {
             injected_fault: None,
             device_fault: None,
             cache_bytes,
+            #[cfg(feature = "cuda")]
+            step_graph: None,
         }
+    }
+
+    /// Replays greedy decode steps from a CUDA graph when `HELEXA_ENGINE_GRAPH=1` and `device`
+    /// is a GPU (see `step_graph`).
+    pub fn use_step_graph(&mut self, device: &candle_core::Device) {
+        #[cfg(feature = "cuda")]
+        if crate::step_graph::enabled() {
+            self.replay_steps_on(device);
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+    }
+
+    /// Replays greedy decode steps from a CUDA graph on `device` (a GPU; otherwise nothing).
+    #[cfg(feature = "cuda")]
+    fn replay_steps_on(&mut self, device: &candle_core::Device) {
+        if device.is_cuda() {
+            match crate::step_graph::StepGraph::new(device) {
+                Ok(g) => self.step_graph = Some(g),
+                Err(e) => eprintln!("helexa-engine-cuda: no decode graph for {}: {e}", self.id),
+            }
+        }
+    }
+
+    /// The greedy token after `token`, a decode step: replayed from the captured graph when
+    /// there is one, else a plain forward pass.
+    fn decode_greedy(&mut self, token: u32, timing: &mut StepTiming) -> Result<u32, EngineError> {
+        #[cfg(feature = "cuda")]
+        if let Some(mut graph) = self.step_graph.take() {
+            use crate::step_graph::Stepped;
+            let start = Instant::now();
+            match self.run(&[token], |m| graph.step(m, token))? {
+                Stepped::Token(picked) => {
+                    timing.record(graph.queued, start.elapsed());
+                    self.step_graph = Some(graph);
+                    return Ok(picked);
+                }
+                Stepped::Refused(why) => {
+                    // Nothing ran (`run` counted the token as cached all the same): the graph
+                    // stays off for this model and the step runs as usual.
+                    self.cached.pop();
+                    eprintln!(
+                        "helexa-engine-cuda: decode graph off for {}: {why}",
+                        self.id
+                    );
+                }
+            }
+        }
+        self.forward_greedy(&[token], timing)
     }
 
     /// A forward pass over `tokens` (the last prompt chunk or one decoded token) whose pick is
@@ -374,7 +429,7 @@ impl WorkerModel {
             }
             self.maybe_inject(inject, generated);
             next = if greedy {
-                Next::Picked(self.forward_greedy(&[token], &mut timing)?)
+                Next::Picked(self.decode_greedy(token, &mut timing)?)
             } else {
                 self.forward_sampled(&[token], &mut sampler, &seen, &mut timing)?
             };
@@ -729,5 +784,96 @@ mod tests {
             assert!(chunk * total <= AUTO_CHUNK_PAIRS, "{total}: chunk {chunk}");
         }
         assert_eq!(PrefillChunks::Fixed(96).size(50_000), 96);
+    }
+}
+
+/// Decode steps replayed from a CUDA graph against plain ones (needs the `cuda` feature and a
+/// device; `scripts/device/gpu-check.sh check`).
+#[cfg(all(test, feature = "cuda"))]
+mod gpu_tests {
+    use std::path::{Path, PathBuf};
+
+    use candle_core::{DType, Device};
+    use helexa_engine_abi::json::Sampling;
+
+    use super::*;
+    use crate::models::{LoadRequest, load};
+
+    fn fixture(path: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures")
+            .join(path)
+    }
+
+    /// Greedy tokens of `prompt` and the tokens after them, over two requests: the second
+    /// reuses part of the first's cache, so the position moves back under a captured graph.
+    fn decode(m: &mut WorkerModel, prompt: &[u32]) -> Vec<Vec<u32>> {
+        let params = GenerateParams {
+            max_tokens: 300,
+            stop_ids: Vec::new(),
+            sampling: Sampling::default(),
+        };
+        [prompt, &prompt[..20]]
+            .iter()
+            .map(|p| {
+                let (tx, rx) = mpsc::channel();
+                m.generate(&params, p, &tx, &AtomicBool::new(false), None)
+                    .expect("generate");
+                rx.try_iter()
+                    .filter_map(|msg| match msg {
+                        Msg::Token(t) => Some(t),
+                        Msg::Done(_) => None,
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The kernels read a device position exactly as they read it as an argument, and the
+    /// attention's extra splits weigh nothing, so a replayed step decodes the same tokens,
+    /// across a band boundary (a second capture) and a cache reused from a shorter prefix.
+    #[test]
+    fn replayed_decode_steps_equal_plain_ones() {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let config = fixture("tiny-qwen3/config.json");
+        let safetensors = [fixture("tiny-qwen3/model.safetensors")];
+        let gguf = fixture("tiny-qwen3/gguf/tiny-qwen3-Q4_K_M.gguf");
+        // A checkpoint's config, safetensors and GGUF file.
+        type Files<'a> = (Option<&'a Path>, &'a [PathBuf], Option<&'a Path>);
+        let cases: [(&str, Files); 2] = [
+            ("bf16", (Some(&config), &safetensors, None)),
+            ("q4_k_m", (None, &[], Some(&gguf))),
+        ];
+        let prompt: Vec<u32> = (1..60).map(|i| i * 37 % 1000).collect();
+        for (name, (config, safetensors, gguf)) in cases {
+            let model = || {
+                load(&LoadRequest {
+                    architecture: "qwen3",
+                    config,
+                    safetensors,
+                    gguf,
+                    dtype: DType::BF16,
+                    device: &dev,
+                    context_length: Some(1024),
+                })
+                .expect("load")
+                .model
+            };
+            let cache = || Arc::new(AtomicUsize::new(0));
+            let mut plain = WorkerModel::new(model(), "plain".into(), PrefillChunks::Auto, cache());
+            let mut replayed =
+                WorkerModel::new(model(), "replayed".into(), PrefillChunks::Auto, cache());
+            replayed.replay_steps_on(&dev);
+            let want = decode(&mut plain, &prompt);
+            let got = decode(&mut replayed, &prompt);
+            assert_eq!(got, want, "{name}");
+            let graph = replayed
+                .step_graph
+                .as_ref()
+                .expect("{name}: the graph stayed on");
+            // 299 decode steps a request: positions 60..359 cross the band end at 256.
+            assert!(graph.captures >= 2, "{name}: {} captures", graph.captures);
+            assert_eq!(graph.replays, 2 * 299, "{name}");
+        }
     }
 }

@@ -87,6 +87,23 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Queues the argmax of f32 `logits` into `out[0]` without waiting: a CUDA graph's last kernel,
+/// whose result outlives the graph's own allocations.
+#[cfg(feature = "cuda")]
+pub fn argmax_into(
+    logits: &Tensor,
+    out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+) -> Result<()> {
+    cuda::argmax_into(logits, out)
+}
+
+/// Copies `value` into the one-`u32` device tensor `t`, in stream order (a CUDA graph's input,
+/// written before each replay).
+#[cfg(feature = "cuda")]
+pub fn write_word(t: &Tensor, value: u32) -> Result<()> {
+    cuda::write_word(t, value)
+}
+
 /// Drops the kernel handles this thread keeps (see `cuda::module_function`). They hold the
 /// device's CUDA context; the worker calls this before re-creating a faulted device, so that
 /// the old context is released rather than handed back.
@@ -313,6 +330,18 @@ pub struct QkvInputs<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// A decode step replayed from a CUDA graph: the position is read on the device from here
+    /// (`offset` is the one at capture, for the bounds check).
+    pub at: Option<&'a DevicePosition>,
+}
+
+/// Where a decode step captured into a CUDA graph reads its position: a device `u32` tensor of
+/// one element, written before each replay, since a graph's kernel arguments are fixed at
+/// capture. `max_len` is the longest attention length the graph serves: its attention grid is
+/// sized for it.
+pub struct DevicePosition {
+    pub position: Tensor,
+    pub max_len: usize,
 }
 
 /// Per-head q/k normalisation, rotary embedding at positions `offset..offset+len`, and the K/V
@@ -391,20 +420,23 @@ pub fn decode_attention_supported(head_dim: usize, groups: usize) -> bool {
 /// Attention of one query `q` `(1, heads, 1, head_dim)` over the first `len` positions of the
 /// caches `(1, kv_heads, capacity, head_dim)`; returns `(1, 1, heads·head_dim)`. Only call when
 /// [`applies`] and [`decode_attention_supported`] hold.
+/// With `at`, the length is the device position plus one, up to `at.max_len` (`len`, the one at
+/// capture, is checked against the caches).
 pub fn decode_attention(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
     len: usize,
     scale: f32,
+    at: Option<&DevicePosition>,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        cuda::decode_attention(q, k_cache, v_cache, len, scale)
+        cuda::decode_attention(q, k_cache, v_cache, len, scale, at)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k_cache, v_cache, len, scale);
+        let _ = (q, k_cache, v_cache, len, scale, at);
         candle_core::bail!("fused kernels need the cuda feature")
     }
 }
@@ -831,6 +863,7 @@ mod gpu_tests {
                         heads: h,
                         kv_heads: kvh,
                         head_dim: hd,
+                        at: None,
                     })
                     .expect("fused");
                     let unfused = |x: &Tensor, heads: usize, n: &RmsNorm| {
@@ -866,7 +899,8 @@ mod gpu_tests {
                     let k_cache = random(&[1, kvh, cap, hd], dtype, &dev);
                     let v_cache = random(&[1, kvh, cap, hd], dtype, &dev);
                     let scale = 1.0 / (hd as f32).sqrt();
-                    let got = decode_attention(&q, &k_cache, &v_cache, len, scale).expect("fused");
+                    let got =
+                        decode_attention(&q, &k_cache, &v_cache, len, scale, None).expect("fused");
                     let f32 = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
                     let k = f32(&k_cache.narrow(2, 0, len).expect("k").squeeze(0).expect("k"));
                     let v = f32(&v_cache.narrow(2, 0, len).expect("v").squeeze(0).expect("v"));

@@ -646,10 +646,33 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Makes the cache hold `positions` positions without growing again (a step captured into
+    /// a CUDA graph must find the buffers where they were at capture).
+    pub fn reserve_positions(
+        &mut self,
+        positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<()> {
+        let more = positions.saturating_sub(self.cache.len());
+        self.cache
+            .reserve(more, (self.num_kv_heads, self.head_dim), dtype, device)
+            .map(drop)
+    }
+
     /// `x`: `(1, len, hidden)`; positions start at the cache length. `mask`: from
     /// [`causal_mask`], needed for several queries unless the fused kernels serve them (then, as
     /// for a single query, `None`).
-    pub fn forward(&mut self, x: &Tensor, rope: &Rope, mask: Option<&Tensor>) -> Result<Tensor> {
+    ///
+    /// `at`: a decode step captured into a CUDA graph, whose position the kernels read on the
+    /// device ([`crate::fused::DevicePosition`]); only the fused one-token path serves it.
+    pub fn forward(
+        &mut self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        at: Option<&crate::fused::DevicePosition>,
+    ) -> Result<Tensor> {
         let (b, len, _) = x.dims3()?;
         if b != 1 {
             candle_core::bail!("attention supports one sequence, got batch {b}");
@@ -664,6 +687,13 @@ impl Attention {
         let groups = h / kvh;
         #[allow(clippy::cast_precision_loss, reason = "head_dim is small")]
         let scale = 1.0 / (hd as f64).sqrt();
+        if at.is_some()
+            && !(len == 1
+                && crate::fused::applies(&q)
+                && crate::fused::decode_attention_supported(hd, groups))
+        {
+            candle_core::bail!("a step with a device position needs the fused one-token path");
+        }
         let (q, k, v) = if crate::fused::applies(&q) {
             // One kernel normalises and rotates q and k and writes k and v into the cache.
             let (k_cache, v_cache) = self.cache.reserve(len, (kvh, hd), q.dtype(), q.device())?;
@@ -680,11 +710,18 @@ impl Attention {
                 heads: h,
                 kv_heads: kvh,
                 head_dim: hd,
+                at,
             })?;
             if len == 1 && crate::fused::decode_attention_supported(hd, groups) {
                 #[allow(clippy::cast_possible_truncation, reason = "scale is ~0.1")]
-                let out =
-                    crate::fused::decode_attention(&q, k_cache, v_cache, offset + 1, scale as f32)?;
+                let out = crate::fused::decode_attention(
+                    &q,
+                    k_cache,
+                    v_cache,
+                    offset + 1,
+                    scale as f32,
+                    at,
+                )?;
                 self.cache.commit(1);
                 return self.o_proj.forward(&out);
             }

@@ -31,6 +31,8 @@ pub mod fused;
 pub mod layers;
 pub mod models;
 pub mod sampling;
+#[cfg(feature = "cuda")]
+mod step_graph;
 pub mod weights;
 
 use device_worker::{DeviceWorker, Msg, Opener, PrefillChunks, WorkerModel};
@@ -250,7 +252,8 @@ impl Engine {
         let spec_owned = spec.clone();
         let (info, weight_bytes) = self.workers[worker].call(move |w| {
             let spec = &spec_owned;
-            let device = w.ensure_usable()?;
+            // Owned, so the worker can be borrowed again to insert the model.
+            let device = &w.ensure_usable()?.clone();
             let dtype = match spec.dtype.as_deref() {
                 None if device.is_cpu() => DType::F32,
                 None => DType::BF16,
@@ -285,10 +288,10 @@ impl Engine {
                 quant: loaded.quant,
                 vocab_size: u32::try_from(model.vocab_size()).unwrap_or(u32::MAX),
             };
-            w.models.insert(
-                handle,
-                WorkerModel::new(model, spec.id.clone(), prefill_chunk, worker_cache),
-            );
+            let mut worker_model =
+                WorkerModel::new(model, spec.id.clone(), prefill_chunk, worker_cache);
+            worker_model.use_step_graph(device);
+            w.models.insert(handle, worker_model);
             Ok((info, weight_bytes))
         })?;
         let slot = Slot {

@@ -12,6 +12,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
 use serde::de::DeserializeOwned;
 
+use crate::fused::DevicePosition;
 use crate::layers::tensor_bytes;
 use crate::models::decoder::DecoderConfig;
 use crate::weights::{GgufFile, Weights};
@@ -37,6 +38,25 @@ pub trait CausalLm: Send {
     fn max_positions(&self) -> usize;
     fn weight_bytes(&self) -> usize;
     fn cache_bytes(&self) -> usize;
+    /// One decode step whose token (`ids`, one `u32` on the device) and position (`at`) are
+    /// read on the device: [`Self::forward`] of that token otherwise, returning `(1, vocab)`
+    /// f32 logits. What a CUDA graph captures (`HELEXA_ENGINE_GRAPH`): a replay re-runs the
+    /// kernels with the arguments of the capture, so nothing that moves may be an argument.
+    /// Models whose step needs the host in between refuse.
+    fn forward_at(&mut self, ids: &Tensor, at: &DevicePosition) -> Result<Tensor> {
+        let _ = (ids, at);
+        candle_core::bail!("this model has no device-position decode step")
+    }
+    /// Makes the KV caches hold `positions` positions without growing (and so moving) again.
+    fn reserve_positions(&mut self, positions: usize) -> Result<()> {
+        let _ = positions;
+        candle_core::bail!("this model has no device-position decode step")
+    }
+    /// Counts `n` more cached positions: a replayed step wrote them on the device without the
+    /// host code that counts them.
+    fn advance(&mut self, n: usize) {
+        let _ = n;
+    }
 }
 
 /// What the loader needs from an architecture: its config (from `config.json` through
@@ -81,14 +101,19 @@ impl Embedding {
 
     /// `(1, len, hidden)` embeddings of `tokens`.
     pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
+        let device = match &self.table {
+            Table::Dense(table) => table.device().clone(),
+            Table::Quantized { table, .. } => table.device(),
+        };
+        self.forward_ids(&Tensor::from_slice(tokens, tokens.len(), &device)?)
+    }
+
+    /// `(1, len, hidden)` embeddings of the ids already on the table's device (`len` `u32`s).
+    pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.table {
-            Table::Dense(table) => {
-                let ids = Tensor::from_slice(tokens, tokens.len(), table.device())?;
-                table.index_select(&ids, 0)?.unsqueeze(0)
-            }
+            Table::Dense(table) => table.index_select(ids, 0)?.unsqueeze(0),
             Table::Quantized { table, dtype } => {
-                let ids = Tensor::from_slice(tokens, tokens.len(), &table.device())?;
-                table.embedding(&ids)?.to_dtype(*dtype)?.unsqueeze(0)
+                table.embedding(ids)?.to_dtype(*dtype)?.unsqueeze(0)
             }
         }
     }

@@ -12,13 +12,14 @@
 #                                       # layer over one prompt (default bf16, 2048 tokens; ncu)
 #   scripts/device/gpu-check.sh gemv-profile [FORMATS]  # Nsight Compute sections (throughput,
 #                                       # memory, occupancy, warp stalls) per GEMV launch
-#   scripts/device/gpu-check.sh all     # issue 7's evidence in one call (~8 min of the 10 a call
-#                                       # may take; measured parts: check ~2.5, full bench ~4,
-#                                       # a short bench ~0.5 each): check, bench, and BF16
-#                                       # sampled decode (temperature 0.7, top-p 0.95) on the
-#                                       # device, with HELEXA_ENGINE_SAMPLE_FOLD=1, on the host;
-#                                       # other switches: `bench` with them set, as
-#                                       # docs/benchmarks.md records; outputs folded into three files
+#   scripts/device/gpu-check.sh all     # the next visit's first call (~6 min of the 10 a call
+#                                       # may take; measured parts: check ~2.5, synthesis ~1.5,
+#                                       # a decode-only bench of three formats ~1): check, and
+#                                       # greedy decode with HELEXA_ENGINE_GRAPH=1 and without
+#                                       # (speed, and greedy tokens compared). The full `bench`
+#                                       # (~4 min) takes a second call; other switches: `bench`
+#                                       # with them set, as docs/benchmarks.md records; outputs
+#                                       # folded into three files
 #                                       # (fold_outputs.py). Kernel breakdowns (`kernels`,
 #                                       # `prefill-kernels`) take a second call.
 #
@@ -54,15 +55,14 @@ all)
   # Each step is bounded so that one that hangs still leaves time to fold what the others wrote
   # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
   timeout 200 "$0" check || status=1
-  timeout 270 "$0" bench || status=1
-  # Sampled decode (BF16): on the device as by default, with the folded histogram counting,
-  # and on the host.
-  sampled="--prefill 512 --decode-context 0 --temperature 0.7 --top-p 0.95"
-  BENCH_ARGS="$sampled" BENCH_TAG=sampled timeout 45 "$0" bench bf16 || status=1
-  BENCH_ARGS="$sampled" BENCH_TAG=sampled-fold HELEXA_ENGINE_SAMPLE_FOLD=1 timeout 45 "$0" \
-    bench bf16 || status=1
-  BENCH_ARGS="$sampled" BENCH_TAG=sampled-host HELEXA_ENGINE_DEVICE_SAMPLING=0 timeout 45 "$0" \
-    bench bf16 || status=1
+  # Greedy decode replayed from a CUDA graph (HELEXA_ENGINE_GRAPH=1), all three formats, then
+  # the same without it in the same call: speed and greedy tokens on and off. (The first bench
+  # also synthesizes the models, ~90 s.)
+  decode="--prefill 512 --decode-context 0"
+  BENCH_ARGS="$decode" BENCH_TAG=graph HELEXA_ENGINE_GRAPH=1 timeout 200 "$0" bench || status=1
+  BENCH_ARGS="$decode" BENCH_TAG=nograph timeout 100 "$0" bench || status=1
+  python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-graph.json" \
+    "$OUT/bench-bf16-q8_0-q4_k_m-nograph.json" > "$OUT/graph-greedy.txt" 2>&1
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;

@@ -17,15 +17,16 @@ use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr,
+    LaunchConfig, result,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail};
 
-use super::QkvInputs;
 use super::launch::Args;
+use super::{DevicePosition, QkvInputs};
 use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -127,6 +128,17 @@ fn buffer<T: CudaDType>(storage: &Storage) -> Result<&CudaSlice<T>> {
 /// The elements of a tensor from its first one on.
 fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> Result<CudaView<'a, T>> {
     Ok(buffer::<T>(storage)?.slice(layout.start_offset()..))
+}
+
+/// The device position of a [`DevicePosition`] (one `u32`, read by the kernels as an `int`).
+fn position_view<'a>(storage: &'a Storage, layout: &Layout) -> Result<CudaView<'a, u32>> {
+    if layout.shape().elem_count() != 1 {
+        bail!("a device position is one u32, got {:?}", layout.shape());
+    }
+    match storage {
+        Storage::Cuda(s) => Ok(s.as_cuda_slice::<u32>()?.slice(layout.start_offset()..)),
+        _ => bail!("a device position must be on the GPU"),
+    }
 }
 
 /// Views of several tensors' elements at once, from their storage guards (kept by the caller).
@@ -329,6 +341,11 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
         .collect::<Result<Vec<_>>>()?;
     let eps = i.q_norm.or(i.k_norm).map_or(0.0, RmsNorm::eps);
     let null: u64 = 0;
+    let at_guard = i.at.map(|at| at.position.storage_and_layout());
+    let at = match &at_guard {
+        Some((s, l)) => Some(position_view(s, l)?),
+        None => None,
+    };
     let units = len * (h + 2 * kvh);
     // SAFETY: every element is written by the kernel below (one warp per q head and token).
     let mut q_out = unsafe { dev.alloc::<T>(h * len * hd) }?;
@@ -364,7 +381,7 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
         .value(&hd_a)
         .value(&cap_a)
         .value(&off_a);
-    b.value(&eps).value(&style);
+    b.value(&eps).value(&style).input_or_null(at.as_ref());
     let cfg = LaunchConfig {
         grid_dim: (grid(units.div_ceil(ROPE_WARPS))?, 1, 1),
         block_dim: (grid(ROPE_WARPS * 32)?, 1, 1),
@@ -372,7 +389,8 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     };
     // SAFETY: q/k/v rows hold heads × hd elements `*_stride` apart; the caches hold kv_heads ×
     // cap × hd and rows offset..offset+len < cap (checked); the rope tables cover the positions
-    // (checked); q_out holds heads × len × hd; argument types match `qk_norm_rope_cache_<T>`.
+    // (checked; with a device position, the caller keeps it below cap - len for the graph's
+    // life); q_out holds heads × len × hd; argument types match `qk_norm_rope_cache_<T>`.
     unsafe { b.launch(&f, cfg) }?;
     Ok(wrap(q_out, dev, (1, h, len, hd)))
 }
@@ -383,11 +401,21 @@ pub fn decode_attention(
     v_cache: &Tensor,
     len: usize,
     scale: f32,
+    at: Option<&DevicePosition>,
 ) -> Result<Tensor> {
     by_dtype!(
         q.dtype(),
-        decode_attention_t(q, k_cache, v_cache, len, scale)
+        decode_attention_t(q, k_cache, v_cache, len, scale, at)
     )
+}
+
+/// Splits of the decode attention over `len` positions: enough blocks to fill the GPU at long
+/// contexts, whole below 32 positions per block. Returns (splits, positions per split); the
+/// kernel repeats this for a device length (`decode_attention`'s `pos_at`).
+fn attention_splits(len: usize, max_splits: usize) -> (usize, usize) {
+    let splits = len.div_ceil(32).clamp(1, max_splits);
+    let chunk = len.div_ceil(splits);
+    (len.div_ceil(chunk), chunk)
 }
 
 fn decode_attention_t<T: CudaDType + DeviceRepr>(
@@ -396,25 +424,30 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     v_cache: &Tensor,
     len: usize,
     scale: f32,
+    at: Option<&DevicePosition>,
     sfx: &str,
 ) -> Result<Tensor> {
     let dev = q.device().as_cuda_device()?;
     let (h, q_len, kvh, cap, hd) = attention_dims("decode_attention", q, k_cache, v_cache)?;
-    if q_len != 1 || len == 0 || len > cap {
-        bail!("decode_attention: {q_len} queries over {len} of {cap} cached positions");
+    let longest = at.map_or(len, |at| at.max_len.max(len));
+    if q_len != 1 || len == 0 || longest > cap {
+        bail!("decode_attention: {q_len} queries over {longest} of {cap} cached positions");
     }
     let groups = h / kvh;
     if !super::decode_attention_supported(hd, groups) {
         bail!("decode_attention: no kernel for head_dim {hd} with {groups} heads per KV head");
     }
-    // Split the positions so the grid fills the GPU at long contexts; short ones stay whole
-    // (no merge launch) below 32 positions per block.
+    // With a device position the grid is sized for the longest length the graph serves.
     let max_splits = ATTENTION_TARGET_BLOCKS.div_ceil(kvh);
-    let splits = len.div_ceil(32).clamp(1, max_splits);
-    let chunk = len.div_ceil(splits);
-    let splits = len.div_ceil(chunk);
+    let (splits, _) = attention_splits(longest, max_splits);
+    let (_, chunk) = attention_splits(len, max_splits);
     let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
+    let at_guard = at.map(|at| at.position.storage_and_layout());
+    let pos = match &at_guard {
+        Some((s, l)) => Some(position_view(s, l)?),
+        None => None,
+    };
     // SAFETY: every element is written: by the attention kernel with one split, else by the
     // merge kernel; the partials by the attention kernel for every (head, split).
     let mut out = unsafe { dev.alloc::<T>(h * hd) }?;
@@ -423,7 +456,8 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let mut part_o = unsafe { dev.alloc::<f32>(h * parts * hd) }?;
     // SAFETY: as `out`.
     let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
-    let (cap_a, len_a, chunk_a) = (int(cap)?, int(len)?, int(chunk)?);
+    let (cap_a, len_a, chunk_a, max_splits_a) =
+        (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
     let name = format!("decode_attention_{sfx}_e{}_g{groups}", hd / 32);
     let (f, stream) = function(dev, &name)?;
     let mut b = Args::new(&stream);
@@ -434,12 +468,14 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         .output(&mut part_o)
         .output(&mut part_ml);
     b.value(&cap_a).value(&len_a).value(&chunk_a).value(&scale);
+    b.input_or_null(pos.as_ref()).value(&max_splits_a);
     let cfg = LaunchConfig {
         grid_dim: (grid(kvh)?, grid(splits)?, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked), the
+    // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked; with
+    // a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
     // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
     // name); argument types match `decode_attention_<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
@@ -757,31 +793,56 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
 
 pub fn argmax(logits: &Tensor) -> Result<u32> {
     let dev = logits.device().as_cuda_device()?;
+    // SAFETY: written by the kernel `argmax_into` queues.
+    let mut out = unsafe { dev.alloc::<u32>(1) }?;
+    argmax_into(logits, &mut out)?;
+    let picked = dev.cuda_stream().clone_dtoh(&out).w()?;
+    picked
+        .first()
+        .copied()
+        .ok_or_else(|| candle_core::Error::msg("argmax returned nothing"))
+}
+
+/// Copies `value` into the one-`u32` device tensor `t`, queued on its device's stream.
+pub fn write_word(t: &Tensor, value: u32) -> Result<()> {
+    let dev = t.device().as_cuda_device()?;
+    let stream = dev.cuda_stream();
+    let (storage, layout) = t.storage_and_layout();
+    if layout.shape().elem_count() != 1 || layout.start_offset() != 0 {
+        bail!("write_word: {:?} is not one u32", layout.shape());
+    }
+    let slice = buffer::<u32>(&storage)?;
+    let (ptr, _guard) = slice.device_ptr(&stream);
+    // SAFETY: `ptr` is the tensor's one u32, alive while `storage` is borrowed; the source is
+    // pageable host memory, which the driver stages before returning, so it may go out of
+    // scope after the call.
+    unsafe { result::memcpy_htod_async(ptr, &[value], stream.cu_stream()) }.w()
+}
+
+/// Queues the argmax of `logits` (f32) into `out[0]`, without waiting for it.
+pub fn argmax_into(logits: &Tensor, out: &mut CudaSlice<u32>) -> Result<()> {
+    let dev = logits.device().as_cuda_device()?;
     let n = logits.elem_count();
     let (ls, ll) = logits.storage_and_layout();
     if !ll.start_offset().is_multiple_of(4) {
         bail!("argmax: logits not 16-byte aligned");
     }
+    if out.is_empty() {
+        bail!("argmax: no room for the index");
+    }
     let lv = view::<f32>(&ls, ll)?;
-    // SAFETY: written by the kernel below (thread 0 of its one block).
-    let mut out = unsafe { dev.alloc::<u32>(1) }?;
     let n_a = int(n)?;
     let (f, stream) = function(dev, "argmax_f32")?;
     let mut b = Args::new(&stream);
-    b.input(&lv).value(&n_a).output(&mut out);
+    b.input(&lv).value(&n_a).output(out);
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: logits hold n f32 values from a 16-byte boundary (checked), out one u32;
-    // argument types match `argmax_f32`.
-    unsafe { b.launch(&f, cfg) }?;
-    let picked = stream.clone_dtoh(&out).w()?;
-    picked
-        .first()
-        .copied()
-        .ok_or_else(|| candle_core::Error::msg("argmax returned nothing"))
+    // SAFETY: logits hold n f32 values from a 16-byte boundary (checked), out at least one u32
+    // (checked); argument types match `argmax_f32`.
+    unsafe { b.launch(&f, cfg) }
 }
 
 /// Warps of the sampling block, and the digits per radix round (`SAMPLE_WARPS`, `RADIX_BINS` in

@@ -9,7 +9,7 @@
 use candle_core::{DType, Result, Tensor};
 use serde::Deserialize;
 
-use crate::fused;
+use crate::fused::{self, DevicePosition};
 use crate::layers::{
     Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
     causal_mask, last_rows,
@@ -110,6 +110,11 @@ pub trait FeedForward: Send {
     /// `x`: `(1, len, hidden)` → same shape.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     fn size_in_bytes(&self) -> usize;
+    /// Whether `forward` runs on the device alone (no host round trip, e.g. a router's choice
+    /// read back), so that a decode step can be captured into a CUDA graph.
+    fn device_only(&self) -> bool {
+        true
+    }
 }
 
 impl FeedForward for Mlp {
@@ -241,12 +246,19 @@ impl<F: FeedForward> Decoder<F> {
 
     /// The final-normed hidden states of `tokens`, appended to the KV cache.
     fn hidden(&mut self, tokens: &[u32]) -> Result<Tensor> {
+        let x = self.embed.forward(tokens)?;
+        self.hidden_of(x, None)
+    }
+
+    /// The final-normed hidden states of the embedded tokens `x` `(1, len, hidden)`, appended
+    /// to the KV cache; `at` as for [`Attention::forward`].
+    fn hidden_of(&mut self, mut x: Tensor, at: Option<&DevicePosition>) -> Result<Tensor> {
         let offset = self.cache_len();
-        let mut x = self.embed.forward(tokens)?;
+        let len = x.dim(1)?;
         // A single query sees every cached key, so it needs no mask; on a GPU the softmax
         // kernel masks by position.
-        let mask = if tokens.len() > 1 && !fused::applies(&x) {
-            Some(causal_mask(tokens.len(), offset, x.dtype(), x.device())?)
+        let mask = if len > 1 && !fused::applies(&x) {
+            Some(causal_mask(len, offset, x.dtype(), x.device())?)
         } else {
             None
         };
@@ -258,7 +270,7 @@ impl<F: FeedForward> Decoder<F> {
         };
         for i in 0..self.layers.len() {
             let l = &mut self.layers[i];
-            let attn = l.attn.forward(&h, &self.rope, mask.as_ref())?;
+            let attn = l.attn.forward(&h, &self.rope, mask.as_ref(), at)?;
             (x, h) = fused::add_rms_norm(&x, &attn, &l.post_norm)?;
             let ffn = l.ffn.forward(&h)?;
             let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
@@ -278,6 +290,30 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
 
     fn extend(&mut self, tokens: &[u32]) -> Result<()> {
         self.hidden(tokens).map(drop)
+    }
+
+    fn forward_at(&mut self, ids: &Tensor, at: &DevicePosition) -> Result<Tensor> {
+        if !self.layers.iter().all(|l| l.ffn.device_only()) {
+            candle_core::bail!("this model's decode step reads back to the host");
+        }
+        let x = self.embed.forward_ids(ids)?;
+        let h = self.hidden_of(x, Some(at))?;
+        self.lm_head.forward(&h.squeeze(0)?)?.to_dtype(DType::F32)
+    }
+
+    fn reserve_positions(&mut self, positions: usize) -> Result<()> {
+        let (cos, _) = self.rope.tables();
+        let (dtype, device) = (cos.dtype(), cos.device().clone());
+        for l in &mut self.layers {
+            l.attn.reserve_positions(positions, dtype, &device)?;
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, n: usize) {
+        for l in &mut self.layers {
+            l.attn.cache.commit(n);
+        }
     }
 
     fn truncate(&mut self, len: usize) {

@@ -192,4 +192,9 @@ impl FeedForward for Ffn {
             Ffn::Sparse(m) => m.size_in_bytes(),
         }
     }
+
+    /// The router's choice of experts is read back to the host.
+    fn device_only(&self) -> bool {
+        matches!(self, Ffn::Dense(_))
+    }
 }

@@ -1,0 +1,164 @@
+//! Greedy decode steps replayed from a CUDA graph (`HELEXA_ENGINE_GRAPH=1`; off by default
+//! until it has been measured on a GPU).
+//!
+//! Why: on the H200 machine the host takes 1.8–3.0 ms to queue a quantized token's ~400 kernel
+//! launches, most of the token (docs/benchmarks.md, sixth session). A graph replays them with
+//! one launch.
+//!
+//! How (docs/plan-decode-graph.md):
+//! - A replay re-runs the captured kernels with the arguments of the capture, so nothing that
+//!   moves from token to token may be an argument. The step's token and position live in
+//!   device words ([`StepGraph::write_inputs`]); the embedding and the two position-dependent
+//!   kernels read them there ([`DevicePosition`]).
+//! - The attention grid is sized for the end of a band of [`BAND`] positions, and the KV caches
+//!   are reserved to the band's end before the capture. Nothing the graph captured then moves
+//!   until the position leaves the band, or a prompt grows the caches; then the step is
+//!   captured again.
+//! - The argmax writes into a device word that outlives the graph, read back after each replay.
+//! - A replay runs only device work: the host's count of cached positions is advanced by hand
+//!   ([`CausalLm::advance`]).
+//!
+//! The kernels do for a device position what they do for the same position as an argument, so
+//! tokens with and without the graph are expected to be the same bit for bit (the attention
+//! grid's extra splits see no position and weigh 0 in the merge).
+
+use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, sys};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::fused::DevicePosition;
+use crate::models::CausalLm;
+
+/// Positions one capture serves: a step is captured again every `BAND` tokens.
+const BAND: usize = 256;
+
+/// Whether `HELEXA_ENGINE_GRAPH=1` asks for graph replay.
+pub fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_GRAPH").is_ok_and(|v| v == "1"))
+}
+
+/// What a [`StepGraph::step`] did.
+pub enum Stepped {
+    /// The step ran: its greedy token.
+    Token(u32),
+    /// The model's step cannot be captured (why); nothing ran.
+    Refused(String),
+}
+
+/// One model's captured greedy step and the device words it reads and writes.
+pub struct StepGraph {
+    /// The step's token id (one `u32`).
+    ids: Tensor,
+    /// The step's position, and the end of the band the capture serves.
+    at: DevicePosition,
+    /// The greedy pick, written by the graph's last kernel.
+    token: CudaSlice<u32>,
+    graph: Option<CudaGraph>,
+    /// The caches' size when the graph was captured: it changes only when they grow, and so
+    /// move.
+    cache_bytes: usize,
+    /// Host time of the last step until its work was queued (inputs written, graph launched).
+    pub queued: Duration,
+    /// Captures and replays so far (a capture's own first launch counts as a replay).
+    pub captures: u32,
+    pub replays: u32,
+}
+
+impl StepGraph {
+    pub fn new(device: &Device) -> Result<Self> {
+        let dev = device.as_cuda_device()?;
+        Ok(Self {
+            ids: Tensor::zeros(1, DType::U32, device)?,
+            at: DevicePosition {
+                position: Tensor::zeros(1, DType::U32, device)?,
+                max_len: 0,
+            },
+            token: dev.cuda_stream().alloc_zeros::<u32>(1).w()?,
+            graph: None,
+            cache_bytes: 0,
+            queued: Duration::ZERO,
+            captures: 0,
+            replays: 0,
+        })
+    }
+
+    /// The greedy token after `token`, which sits at `model.cache_len()`: a replay of the
+    /// captured step, captured first when none serves this position. A step the model cannot
+    /// capture is [`Stepped::Refused`], with the model as it was; on an error the caller must
+    /// not trust the model's cache (as after any failed step).
+    pub fn step(&mut self, model: &mut dyn CausalLm, token: u32) -> Result<Stepped> {
+        let start = Instant::now();
+        let position = model.cache_len();
+        let len = position + 1;
+        self.write_inputs(token, position)?;
+        let serves = self.graph.is_some()
+            && len <= self.at.max_len
+            && model.cache_bytes() == self.cache_bytes;
+        if serves {
+            self.launch()?;
+            model.advance(1);
+        } else {
+            self.graph = None;
+            if let Err(e) = self.capture(model, len) {
+                // The capture may have counted the position in some layers' caches.
+                model.truncate(position);
+                return Ok(Stepped::Refused(crate::describe(&e)));
+            }
+            // The capture ran the step's host code (which counted the position) but queued
+            // nothing; the first replay is this step's work.
+            self.captures += 1;
+            self.launch()?;
+        }
+        self.replays += 1;
+        self.queued = start.elapsed();
+        let stream = self.token.stream().clone();
+        let picked = stream.clone_dtoh(&self.token).w()?;
+        picked
+            .first()
+            .copied()
+            .map(Stepped::Token)
+            .ok_or_else(|| candle_core::Error::msg("the graph's argmax returned nothing"))
+    }
+
+    /// Captures the step at attention length `len` for the band that holds it.
+    fn capture(&mut self, model: &mut dyn CausalLm, len: usize) -> Result<()> {
+        let band_end = len.next_multiple_of(BAND).min(model.max_positions());
+        model.reserve_positions(band_end)?;
+        self.at.max_len = band_end;
+        self.cache_bytes = model.cache_bytes();
+        let stream = self.token.stream().clone();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .w()?;
+        let queued = model
+            .forward_at(&self.ids, &self.at)
+            .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token));
+        // Capture ends whatever happened, or the stream would stay in capture mode.
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+        queued?;
+        self.graph = graph?;
+        if self.graph.is_none() {
+            candle_core::bail!("the decode step's capture produced no graph");
+        }
+        Ok(())
+    }
+
+    fn launch(&self) -> Result<()> {
+        match &self.graph {
+            Some(g) => g.launch().w(),
+            None => candle_core::bail!("no captured decode step"),
+        }
+    }
+
+    /// Writes the step's token and position into the device words the graph reads, on the
+    /// stream the graph runs on (so before it, in order).
+    fn write_inputs(&self, token: u32, position: usize) -> Result<()> {
+        let position =
+            u32::try_from(position).map_err(|_| candle_core::Error::msg("position beyond u32"))?;
+        crate::fused::write_word(&self.ids, token)?;
+        crate::fused::write_word(&self.at.position, position)
+    }
+}
