@@ -66,9 +66,9 @@ __device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
 // (heads, len, hd); k and v to the caches (kv_heads, cap, hd) at rows offset..offset+len.
 // Replaces q-norm, k-norm, two rope kernels, the transposes' copies and the two cache writes.
 // `q_w`/`k_w` may be null (no per-head norm). style 0: rotate i with i + hd/2 (NEOX / HF),
-// style 1: rotate 2i with 2i+1 (GPT-J / llama.cpp's Llama layout). `offset_at`, when not null,
-// is a device int that replaces `offset` (a decode step replayed from a CUDA graph, whose
-// arguments are fixed at capture).
+// style 1: rotate 2i with 2i+1 (GPT-J / llama.cpp's Llama layout). `offset_at`, when not null
+// (the `_at` entry point), is a device int that replaces `offset` (a decode step replayed from
+// a CUDA graph, whose arguments are fixed at capture).
 #define ROPE_MAX_HD 256
 #define ROPE_WARPS 4
 template <typename T>
@@ -131,7 +131,7 @@ __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_st
 // softmax in f32. With one split the block writes the output; with several it writes
 // unnormalised partials and their (max, sum), which `attn_combine` merges. Replaces q·Kᵀ, the
 // scale, the softmax and p·V.
-// `pos_at`, when not null, is the device position of the query (a decode step replayed from a
+// `pos_at`, when not null (the `_at` entry points), is the device position of the query (a decode step replayed from a
 // CUDA graph, whose grid and arguments are fixed at capture): L is that plus one and `chunk` is
 // worked out as the launcher does for L with at most `max_splits` splits. The grid then has
 // the splits of the longest L the graph serves; splits past L see no position and write an
@@ -436,6 +436,14 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
     extern "C" __global__ void qk_norm_rope_cache_##SUF(                                            \
         const T *q, const T *k, const T *v, long q_stride, long k_stride, long v_stride,           \
         const T *q_w, const T *k_w, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache,  \
+        int len, int heads, int kv_heads, int hd, int cap, int offset, float eps, int style) {     \
+        qk_norm_rope_cache<T>(q, k, v, q_stride, k_stride, v_stride, q_w, k_w, cos, sin, q_out,    \
+                              k_cache, v_cache, len, heads, kv_heads, hd, cap, offset, eps, style, \
+                              nullptr);                                                             \
+    }                                                                                               \
+    extern "C" __global__ void qk_norm_rope_cache_at_##SUF(                                         \
+        const T *q, const T *k, const T *v, long q_stride, long k_stride, long v_stride,           \
+        const T *q_w, const T *k_w, const T *cos, const T *sin, T *q_out, T *k_cache, T *v_cache,  \
         int len, int heads, int kv_heads, int hd, int cap, int offset, float eps, int style,       \
         const int *offset_at) {                                                                     \
         qk_norm_rope_cache<T>(q, k, v, q_stride, k_stride, v_stride, q_w, k_w, cos, sin, q_out,    \
@@ -459,9 +467,16 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
     DECODE_ATTN(T, SUF, 4, 4) DECODE_ATTN(T, SUF, 4, 8) DECODE_ATTN(T, SUF, 8, 1)                   \
     DECODE_ATTN(T, SUF, 8, 2) DECODE_ATTN(T, SUF, 8, 4)
 
-// decode_attention_<type>_e<elements per lane>_g<query heads per KV head>
+// decode_attention_<type>_e<elements per lane>_g<query heads per KV head>, and its `_at`
+// twin reading the position on the device (a step replayed from a CUDA graph).
 #define DECODE_ATTN(T, SUF, EPL, G)                                                                 \
     extern "C" __global__ void decode_attention_##SUF##_e##EPL##_g##G(                              \
+        const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
+        int cap, int L, int chunk, float scale) {                                                   \
+        decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
+                                    scale, nullptr, 0);                                             \
+    }                                                                                               \
+    extern "C" __global__ void decode_attention_at_##SUF##_e##EPL##_g##G(                           \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale, const int *pos_at, int max_splits) {                \
         decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \

@@ -356,7 +356,9 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
         RopeStyle::Half => 0,
         RopeStyle::Interleaved => 1,
     };
-    let (f, stream) = function(dev, &format!("qk_norm_rope_cache_{sfx}"))?;
+    // With a device position, the `_at` twin (one more argument); otherwise the plain kernel.
+    let at_part = if at.is_some() { "at_" } else { "" };
+    let (f, stream) = function(dev, &format!("qk_norm_rope_cache_{at_part}{sfx}"))?;
     let mut b = Args::new(&stream);
     b.input(&qv)
         .input(&kv)
@@ -381,7 +383,10 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
         .value(&hd_a)
         .value(&cap_a)
         .value(&off_a);
-    b.value(&eps).value(&style).input_or_null(at.as_ref());
+    b.value(&eps).value(&style);
+    if let Some(at) = &at {
+        b.input(at);
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid(units.div_ceil(ROPE_WARPS))?, 1, 1),
         block_dim: (grid(ROPE_WARPS * 32)?, 1, 1),
@@ -390,7 +395,7 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     // SAFETY: q/k/v rows hold heads × hd elements `*_stride` apart; the caches hold kv_heads ×
     // cap × hd and rows offset..offset+len < cap (checked); the rope tables cover the positions
     // (checked; with a device position, the caller keeps it below cap - len for the graph's
-    // life); q_out holds heads × len × hd; argument types match `qk_norm_rope_cache_<T>`.
+    // life); q_out holds heads × len × hd; argument types match `qk_norm_rope_cache_[at_]<T>`.
     unsafe { b.launch(&f, cfg) }?;
     Ok(wrap(q_out, dev, (1, h, len, hd)))
 }
@@ -458,7 +463,8 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
     let (cap_a, len_a, chunk_a, max_splits_a) =
         (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
-    let name = format!("decode_attention_{sfx}_e{}_g{groups}", hd / 32);
+    let at_part = if pos.is_some() { "at_" } else { "" };
+    let name = format!("decode_attention_{at_part}{sfx}_e{}_g{groups}", hd / 32);
     let (f, stream) = function(dev, &name)?;
     let mut b = Args::new(&stream);
     b.input(&qv)
@@ -468,7 +474,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         .output(&mut part_o)
         .output(&mut part_ml);
     b.value(&cap_a).value(&len_a).value(&chunk_a).value(&scale);
-    b.input_or_null(pos.as_ref()).value(&max_splits_a);
+    if let Some(pos) = &pos {
+        b.input(pos).value(&max_splits_a);
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid(kvh)?, grid(splits)?, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),
@@ -477,7 +485,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked; with
     // a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
     // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
-    // name); argument types match `decode_attention_<T>_e<hd/32>_g<groups>`.
+    // name); argument types match `decode_attention_[at_]<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
     if splits > 1 {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
