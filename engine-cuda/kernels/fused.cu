@@ -123,6 +123,18 @@ __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_st
     }
 }
 
+// ---- embedding rows by ids on the device ---------------------------------------------------------
+// out row i = table row ids[i], rows of `cols` elements; one block per id. For a decode step
+// replayed from a CUDA graph, whose token id lives in device memory: candle's index_select
+// copies a parameter vector from the host on every call, which a capture cannot hold.
+template <typename T>
+__device__ void gather_rows(const T *table, const unsigned *ids, T *out, int cols) {
+    follow_previous_kernel();
+    const T *src = table + (size_t)ids[blockIdx.x] * cols;
+    T *dst = out + (size_t)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) dst[c] = src[c];
+}
+
 // ---- flash-decode attention ---------------------------------------------------------------------
 // One query token against `L` cached positions. Grid (kv_heads, splits); each block serves the
 // G query heads sharing one KV head (each K/V row is read once for all of them) over one chunk of
@@ -449,6 +461,10 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
         qk_norm_rope_cache<T>(q, k, v, q_stride, k_stride, v_stride, q_w, k_w, cos, sin, q_out,    \
                               k_cache, v_cache, len, heads, kv_heads, hd, cap, offset, eps, style, \
                               offset_at);                                                           \
+    }                                                                                               \
+    extern "C" __global__ void gather_rows_##SUF(const T *table, const unsigned *ids, T *out,      \
+                                                 int cols) {                                       \
+        gather_rows<T>(table, ids, out, cols);                                                     \
     }                                                                                               \
     extern "C" __global__ void causal_softmax_##SUF(const T *scores, T *probs, int len, int total,  \
                                                     int offset, float scale) {                     \

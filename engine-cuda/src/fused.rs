@@ -97,6 +97,14 @@ pub fn argmax_into(
     cuda::argmax_into(logits, out)
 }
 
+/// Rows `ids` (`u32` on the device) of `table` `(rows, cols)`, as `(n, cols)`: an embedding
+/// lookup that, unlike candle's `index_select`, copies nothing from the host (a CUDA graph
+/// step's token id lives on the device).
+#[cfg(feature = "cuda")]
+pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    cuda::gather_rows(table, ids)
+}
+
 /// Copies `value` into the one-`u32` device tensor `t`, in stream order (a CUDA graph's input,
 /// written before each replay).
 #[cfg(feature = "cuda")]

@@ -508,7 +508,7 @@ fn probe_cuda(_index: u32) -> Result<CudaProbe, String> {
 }
 
 #[allow(unsafe_code, reason = "turning off cudarc's event tracking")]
-fn open_cuda(index: u32) -> Result<Device, String> {
+pub(crate) fn open_cuda(index: u32) -> Result<Device, String> {
     let device = Device::new_cuda(index as usize)
         .map_err(|e| format!("cuda device {index}: {}", describe(&e)))?;
     #[cfg(feature = "cuda")]

@@ -101,17 +101,28 @@ impl Embedding {
 
     /// `(1, len, hidden)` embeddings of `tokens`.
     pub fn forward(&self, tokens: &[u32]) -> Result<Tensor> {
-        let device = match &self.table {
-            Table::Dense(table) => table.device().clone(),
-            Table::Quantized { table, .. } => table.device(),
-        };
-        self.forward_ids(&Tensor::from_slice(tokens, tokens.len(), &device)?)
+        match &self.table {
+            Table::Dense(table) => {
+                let ids = Tensor::from_slice(tokens, tokens.len(), table.device())?;
+                table.index_select(&ids, 0)?.unsqueeze(0)
+            }
+            Table::Quantized { table, dtype } => {
+                let ids = Tensor::from_slice(tokens, tokens.len(), &table.device())?;
+                table.embedding(&ids)?.to_dtype(*dtype)?.unsqueeze(0)
+            }
+        }
     }
 
-    /// `(1, len, hidden)` embeddings of the ids already on the table's device (`len` `u32`s).
+    /// `(1, len, hidden)` embeddings of ids already on the table's device (`len` `u32`s),
+    /// copying nothing from the host on the way (a decode step captured into a CUDA graph).
     pub fn forward_ids(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.table {
+            #[cfg(feature = "cuda")]
+            Table::Dense(table) if table.device().is_cuda() => {
+                crate::fused::gather_rows(table, ids)?.unsqueeze(0)
+            }
             Table::Dense(table) => table.index_select(ids, 0)?.unsqueeze(0),
+            // candle's quantized row gather reads the ids on the device as they are.
             Table::Quantized { table, dtype } => {
                 table.embedding(ids)?.to_dtype(*dtype)?.unsqueeze(0)
             }

@@ -68,8 +68,18 @@ pub struct StepGraph {
 }
 
 impl StepGraph {
+    /// Refuses a device whose buffers are freed synchronously (no stream-ordered allocation:
+    /// a free inside the capture would synchronise) or that orders them with events (cudarc's
+    /// per-buffer event tracking, `HELEXA_ENGINE_EVENT_TRACKING=1`: event waits recorded
+    /// before the capture do not belong in it).
     pub fn new(device: &Device) -> Result<Self> {
         let dev = device.as_cuda_device()?;
+        let ctx = dev.cuda_stream().context().clone();
+        if !ctx.has_async_alloc() || ctx.is_managing_stream_synchronization() {
+            candle_core::bail!(
+                "decode graphs need stream-ordered allocation and no per-buffer event tracking"
+            );
+        }
         Ok(Self {
             ids: Tensor::zeros(1, DType::U32, device)?,
             at: DevicePosition {
@@ -136,9 +146,18 @@ impl StepGraph {
         let queued = model
             .forward_at(&self.ids, &self.at)
             .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token));
-        // Capture ends whatever happened, or the stream would stay in capture mode.
+        // A failed operation inside the capture leaves its error recorded for later (a buffer
+        // freed in a drop cannot return one), and cudarc's `end_capture` would return that
+        // error before ending the capture, leaving the stream capturing. Take it first; the
+        // capture must end whatever happened.
+        let pending = stream.context().check_err().w();
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+        if stream.capture_status().w()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+        {
+            candle_core::bail!("the stream is still capturing after the capture ended");
+        }
         queued?;
+        pending?;
         self.graph = graph?;
         if self.graph.is_none() {
             candle_core::bail!("the decode step's capture produced no graph");

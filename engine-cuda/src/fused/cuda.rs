@@ -442,10 +442,16 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     if !super::decode_attention_supported(hd, groups) {
         bail!("decode_attention: no kernel for head_dim {hd} with {groups} heads per KV head");
     }
-    // With a device position the grid is sized for the longest length the graph serves.
     let max_splits = ATTENTION_TARGET_BLOCKS.div_ceil(kvh);
-    let (splits, _) = attention_splits(longest, max_splits);
-    let (_, chunk) = attention_splits(len, max_splits);
+    let (splits, chunk) = attention_splits(len, max_splits);
+    // With a device position the grid must hold the splits of every length up to the longest
+    // the graph serves: the unreduced count, which no shorter length exceeds (the reduced
+    // `attention_splits(longest).0` can be smaller than a shorter length's).
+    let splits = if at.is_some() {
+        longest.div_ceil(32).clamp(1, max_splits)
+    } else {
+        splits
+    };
     let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
     let at_guard = at.map(|at| at.position.storage_and_layout());
@@ -809,6 +815,47 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
         .first()
         .copied()
         .ok_or_else(|| candle_core::Error::msg("argmax returned nothing"))
+}
+
+pub fn gather_rows(table: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    by_dtype!(table.dtype(), gather_rows_t(table, ids))
+}
+
+fn gather_rows_t<T: CudaDType + DeviceRepr>(
+    table: &Tensor,
+    ids: &Tensor,
+    sfx: &str,
+) -> Result<Tensor> {
+    let dev = table.device().as_cuda_device()?;
+    let (_, cols) = table.dims2()?;
+    let n = ids.elem_count();
+    if !table.is_contiguous() || !ids.is_contiguous() || ids.dtype() != DType::U32 || n == 0 {
+        bail!(
+            "gather_rows: table {:?}, ids {:?}",
+            table.dims(),
+            ids.dims()
+        );
+    }
+    let (ts, tl) = table.storage_and_layout();
+    let (is, il) = ids.storage_and_layout();
+    let tv = view::<T>(&ts, tl)?;
+    let iv = view::<u32>(&is, il)?;
+    // SAFETY: every element is written by the kernel below (one block per id).
+    let mut out = unsafe { dev.alloc::<T>(n * cols) }?;
+    let cols_a = int(cols)?;
+    let (f, stream) = function(dev, &format!("gather_rows_{sfx}"))?;
+    let mut b = Args::new(&stream);
+    b.input(&tv).input(&iv).output(&mut out).value(&cols_a);
+    let cfg = LaunchConfig {
+        grid_dim: (grid(n)?, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: table holds rows × cols elements; ids hold n u32 below rows (token ids, which the
+    // engine checks against the vocabulary before they reach a model); out holds n × cols;
+    // argument types match `gather_rows_<T>`.
+    unsafe { b.launch(&f, cfg) }?;
+    Ok(wrap(out, dev, (n, cols)))
 }
 
 /// Copies `value` into the one-`u32` device tensor `t`, queued on its device's stream.
