@@ -44,6 +44,29 @@ pub fn enabled() -> bool {
     switch(&ON, "HELEXA_ENGINE_KERNELS")
 }
 
+thread_local! {
+    /// Set while this thread captures a decode step into a CUDA graph (`step_graph`).
+    static CAPTURING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread is capturing a decode step into a CUDA graph: products must then take
+/// the engine's own GEMV kernels (see `Linear::forward`).
+pub fn capturing() -> bool {
+    CAPTURING.get()
+}
+
+/// Marks this thread as capturing until the returned guard drops.
+pub fn capture_scope() -> impl Drop {
+    struct Scope;
+    impl Drop for Scope {
+        fn drop(&mut self) {
+            CAPTURING.set(false);
+        }
+    }
+    CAPTURING.set(true);
+    Scope
+}
+
 /// Whether the fused kernels serve activations like `x`: on a CUDA device, in f32/bf16/f16,
 /// and switched on.
 pub fn applies(x: &Tensor) -> bool {

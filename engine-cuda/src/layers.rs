@@ -30,6 +30,15 @@ impl Linear {
             QMatMul::QTensor(w) if crate::fused::quant_gemv_applies(x, w) => {
                 crate::fused::quant_gemv(x, w)?
             }
+            // A decode step captured into a CUDA graph takes only the kernels above: candle's
+            // quantized products keep a scratch buffer shared by every model on the device,
+            // which may move under a captured graph, and its dense ones go to cuBLAS, untried
+            // in a capture. The capture is refused and the step runs plainly.
+            _ if crate::fused::capturing() => candle_core::bail!(
+                "a {:?} product of {:?} is not served by the engine's own GEMV kernels",
+                self.weight_dtype(),
+                x.dims()
+            ),
             // Many tokens on a GPU, when switched on: the weight dequantized once, then one
             // dense product (cuBLAS), instead of candle's integer MMQ kernel.
             QMatMul::QTensor(w) if dequantized_product_applies(x) => dequantized_product(x, w)?,
@@ -43,8 +52,20 @@ impl Linear {
             other => other.forward(x)?,
         };
         match &self.bias {
+            // (A broadcast add copies its layout from the host: not in a capture.)
+            Some(_) if crate::fused::capturing() => {
+                candle_core::bail!("a product with a bias is not capturable")
+            }
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
+        }
+    }
+
+    /// The weight's storage type, for messages.
+    fn weight_dtype(&self) -> String {
+        match &self.weight {
+            QMatMul::QTensor(q) => format!("{:?}", q.dtype()),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => format!("{:?}", t.dtype()),
         }
     }
 

@@ -69,9 +69,9 @@ pub struct StepGraph {
 
 impl StepGraph {
     /// Refuses a device whose buffers are freed synchronously (no stream-ordered allocation:
-    /// a free inside the capture would synchronise) or that orders them with events (cudarc's
-    /// per-buffer event tracking, `HELEXA_ENGINE_EVENT_TRACKING=1`: event waits recorded
-    /// before the capture do not belong in it).
+    /// a free inside the capture would synchronise) or on which cudarc orders buffers with
+    /// events (it does when it manages several streams: event waits recorded before the
+    /// capture do not belong in it).
     pub fn new(device: &Device) -> Result<Self> {
         let dev = device.as_cuda_device()?;
         let ctx = dev.cuda_stream().context().clone();
@@ -140,12 +140,17 @@ impl StepGraph {
         self.at.max_len = band_end;
         self.cache_bytes = model.cache_bytes();
         let stream = self.token.stream().clone();
+        // An error recorded before the capture belongs to earlier work: surface it as such
+        // rather than as a refused capture.
+        stream.context().check_err().w()?;
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
+        let scope = crate::fused::capture_scope();
         let queued = model
             .forward_at(&self.ids, &self.at)
             .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token));
+        drop(scope);
         // A failed operation inside the capture leaves its error recorded for later (a buffer
         // freed in a drop cannot return one), and cudarc's `end_capture` would return that
         // error before ending the capture, leaving the stream capturing. Take it first; the
