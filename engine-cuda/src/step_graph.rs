@@ -112,7 +112,18 @@ impl StepGraph {
             model.advance(1);
         } else {
             self.graph = None;
-            if let Err(e) = self.capture(model, len) {
+            let stream = self.token.stream().clone();
+            // An error recorded before the capture belongs to earlier work: it fails the step
+            // as any device error does, rather than passing for a refused capture.
+            stream.context().check_err().w()?;
+            let captured = self.capture(model, len);
+            // A stream left capturing would fail every later step: not a refusal either.
+            if stream.capture_status().w()?
+                != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+            {
+                candle_core::bail!("the stream is still capturing after the capture ended");
+            }
+            if let Err(e) = captured {
                 // The capture may have counted the position in some layers' caches.
                 model.truncate(position);
                 return Ok(Stepped::Refused(crate::describe(&e)));
@@ -140,9 +151,6 @@ impl StepGraph {
         self.at.max_len = band_end;
         self.cache_bytes = model.cache_bytes();
         let stream = self.token.stream().clone();
-        // An error recorded before the capture belongs to earlier work: surface it as such
-        // rather than as a refused capture.
-        stream.context().check_err().w()?;
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
@@ -157,10 +165,6 @@ impl StepGraph {
         // capture must end whatever happened.
         let pending = stream.context().check_err().w();
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
-        if stream.capture_status().w()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
-        {
-            candle_core::bail!("the stream is still capturing after the capture ended");
-        }
         queued?;
         pending?;
         self.graph = graph?;
