@@ -678,20 +678,15 @@ mod gpu_tests {
                     let got = flash_prefill(&q, &k_cache, &v_cache, offset, scale).expect(&case);
                     let f32s = |t: &Tensor| t.to_dtype(DType::F32).expect("f32");
                     let groups = h / kvh;
-                    let k = f32s(
-                        &k_cache
-                            .narrow(2, 0, total)
-                            .expect("k")
-                            .squeeze(0)
-                            .expect("k"),
-                    );
-                    let v = f32s(
-                        &v_cache
-                            .narrow(2, 0, total)
-                            .expect("v")
-                            .squeeze(0)
-                            .expect("v"),
-                    );
+                    // The cached rows 0..total of a cache, as (kv_heads, total, hd) f32.
+                    let rows = |c: &Tensor| {
+                        f32s(
+                            &c.narrow(2, 0, total)
+                                .and_then(|r| r.squeeze(0))
+                                .expect("rows"),
+                        )
+                    };
+                    let (k, v) = (rows(&k_cache), rows(&v_cache));
                     let mask =
                         crate::layers::causal_mask(len, offset, DType::F32, &dev).expect("mask");
                     let want = f32s(&q)

@@ -130,15 +130,18 @@ fn view<'a, T: CudaDType>(storage: &'a Storage, layout: &Layout) -> Result<CudaV
     Ok(buffer::<T>(storage)?.slice(layout.start_offset()..))
 }
 
-/// The device position of a [`DevicePosition`] (one `u32`, read by the kernels as an `int`).
-fn position_view<'a>(storage: &'a Storage, layout: &Layout) -> Result<CudaView<'a, u32>> {
+/// The device position of a [`DevicePosition`] (one `u32`, read by the kernels as an `int`),
+/// from its storage guard (kept by the caller), if there is one.
+fn position_view<'g>(
+    guard: &'g Option<(StorageRef<'_>, &Layout)>,
+) -> Result<Option<CudaView<'g, u32>>> {
+    let Some((storage, layout)) = guard else {
+        return Ok(None);
+    };
     if layout.shape().elem_count() != 1 {
         bail!("a device position is one u32, got {:?}", layout.shape());
     }
-    match storage {
-        Storage::Cuda(s) => Ok(s.as_cuda_slice::<u32>()?.slice(layout.start_offset()..)),
-        _ => bail!("a device position must be on the GPU"),
-    }
+    view::<u32>(storage, layout).map(Some)
 }
 
 /// Views of several tensors' elements at once, from their storage guards (kept by the caller).
@@ -342,10 +345,7 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     let eps = i.q_norm.or(i.k_norm).map_or(0.0, RmsNorm::eps);
     let null: u64 = 0;
     let at_guard = i.at.map(|at| at.position.storage_and_layout());
-    let at = match &at_guard {
-        Some((s, l)) => Some(position_view(s, l)?),
-        None => None,
-    };
+    let at = position_view(&at_guard)?;
     let units = len * (h + 2 * kvh);
     // SAFETY: every element is written by the kernel below (one warp per q head and token).
     let mut q_out = unsafe { dev.alloc::<T>(h * len * hd) }?;
@@ -455,10 +455,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
     let at_guard = at.map(|at| at.position.storage_and_layout());
-    let pos = match &at_guard {
-        Some((s, l)) => Some(position_view(s, l)?),
-        None => None,
-    };
+    let pos = position_view(&at_guard)?;
     // SAFETY: every element is written: by the attention kernel with one split, else by the
     // merge kernel; the partials by the attention kernel for every (head, split).
     let mut out = unsafe { dev.alloc::<T>(h * hd) }?;
