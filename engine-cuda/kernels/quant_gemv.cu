@@ -203,20 +203,6 @@ struct Q6K {
     }
 };
 
-// Eight consecutive values of x from element `e` (a multiple of 8) as floats; zeros past `cols`.
-__device__ __forceinline__ void load8(const float *x, int e, int cols, float v[8]) {
-    const float4 a = e < cols ? *reinterpret_cast<const float4 *>(x + e) : make_float4(0, 0, 0, 0);
-    const float4 b = e < cols ? *reinterpret_cast<const float4 *>(x + e + 4) : make_float4(0, 0, 0, 0);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-}
-template <typename T>
-__device__ __forceinline__ void load8(const T *x, int e, int cols, float v[8]) {
-    const uint4 raw = e < cols ? *reinterpret_cast<const uint4 *>(x + e) : make_uint4(0, 0, 0, 0);
-    const T *h = reinterpret_cast<const T *>(&raw);
-#pragma unroll
-    for (int i = 0; i < 8; i++) v[i] = to_f<T>(h[i]);
-}
-
 // Quantizes the eight values `v` at element `e`; four neighbouring lanes hold one 32-group.
 __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int8_t *q, float *d, float *sum) {
     float amax = 0.0f;
@@ -252,14 +238,15 @@ __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int
 // Quantizes x (`cols` values, a multiple of 32) into shared memory: each thread takes eight
 // values, the block 2048 per step, and two steps' loads are issued before either is used, so
 // the prologue costs about one round trip to L2 per 4096 values rather than one per group.
-template <typename T>
-__device__ void quantize_x(const T *x, int cols, int8_t *q, float *d, float *sum) {
+// `load(e, v)` gives the eight values from element e (zeros past cols).
+template <typename Load>
+__device__ void quantize_x(Load load, int cols, int8_t *q, float *d, float *sum) {
     constexpr int STEP = QG_WARPS * 32 * 8;
     for (int base = 0; base < cols; base += 2 * STEP) { // uniform over the block: shuffles stay full
         const int e0 = base + 8 * threadIdx.x, e1 = e0 + STEP;
         float a[8], b[8];
-        load8(x, e0, cols, a);
-        load8(x, e1, cols, b);
+        load(e0, a);
+        load(e1, b);
         quantize8(a, e0, cols, q, d, sum);
         quantize8(b, e1, cols, q, d, sum);
     }
@@ -279,9 +266,13 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // Shared memory: STAGES chunk buffers per warp, then the quantized x (QG_X_BYTES(cols) +
 // cols/32·8 bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of
 // `row_bytes` a multiple of 16, w and x 16-byte aligned.
-template <class F, typename T, int STAGES>
+// NORM: the product's input is norm(x + delta) with weight `norm_w`, formed by each block before
+// it quantizes it, and block 0 stores x + delta to `sum` when that is not null (see
+// residual_norm_scale in common.cuh); delta, norm_w and sum 16-byte aligned.
+template <class F, typename T, int STAGES, bool NORM>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
-                           int rows, int cols, int row_bytes) {
+                           int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
+                           T *sum, float eps) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
@@ -320,7 +311,13 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    quantize_x<T>(x, cols, xq, xd, xs);
+    if (NORM) {
+        const float scale = residual_norm_scale(x, delta, sum, cols, eps);
+        quantize_x([&](int e, float v[8]) { normed8(x, delta, norm_w, scale, e, cols, v); }, cols,
+                   xq, xd, xs);
+    } else {
+        quantize_x([&](int e, float v[8]) { load8(x, e, cols, v); }, cols, xq, xd, xs);
+    }
     __syncthreads();
     const QuantX qx{xq, xd, xs};
 
@@ -342,18 +339,29 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>_s<stages>
+// quant_gemv_<format>_<activation type>_s<stages>, and quant_gemv_norm_… (16-bit activations
+// only: the layer input formed in the prologue, NORM above).
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
                                          int row_bytes) {                                           \
-        quant_gemv<F, T, S>(w, x, y, rows, cols, row_bytes);                                       \
+        quant_gemv<F, T, S, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr, nullptr, 0.0f);\
     }
-#define QUANT_GEMV_STAGES(F, FSUF, T, SUF)                                                          \
-    QUANT_GEMV(F, FSUF, T, SUF, 2) QUANT_GEMV(F, FSUF, T, SUF, 3) QUANT_GEMV(F, FSUF, T, SUF, 4)
+#define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
+    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
+        quant_gemv_norm_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows,         \
+                                              int cols, int row_bytes, const T *delta,              \
+                                              const T *norm_w, T *sum, float eps) {                 \
+        quant_gemv<F, T, S, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps);        \
+    }
+#define QUANT_GEMV_STAGES(KERNEL, F, FSUF, T, SUF)                                                  \
+    KERNEL(F, FSUF, T, SUF, 2) KERNEL(F, FSUF, T, SUF, 3) KERNEL(F, FSUF, T, SUF, 4)
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
-    QUANT_GEMV_STAGES(F, FSUF, float, f32) QUANT_GEMV_STAGES(F, FSUF, __nv_bfloat16, bf16)         \
-    QUANT_GEMV_STAGES(F, FSUF, __half, f16)
+    QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, float, f32)                                              \
+    QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, __nv_bfloat16, bf16)                                     \
+    QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, __half, f16)                                             \
+    QUANT_GEMV_STAGES(QUANT_GEMV_NORM, F, FSUF, __nv_bfloat16, bf16)                                \
+    QUANT_GEMV_STAGES(QUANT_GEMV_NORM, F, FSUF, __half, f16)
 QUANT_GEMV_TYPES(Q8_0, q8_0)
 QUANT_GEMV_TYPES(Q4K, q4k)
 QUANT_GEMV_TYPES(Q6K, q6k)

@@ -146,7 +146,7 @@ pub(crate) struct WorkerModel {
     device_fault: Option<String>,
     /// KV cache bytes, published for `memory_report` without a round trip to the worker.
     pub cache_bytes: Arc<AtomicUsize>,
-    /// Greedy decode steps replayed from a CUDA graph (`HELEXA_ENGINE_GRAPH=1`); `None` when
+    /// Greedy decode steps replayed from a CUDA graph (unless `HELEXA_ENGINE_GRAPH=0`); `None` when
     /// off, not on a GPU, or after the model refused a capture.
     #[cfg(feature = "cuda")]
     step_graph: Option<crate::step_graph::StepGraph>,
@@ -173,7 +173,7 @@ impl WorkerModel {
         }
     }
 
-    /// Replays greedy decode steps from a CUDA graph when `HELEXA_ENGINE_GRAPH=1` and `device`
+    /// Replays greedy decode steps from a CUDA graph unless `HELEXA_ENGINE_GRAPH=0`, when `device`
     /// is a GPU (see `step_graph`).
     pub fn use_step_graph(&mut self, device: &candle_core::Device) {
         #[cfg(feature = "cuda")]

@@ -13,6 +13,9 @@
 //! - [`quant_gemv`]: the batch-1 matrix-vector product over GGUF Q8_0/Q4_K/Q6_K blocks read in
 //!   place (candle's MMVQ kernel and the launch that quantizes x before it), in
 //!   `kernels/quant_gemv.cu`;
+//! - [`gemv_norm`] / [`quant_gemv_norm`]: either product over a layer input still to be formed
+//!   ([`PendingNorm`]): each block adds the residual and normalises in its prologue, which
+//!   takes the two [`add_rms_norm`] launches per layer off a decoded token;
 //! - [`causal_softmax`]: prefill's scale, causal mask and softmax over the scores (was 3, the
 //!   mask a broadcast add of a host-built tensor);
 //! - [`argmax`]: the greedy pick, so only the index leaves the device.
@@ -26,7 +29,7 @@ use std::sync::OnceLock;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Result, Tensor};
 
-use crate::layers::{RmsNorm, Rope};
+use crate::layers::{PendingNorm, RmsNorm, Rope};
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -220,26 +223,121 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
 pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        let format = quant_gemv_format(w.dtype())
-            .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
-        let (_, cols) = w.shape().dims2()?;
-        cuda::quant_gemv(
-            x,
-            w,
-            &cuda::QuantGemv {
-                format,
-                row_bytes: quant_row_bytes(w.dtype(), cols),
-                shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
-                warps: QUANT_GEMV_WARPS,
-                stages: quant_gemv_stages(),
-            },
-        )
+        cuda::quant_gemv(x, w, &quant_gemv_launch(w)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (x, w);
         candle_core::bail!("fused kernels need the cuda feature")
     }
+}
+
+/// Whether the decode attention's last block per KV head merges the splits' partials
+/// ([`decode_attention`]), instead of a separate merge launch;
+/// `HELEXA_ENGINE_ATTENTION_MERGE=0` turns it off.
+pub fn attention_merge_in_kernel() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch(&ON, "HELEXA_ENGINE_ATTENTION_MERGE")
+}
+
+/// Whether a layer's first products form their input themselves, the residual add and RMSNorm
+/// in their prologue ([`gemv_norm`], [`quant_gemv_norm`]), instead of a separate
+/// [`add_rms_norm`] launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off.
+pub fn norm_in_product_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch(&ON, "HELEXA_ENGINE_NORM_IN_PRODUCT")
+}
+
+/// Whether the pending input's parts suit a product's prologue: one row, delta like the
+/// residual, the norm weight in the same dtype, all contiguous and 16-byte aligned, 16-bit.
+fn pending_norm_fits(p: &PendingNorm<'_>) -> bool {
+    let (x, delta, w) = (p.residual, p.delta, p.norm.weight());
+    let aligned = |t: &Tensor| t.is_contiguous() && t.layout().start_offset().is_multiple_of(8);
+    norm_in_product_enabled()
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && delta.dtype() == x.dtype()
+        && w.dtype() == x.dtype()
+        && delta.dims() == x.dims()
+        && w.dims() == [x.elem_count()]
+        && aligned(delta)
+        && aligned(w)
+}
+
+/// Whether [`gemv_norm`] serves `norm(p) · wᵀ`: [`gemv_applies`] for the residual, and the
+/// pending parts fit (the formed row sits in shared memory: at most 48 KB, 24k columns).
+pub fn gemv_norm_applies(p: &PendingNorm<'_>, w: &Tensor) -> bool {
+    gemv_applies(p.residual, w) && pending_norm_fits(p) && p.residual.elem_count() <= 24 * 1024
+}
+
+/// Whether [`quant_gemv_norm`] serves `norm(p) · wᵀ`: [`quant_gemv_applies`] for the
+/// residual, and the pending parts fit.
+pub fn quant_gemv_norm_applies(p: &PendingNorm<'_>, w: &QTensor) -> bool {
+    quant_gemv_applies(p.residual, w) && pending_norm_fits(p)
+}
+
+/// `norm(residual + delta) · wᵀ` and, when `write_sum`, the new residual `residual + delta`, in
+/// one launch. Only call when [`gemv_norm_applies`] holds.
+pub fn gemv_norm(
+    p: &PendingNorm<'_>,
+    w: &Tensor,
+    write_sum: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::gemv_norm(p.residual, w, &norm_input(p, write_sum))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, w, write_sum);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// As [`gemv_norm`] over quantized `w`. Only call when [`quant_gemv_norm_applies`] holds.
+pub fn quant_gemv_norm(
+    p: &PendingNorm<'_>,
+    w: &QTensor,
+    write_sum: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::quant_gemv_norm(
+            p.residual,
+            w,
+            &quant_gemv_launch(w)?,
+            &norm_input(p, write_sum),
+        )
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, w, write_sum);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn norm_input<'a>(p: &PendingNorm<'a>, write_sum: bool) -> cuda::NormInput<'a> {
+    cuda::NormInput {
+        delta: p.delta,
+        weight: p.norm.weight(),
+        eps: p.norm.eps(),
+        write_sum,
+    }
+}
+
+/// How [`quant_gemv`] launches over `w`.
+#[cfg(feature = "cuda")]
+fn quant_gemv_launch(w: &QTensor) -> Result<cuda::QuantGemv> {
+    let format = quant_gemv_format(w.dtype())
+        .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
+    let (_, cols) = w.shape().dims2()?;
+    Ok(cuda::QuantGemv {
+        format,
+        row_bytes: quant_row_bytes(w.dtype(), cols),
+        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
+        warps: QUANT_GEMV_WARPS,
+        stages: quant_gemv_stages(),
+    })
 }
 
 /// The greedy pick from f32 logits `(1, vocab)`: the index of the largest, the lowest on ties
@@ -817,6 +915,61 @@ mod gpu_tests {
                         e <= e_mmvq + 1e-3 + half,
                         "{case} {act:?}: {e} vs dequantized, MMVQ {e_mmvq}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The layer input formed in a product's prologue gives the products of the input formed
+    /// apart (add_rms_norm, then the product) and the same residual, bit for bit: the
+    /// arithmetic is the same up to the order of the sum of squares, which can move a normed
+    /// element by one rounding (hence the 16-bit tolerance on the products).
+    #[test]
+    fn products_forming_their_input_match_the_separate_norm() {
+        let dev = device();
+        let cols = 4096;
+        for dtype in [DType::BF16, DType::F16] {
+            let x = random(&[1, 1, cols], dtype, &dev);
+            let delta = random(&[1, 1, cols], dtype, &dev);
+            let norm = RmsNorm::new(random(&[cols], dtype, &dev), 1e-6);
+            let p = PendingNorm {
+                residual: &x,
+                delta: &delta,
+                norm: &norm,
+            };
+            let (want_sum, normed) = add_rms_norm(&x, &delta, &norm).expect("add_rms_norm");
+            let check_sum = |sum: Option<Tensor>, write: bool, case: &str| match sum {
+                Some(sum) => {
+                    assert!(write, "{case}: a residual nobody asked for");
+                    assert_eq!(rel_diff(&sum, &want_sum), 0.0, "{case} residual");
+                }
+                None => assert!(!write, "{case}: no residual"),
+            };
+            // Dense: one row per warp (6144: fewer rows than the grid holds warps) and several
+            // (24576 rows: each warp takes five or six in turn).
+            for rows in [6144, 24576] {
+                let case = format!("{dtype:?} dense {rows}");
+                let w = random(&[rows, cols], dtype, &dev);
+                assert!(gemv_norm_applies(&p, &w), "{case}");
+                for write in [true, false] {
+                    let (got, sum) = gemv_norm(&p, &w, write).expect("gemv_norm");
+                    let want = gemv(&normed, &w).expect("gemv");
+                    let e = rel_diff(&got, &want);
+                    assert!(e <= tolerance(dtype), "{case}: {e}");
+                    check_sum(sum, write, &case);
+                }
+            }
+            for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+                let case = format!("{dtype:?} {format:?}");
+                let w = random(&[6144, cols], DType::F32, &dev);
+                let q = QTensor::quantize(&w, format).expect("quantize");
+                assert!(quant_gemv_norm_applies(&p, &q), "{case}");
+                for write in [true, false] {
+                    let (got, sum) = quant_gemv_norm(&p, &q, write).expect("quant_gemv_norm");
+                    let want = quant_gemv(&normed, &q).expect("quant_gemv");
+                    let e = rel_diff(&got, &want);
+                    assert!(e <= tolerance(dtype), "{case}: {e}");
+                    check_sum(sum, write, &case);
                 }
             }
         }

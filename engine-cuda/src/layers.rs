@@ -61,6 +61,31 @@ impl Linear {
         }
     }
 
+    /// Whether [`Linear::forward_pending`] runs as one kernel: a product served by the
+    /// engine's GEMV kernels (no bias) over an input they can form.
+    fn serves_pending(&self, p: &PendingNorm<'_>) -> bool {
+        self.bias.is_none()
+            && match &self.weight {
+                QMatMul::Tensor(w) => crate::fused::gemv_norm_applies(p, w),
+                QMatMul::QTensor(w) => crate::fused::quant_gemv_norm_applies(p, w),
+                QMatMul::TensorF16(_) => false,
+            }
+    }
+
+    /// The layer over `norm(residual + delta)` formed in the product's own launch, and the new
+    /// residual when `write_sum`. Only when [`Linear::serves_pending`] holds.
+    fn forward_pending(
+        &self,
+        p: &PendingNorm<'_>,
+        write_sum: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        match &self.weight {
+            QMatMul::Tensor(w) => crate::fused::gemv_norm(p, w, write_sum),
+            QMatMul::QTensor(w) => crate::fused::quant_gemv_norm(p, w, write_sum),
+            QMatMul::TensorF16(_) => candle_core::bail!("no fused product over this weight"),
+        }
+    }
+
     /// The weight's storage type, for messages.
     fn weight_dtype(&self) -> String {
         match &self.weight {
@@ -253,22 +278,63 @@ impl Projections {
     /// product there.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let tokens = x.elem_count() / x.dim(D::Minus1)?.max(1);
+        self.forward_with(tokens > 1 && !crate::fused::applies(x), &mut |l| {
+            l.forward(x)
+        })
+    }
+
+    /// Each projection of the layer input `input`, and the new residual when the input was
+    /// pending. At one token, when every product here can form the input itself, it is never
+    /// materialised: each product's kernel adds and normalises in its prologue, and the first
+    /// stores the residual. Otherwise it is formed first ([`LayerInput::materialize`]).
+    pub fn forward_input(&self, input: &LayerInput<'_>) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+        let LayerInput::Pending(p) = input else {
+            let (x, _) = input.materialize()?;
+            return Ok((self.forward(&x)?, None));
+        };
+        if !self.products().iter().all(|l| l.serves_pending(p)) {
+            let (x, residual) = input.materialize()?;
+            return Ok((self.forward(&x)?, residual));
+        }
+        let mut residual = None;
+        let outputs = self.forward_with(false, &mut |l| {
+            let (y, sum) = l.forward_pending(p, residual.is_none())?;
+            residual = residual.take().or(sum);
+            Ok(y)
+        })?;
+        Ok((outputs, residual))
+    }
+
+    /// The products this runs, in order.
+    fn products(&self) -> Vec<&Linear> {
         match self {
-            Self::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Self::Separate(parts) => parts.iter().collect(),
+            Self::Runs(runs) => runs.iter().flat_map(Self::products).collect(),
+            Self::Fused { linear, .. } => vec![linear],
+        }
+    }
+
+    /// The projections, each product computed by `product`; `by_views`: dense stacked
+    /// weights as separate products over their views (several tokens off the fused path).
+    fn forward_with(
+        &self,
+        by_views: bool,
+        product: &mut dyn FnMut(&Linear) -> Result<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Separate(parts) => parts.iter().map(&mut *product).collect(),
             Self::Runs(runs) => {
                 let mut out = Vec::new();
                 for run in runs {
-                    out.extend(run.forward(x)?);
+                    out.extend(run.forward_with(by_views, product)?);
                 }
                 Ok(out)
             }
-            Self::Fused { views, .. }
-                if tokens > 1 && !views.is_empty() && !crate::fused::applies(x) =>
-            {
-                views.iter().map(|p| p.forward(x)).collect()
+            Self::Fused { views, .. } if by_views && !views.is_empty() => {
+                views.iter().map(&mut *product).collect()
             }
             Self::Fused { linear, widths, .. } => {
-                let y = linear.forward(x)?;
+                let y = product(linear)?;
                 let mut start = 0;
                 widths
                     .iter()
@@ -329,6 +395,46 @@ impl RmsNorm {
 
     pub fn eps(&self) -> f32 {
         self.eps
+    }
+}
+
+/// A layer's input still to be formed: `norm(residual + delta)`, where `residual + delta` is
+/// also the new residual stream. On the GPU at one token the product that takes it forms it in
+/// its own launch ([`Projections::forward_input`]).
+#[derive(Clone, Copy)]
+pub struct PendingNorm<'a> {
+    pub residual: &'a Tensor,
+    pub delta: &'a Tensor,
+    pub norm: &'a RmsNorm,
+}
+
+/// The input of a layer's attention or feed-forward block.
+#[derive(Clone, Copy)]
+pub enum LayerInput<'a> {
+    /// Already normalised (the first layer's, from the embeddings).
+    Ready(&'a Tensor),
+    Pending(PendingNorm<'a>),
+}
+
+impl LayerInput<'_> {
+    /// The input as a tensor, and the new residual when it was pending (the residual add and
+    /// the norm in one launch on the GPU, [`crate::fused::add_rms_norm`]).
+    pub fn materialize(&self) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Self::Ready(x) => Ok(((*x).clone(), None)),
+            Self::Pending(p) => {
+                let (sum, normed) = crate::fused::add_rms_norm(p.residual, p.delta, p.norm)?;
+                Ok((normed, Some(sum)))
+            }
+        }
+    }
+
+    /// The input's shape (that of the residual when pending).
+    pub fn dims(&self) -> &[usize] {
+        match self {
+            Self::Ready(x) => x.dims(),
+            Self::Pending(p) => p.residual.dims(),
+        }
     }
 }
 
@@ -681,30 +787,51 @@ impl Attention {
             .map(drop)
     }
 
-    /// `x`: `(1, len, hidden)`; positions start at the cache length. `mask`: from
+    /// `input`: `(1, len, hidden)`; positions start at the cache length. `mask`: from
     /// [`causal_mask`], needed for several queries unless the fused kernels serve them (then, as
-    /// for a single query, `None`).
+    /// for a single query, `None`). Returns the output and, for a pending input, the new
+    /// residual stream.
     ///
     /// `at`: a decode step captured into a CUDA graph, whose position the kernels read on the
     /// device ([`crate::fused::DevicePosition`]); only the fused one-token path serves it.
     pub fn forward(
         &mut self,
-        x: &Tensor,
+        input: &LayerInput<'_>,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        at: Option<&crate::fused::DevicePosition>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let &[b, len, _] = input.dims() else {
+            candle_core::bail!(
+                "attention takes (batch, len, hidden), got {:?}",
+                input.dims()
+            );
+        };
+        if b != 1 {
+            candle_core::bail!("attention supports one sequence, got batch {b}");
+        }
+        let (qkv, residual) = self.qkv.forward_input(input)?;
+        let [q, k, v]: [Tensor; 3] = qkv
+            .try_into()
+            .map_err(|_| candle_core::Error::msg("attention needs q, k and v projections"))?;
+        Ok((self.attend(q, k, v, len, rope, mask, at)?, residual))
+    }
+
+    /// Attention of the `len` new positions' projections over the cache, then the output
+    /// projection.
+    #[allow(clippy::too_many_arguments, reason = "the parts of one forward step")]
+    fn attend(
+        &mut self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        len: usize,
         rope: &Rope,
         mask: Option<&Tensor>,
         at: Option<&crate::fused::DevicePosition>,
     ) -> Result<Tensor> {
-        let (b, len, _) = x.dims3()?;
-        if b != 1 {
-            candle_core::bail!("attention supports one sequence, got batch {b}");
-        }
         let offset = self.cache.len();
         let (h, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let [q, k, v]: [Tensor; 3] = self
-            .qkv
-            .forward(x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::msg("attention needs q, k and v projections"))?;
         let groups = h / kvh;
         #[allow(clippy::cast_precision_loss, reason = "head_dim is small")]
         let scale = 1.0 / (hd as f64).sqrt();
@@ -832,12 +959,20 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = self
-            .gate_up
-            .forward(x)?
+        self.forward_input(&LayerInput::Ready(x)).map(|(y, _)| y)
+    }
+
+    /// As [`Mlp::forward`] over a layer input that may still be pending; returns the new
+    /// residual too when it was.
+    pub fn forward_input(&self, input: &LayerInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        let (gate_up, residual) = self.gate_up.forward_input(input)?;
+        let [gate, up]: [Tensor; 2] = gate_up
             .try_into()
             .map_err(|_| candle_core::Error::msg("the MLP needs gate and up projections"))?;
-        self.down_proj.forward(&crate::fused::silu_mul(&gate, &up)?)
+        let y = self
+            .down_proj
+            .forward(&crate::fused::silu_mul(&gate, &up)?)?;
+        Ok((y, residual))
     }
 
     pub fn size_in_bytes(&self) -> usize {

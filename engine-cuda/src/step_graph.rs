@@ -1,9 +1,11 @@
-//! Greedy decode steps replayed from a CUDA graph (`HELEXA_ENGINE_GRAPH=1`; off by default
-//! until it has been measured on a GPU).
+//! Greedy decode steps replayed from a CUDA graph (on by default; `HELEXA_ENGINE_GRAPH=0`
+//! turns it off).
 //!
-//! Why: on the H200 machine the host takes 1.8–3.0 ms to queue a quantized token's ~400 kernel
-//! launches, most of the token (docs/benchmarks.md, sixth session). A graph replays them with
-//! one launch.
+//! Why: the host takes 1.8–3.0 ms to queue a quantized token's ~400 kernel launches on the
+//! H200 machine, as long as the GPU takes to run them, so a slow or busy host core slowed the
+//! token (docs/benchmarks.md, sixth session). A graph replays them with one launch: measured,
+//! the host's share of a step fell from 51–79% to ~0%, and the step is then the GPU's own time
+//! (seventh session).
 //!
 //! How (docs/plan-decode-graph.md):
 //! - A replay re-runs the captured kernels with the arguments of the capture, so nothing that
@@ -34,10 +36,10 @@ use crate::models::CausalLm;
 /// Positions one capture serves: a step is captured again every `BAND` tokens.
 const BAND: usize = 256;
 
-/// Whether `HELEXA_ENGINE_GRAPH=1` asks for graph replay.
+/// Whether graph replay is on (`HELEXA_ENGINE_GRAPH=0` turns it off).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_GRAPH").is_ok_and(|v| v == "1"))
+    crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH")
 }
 
 /// What a [`StepGraph::step`] did.

@@ -12,16 +12,15 @@
 #                                       # layer over one prompt (default bf16, 2048 tokens; ncu)
 #   scripts/device/gpu-check.sh gemv-profile [FORMATS]  # Nsight Compute sections (throughput,
 #                                       # memory, occupancy, warp stalls) per GEMV launch
-#   scripts/device/gpu-check.sh all     # the next visit's first call (~6 min of the 10 a call
-#                                       # may take; measured parts: check ~2.5, synthesis ~1.5,
-#                                       # a decode-only bench of three formats ~1): check, and
-#                                       # greedy decode with HELEXA_ENGINE_GRAPH=1 and without
-#                                       # (speed, and greedy tokens compared). The full `bench`
-#                                       # (~4 min) takes a second call; other switches: `bench`
-#                                       # with them set, as docs/benchmarks.md records; outputs
-#                                       # folded into three files
-#                                       # (fold_outputs.py). Kernel breakdowns (`kernels`,
-#                                       # `prefill-kernels`) take a second call.
+#   scripts/device/gpu-check.sh omit-sweep   # decode step time (graph on) with each kernel
+#                                       # class left out in turn, and without PDL (~5 min)
+#   scripts/device/gpu-check.sh all     # the next visit's first call (~7 min of the 10 a call
+#                                       # may take): check, then decode-only benches of the
+#                                       # three formats with the defaults and with each decode
+#                                       # switch off in turn (ALL_SWITCHES), greedy tokens
+#                                       # compared with the defaults'; outputs folded into
+#                                       # three files (fold_outputs.py). The full `bench`
+#                                       # (~4 min) and kernel breakdowns take a second call.
 #
 # The PTX JIT cache lives in /tmp/jc and is returned as $OUT/jitcache.tgz; carry it back in
 # .carry/ to skip the ~13 s JIT on the next fresh machine. Synthesized models stay in
@@ -54,15 +53,44 @@ case "$mode" in
 all)
   # Each step is bounded so that one that hangs still leaves time to fold what the others wrote
   # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
-  timeout 200 "$0" check || status=1
-  # Greedy decode replayed from a CUDA graph (HELEXA_ENGINE_GRAPH=1), all three formats, then
-  # the same without it in the same call: speed and greedy tokens on and off. (The first bench
-  # also synthesizes the models, ~90 s.)
+  timeout 220 "$0" check || status=1
+  # Greedy decode of the three formats with the defaults, then with one decode switch off at a
+  # time (ALL_SWITCHES, space-separated VAR=0 settings): speed, and greedy tokens against the
+  # defaults'. The first bench also synthesizes the models (~70 s).
   decode="--prefill 512 --decode-context 0"
-  BENCH_ARGS="$decode" BENCH_TAG=graph HELEXA_ENGINE_GRAPH=1 timeout 200 "$0" bench || status=1
-  BENCH_ARGS="$decode" BENCH_TAG=nograph timeout 100 "$0" bench || status=1
-  python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-graph.json" \
-    "$OUT/bench-bf16-q8_0-q4_k_m-nograph.json" > "$OUT/graph-greedy.txt" 2>&1
+  BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
+  grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
+  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_ATTENTION_MERGE=0 HELEXA_ENGINE_GRAPH=0}; do
+    tag=$(echo "${setting#HELEXA_ENGINE_}" | tr 'A-Z_=' 'a-z--')
+    env "$setting" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
+    grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
+    python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" \
+      "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" > "$OUT/greedy-$tag.txt" 2>&1
+    tail -1 "$OUT/greedy-$tag.txt" | sed "s/^/$tag greedy vs defaults: /"
+  done
+  python3 scripts/device/fold_outputs.py "$OUT"
+  exit $status
+  ;;
+omit-sweep)
+  # What each kernel class costs inside a decode step replayed from a CUDA graph: the
+  # three formats decode-only with the graph on, then again with one class's launches
+  # skipped (HELEXA_ENGINE_OMIT, a measurement aid: the tokens are garbage then) and with
+  # programmatic dependent launch off. Step time differences are each class's cost in the
+  # stream, gaps included.
+  decode="--prefill 512 --decode-context 0"
+  run_variant() { # run_variant TAG [VAR=VALUE...]
+    local tag=$1; shift
+    env HELEXA_ENGINE_GRAPH=1 "$@" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 150 "$0" bench \
+      > /dev/null 2>&1 || status=1
+    grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
+  }
+  run_variant graph
+  run_variant no-norm HELEXA_ENGINE_OMIT=add_rms_norm
+  run_variant no-silu HELEXA_ENGINE_OMIT=silu_mul
+  run_variant no-rope HELEXA_ENGINE_OMIT=qk_norm_rope_cache
+  run_variant no-attention HELEXA_ENGINE_OMIT=decode_attention,attn_combine
+  run_variant gemv-only HELEXA_ENGINE_OMIT=add_rms_norm,silu_mul,qk_norm_rope_cache,decode_attention,attn_combine,gather_rows,argmax
+  run_variant no-pdl HELEXA_ENGINE_PDL=0
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;
@@ -152,7 +180,7 @@ gemv-profile)
     echo "gemv-profile $format: exit $? ($(grep -c '^  [a-z_0-9]*gemv' "$OUT/gemv-profile-$format.txt") launches)"
   done
   ;;
-*) echo "unknown mode $mode (check | bench | kernels | prefill-kernels | gemv-profile | all)"; exit 2 ;;
+*) echo "unknown mode $mode (check | bench | kernels | prefill-kernels | gemv-profile | omit-sweep | all)"; exit 2 ;;
 esac
 tar -C /tmp -czf "$OUT/jitcache.tgz" jc 2>/dev/null
 exit $status

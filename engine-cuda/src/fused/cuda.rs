@@ -69,10 +69,37 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
-/// Drops this thread's kernel handles: a faulted device's context can only be released (and
-/// a fresh one created) once nothing holds it.
+thread_local! {
+    /// The decode attention's split counters by device (`split_counters`).
+    static SPLIT_COUNTERS: RefCell<HashMap<DeviceId, CudaSlice<u32>>> =
+        RefCell::new(HashMap::new());
+}
+
+/// Drops this thread's kernel handles and device buffers: a faulted device's context can only
+/// be released (and a fresh one created) once nothing holds it.
 pub fn forget_kernel_handles() {
     FUNCTIONS.with_borrow_mut(HashMap::clear);
+    SPLIT_COUNTERS.with_borrow_mut(HashMap::clear);
+}
+
+/// Most KV heads a decode attention's in-kernel merge counts splits for.
+const MAX_COUNTED_KV_HEADS: usize = 1024;
+
+/// The device address of its counters of finished splits per KV head, for the decode
+/// attention's in-kernel merge: zeroed once and left zero by every launch (its last block per
+/// head resets its own), so one buffer serves every launch on the device's stream, a captured
+/// graph's included. It lives in this thread's map until `forget_kernel_handles`.
+fn split_counters(dev: &CudaDevice, stream: &CudaStream) -> Result<u64> {
+    SPLIT_COUNTERS.with_borrow_mut(|m| {
+        let counters = match m.entry(dev.id()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(dev.alloc_zeros::<u32>(MAX_COUNTED_KV_HEADS)?)
+            }
+        };
+        let (address, _) = counters.device_ptr(stream);
+        Ok(address)
+    })
 }
 
 /// A kernel of the PTX module `module` (loaded on first use) and the stream to launch it on.
@@ -95,6 +122,7 @@ fn module_function(
             let f = dev
                 .get_or_load_custom_func(name, module, ptx)?
                 .into_cuda_function();
+            super::launch::note_omitted(name, &f);
             FUNCTIONS.with_borrow_mut(|fs| fs.insert(key, f.clone()));
             f
         }
@@ -466,9 +494,18 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
     let (cap_a, len_a, chunk_a, max_splits_a) =
         (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
+    // The splits merged by the attention kernel's last block per KV head (one launch), unless
+    // switched off: then by attn_combine.
+    let merge_in_kernel =
+        splits > 1 && kvh <= MAX_COUNTED_KV_HEADS && super::attention_merge_in_kernel();
     let at_part = if pos.is_some() { "at_" } else { "" };
     let name = format!("decode_attention_{at_part}{sfx}_e{}_g{groups}", hd / 32);
     let (f, stream) = function(dev, &name)?;
+    let counters = if merge_in_kernel {
+        split_counters(dev, &stream)?
+    } else {
+        0 // null: the kernel leaves the merge to attn_combine
+    };
     let mut b = Args::new(&stream);
     b.input(&qv)
         .input(&kv)
@@ -477,6 +514,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         .output(&mut part_o)
         .output(&mut part_ml);
     b.value(&cap_a).value(&len_a).value(&chunk_a).value(&scale);
+    b.value(&counters);
     if let Some(pos) = &pos {
         b.input(pos).value(&max_splits_a);
     }
@@ -487,10 +525,11 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked; with
     // a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
-    // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
-    // name); argument types match `decode_attention_[at_]<T>_e<hd/32>_g<groups>`.
+    // partials heads × splits × (hd | 2), the split counters (if any) at least kv_heads zeros
+    // that the kernel leaves zero; the kernel's template matches hd and groups (its name);
+    // argument types match `decode_attention_[at_]<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
-    if splits > 1 {
+    if splits > 1 && !merge_in_kernel {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
         let (f, stream) = function(dev, &format!("attn_combine_{sfx}"))?;
         let mut b = Args::new(&stream);
@@ -669,10 +708,103 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w))
+    by_dtype!(x.dtype(), gemv_t(x, w, None)).map(|(y, _)| y)
 }
 
-fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Result<Tensor> {
+/// A product's input formed in its prologue: `norm(x + delta)` with the norm's `weight` and
+/// `eps`, as `add_rms_norm` computes it (`residual_norm_scale` in `kernels/common.cuh`).
+pub struct NormInput<'a> {
+    pub delta: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub eps: f32,
+    /// Whether the kernel also stores the new residual `x + delta` (one product of a layer's
+    /// input does).
+    pub write_sum: bool,
+}
+
+/// `gemv` over `norm(x + delta)`; also the new residual when `norm.write_sum`.
+pub fn gemv_norm(x: &Tensor, w: &Tensor, norm: &NormInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
+    by_dtype!(x.dtype(), gemv_t(x, w, Some(norm)))
+}
+
+/// Blocks per SM of `gemv_norm_<T>` (`GEMV_NORM_BLOCKS` in the kernel): its grid is what is
+/// resident at once, so that each block forms the input once.
+const GEMV_NORM_BLOCKS_PER_SM: usize = 4;
+
+/// The norm input's device buffers, checked against x: delta like x, the weight `(cols,)`,
+/// both 16-byte aligned; and the residual buffer when asked for (uninitialised: block 0 writes
+/// it whole).
+struct NormBuffers<'g, T: CudaDType> {
+    delta: CudaView<'g, T>,
+    weight: CudaView<'g, T>,
+    sum: Option<CudaSlice<T>>,
+}
+
+fn norm_buffers<'g, T: CudaDType + DeviceRepr>(
+    op: &str,
+    x: &Tensor,
+    norm: &NormInput<'_>,
+    guards: &'g [(StorageRef<'_>, &Layout); 2],
+    dev: &CudaDevice,
+) -> Result<NormBuffers<'g, T>> {
+    let cols = x.elem_count();
+    let aligned = guards.iter().all(|(_, l)| l.start_offset() % 8 == 0);
+    if norm.delta.dims() != x.dims()
+        || !norm.delta.is_contiguous()
+        || norm.weight.dims() != [cols]
+        || !norm.weight.is_contiguous()
+        || !aligned
+    {
+        bail!(
+            "{op}: norm input delta {:?} / weight {:?} against x {:?}",
+            norm.delta.dims(),
+            norm.weight.dims(),
+            x.dims()
+        );
+    }
+    let [delta, weight] = views::<T, 2>(guards)?;
+    // SAFETY: uninitialised; block 0 of the kernel writes every element.
+    let sum = norm
+        .write_sum
+        .then(|| unsafe { dev.alloc::<T>(cols) })
+        .transpose()?;
+    Ok(NormBuffers { delta, weight, sum })
+}
+
+/// Appends the norm input's kernel arguments (`delta, norm_w, sum` or null).
+fn norm_args<'a, T: CudaDType>(b: &mut Args<'a>, n: &'a mut NormBuffers<'_, T>) {
+    b.input(&n.delta).input(&n.weight);
+    match n.sum.as_mut() {
+        Some(sum) => b.output(sum),
+        None => b.null(),
+    };
+}
+
+/// `y` shaped as `x` with `rows` as its last dimension.
+fn product_shape(x: &Tensor, rows: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    dims
+}
+
+/// The residual, shaped as `x`, if the kernel wrote one.
+fn residual<T: CudaDType>(
+    n: Option<NormBuffers<'_, T>>,
+    dev: &CudaDevice,
+    x: &Tensor,
+) -> Option<Tensor> {
+    n.and_then(|n| n.sum)
+        .map(|sum| wrap(sum, dev, x.shape().clone()))
+}
+
+fn gemv_t<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    w: &Tensor,
+    norm: Option<&NormInput<'_>>,
+    sfx: &str,
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = x.device().as_cuda_device()?;
     let (rows, cols) = w.dims2()?;
     if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
@@ -684,30 +816,52 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
         bail!("gemv: operands not 16-byte aligned");
     }
     let (xv, wv) = (view::<T>(&xs, xl)?, view::<T>(&ws, wl)?);
+    let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
+    let mut norm_bufs = match (norm, &norm_guards) {
+        (Some(n), Some(g)) => Some(norm_buffers::<T>("gemv", x, n, g, dev)?),
+        _ => None,
+    };
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
-    let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
+    let eps = norm.map_or(0.0, |n| n.eps);
+    let name = if norm.is_some() { "gemv_norm" } else { "gemv" };
+    let (f, stream) = function(dev, &format!("{name}_{sfx}"))?;
     let mut b = Args::new(&stream);
-    b.input(&wv)
-        .input(&xv)
-        .output(&mut y)
-        .value(&rows_a)
-        .value(&cols_a);
+    b.input(&wv).input(&xv);
+    let (blocks, shared) = match norm_bufs.as_mut() {
+        None => (rows.div_ceil(GEMV_WARPS), 0),
+        Some(n) => {
+            norm_args(&mut b, n);
+            let sms = device_attribute(
+                stream.context(),
+                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )?;
+            let resident = GEMV_NORM_BLOCKS_PER_SM * usize::try_from(sms).unwrap_or(1).max(1);
+            // The formed input, cols elements of T (16-bit: at most 48 KB below 24k columns).
+            let bytes = dynamic_shared(&f, cols * std::mem::size_of::<T>())?;
+            (rows.div_ceil(GEMV_WARPS).min(resident), bytes)
+        }
+    };
+    b.output(&mut y).value(&rows_a).value(&cols_a);
+    if norm.is_some() {
+        b.value(&eps);
+    }
     let cfg = LaunchConfig {
-        grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
+        grid_dim: (grid(blocks)?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: shared,
     };
     // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
-    // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
-    // `gemv_<T>`.
+    // (checked: the kernel reads 8 elements at a time); y holds rows; with a norm input, delta
+    // holds cols, the norm weight cols and sum (if any) cols elements, 16-byte aligned
+    // (checked in `norm_buffers`), and the shared memory is cols elements; argument types
+    // match `gemv_<T>` / `gemv_norm_<T>`.
     unsafe { b.launch(&f, cfg) }?;
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = rows;
-    }
-    Ok(wrap(y, dev, dims))
+    Ok((
+        wrap(y, dev, product_shape(x, rows)),
+        residual(norm_bufs, dev, x),
+    ))
 }
 
 /// How to launch the quantized GEMV for one weight (worked out by the caller in `fused.rs`).
@@ -732,15 +886,27 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
 pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
-    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch))
+    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch, None)).map(|(y, _)| y)
+}
+
+/// `quant_gemv` over `norm(x + delta)` (16-bit activations); also the new residual when
+/// `norm.write_sum`.
+pub fn quant_gemv_norm(
+    x: &Tensor,
+    w: &QTensor,
+    launch: &QuantGemv,
+    norm: &NormInput<'_>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch, Some(norm)))
 }
 
 fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
     w: &QTensor,
     launch: &QuantGemv,
+    norm: Option<&NormInput<'_>>,
     sfx: &str,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = x.device().as_cuda_device()?;
     let (rows, cols) = w.shape().dims2()?;
     if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
@@ -748,11 +914,21 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     }
     let (xs, xl) = x.storage_and_layout();
     let xv = view::<T>(&xs, xl)?;
+    let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
+    let mut norm_bufs = match (norm, &norm_guards) {
+        (Some(n), Some(g)) => Some(norm_buffers::<T>("quant_gemv", x, n, g, dev)?),
+        _ => None,
+    };
+    let name = if norm.is_some() {
+        "quant_gemv_norm"
+    } else {
+        "quant_gemv"
+    };
     let (f, stream) = module_function(
         dev,
         "helexa_quant_gemv",
         QUANT_GEMV_PTX,
-        &format!("quant_gemv_{}_{sfx}_s{}", launch.format, launch.stages),
+        &format!("{name}_{}_{sfx}_s{}", launch.format, launch.stages),
     )?;
     let (w_ptr, _w_guard) = w.device_ptr_with_guard(&stream)?;
     let w_addr = w_ptr as u64;
@@ -779,9 +955,14 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .div_ceil(launch.warps)
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
+    let eps = norm.map_or(0.0, |n| n.eps);
     let mut b = Args::new(&stream);
     b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
+    if let Some(n) = norm_bufs.as_mut() {
+        norm_args(&mut b, n);
+        b.value(&eps);
+    }
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
     let cfg = LaunchConfig {
@@ -791,15 +972,16 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
     // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
-    // holds cols elements and y rows; shared_bytes is what the kernel lays out for cols (opted
-    // in above); argument types match `quant_gemv_<format>_<T>`
-    // (the weight pointer travels as a u64, the size of a device pointer).
+    // holds cols elements and y rows; with a norm input, delta, the norm weight and sum (if
+    // any) hold cols elements, 16-byte aligned (checked); shared_bytes is what the kernel lays
+    // out for cols (opted in above); argument types match `quant_gemv_<format>_<T>` /
+    // `quant_gemv_norm_<format>_<T>` (the weight pointer travels as a u64, the size of a
+    // device pointer).
     unsafe { b.launch(&f, cfg) }?;
-    let mut dims = x.dims().to_vec();
-    if let Some(last) = dims.last_mut() {
-        *last = rows;
-    }
-    Ok(wrap(y, dev, dims))
+    Ok((
+        wrap(y, dev, product_shape(x, rows)),
+        residual(norm_bufs, dev, x),
+    ))
 }
 
 pub fn argmax(logits: &Tensor) -> Result<u32> {

@@ -76,8 +76,13 @@ impl<'a> Args<'a> {
     pub fn input_or_null<T>(&mut self, buf: Option<&'a impl DevicePtr<T>>) -> &mut Self {
         match buf {
             Some(buf) => self.input(buf),
-            None => self.value(&NULL),
+            None => self.null(),
         }
+    }
+
+    /// A null pointer for a buffer the kernel then leaves alone (an optional output).
+    pub fn null(&mut self) -> &mut Self {
+        self.value(&NULL)
     }
 
     /// A buffer the kernel writes.
@@ -100,6 +105,9 @@ impl<'a> Args<'a> {
     /// buffer must be as large as the kernel reads and writes for `cfg`; `f` must call
     /// `wait_for_previous_kernel` before it touches any memory another kernel writes.
     pub unsafe fn launch(self, f: &CudaFunction, cfg: LaunchConfig) -> Result<()> {
+        if is_omitted(f) {
+            return Ok(());
+        }
         let ctx = self.stream.context();
         ctx.bind_to_thread().w()?;
         // SAFETY: a plain-old-data union; the zero pattern is "no value" for every member.
@@ -155,6 +163,51 @@ impl<'a> Args<'a> {
         drop(self.guards);
         Ok(())
     }
+}
+
+/// Kernel-name prefixes from `HELEXA_ENGINE_OMIT` (comma-separated; a measurement aid, not a
+/// mode: results are wrong with it). Their launches are skipped and their outputs left as
+/// allocated, so that a decode step's time with and without one kernel class, replayed from a
+/// CUDA graph, says what that class costs in the stream (its own time plus the gap it adds),
+/// which per-kernel profiles taken one kernel at a time cannot.
+fn omitted_prefixes() -> &'static [String] {
+    static PREFIXES: OnceLock<Vec<String>> = OnceLock::new();
+    PREFIXES.get_or_init(|| {
+        let v: Vec<String> = std::env::var("HELEXA_ENGINE_OMIT")
+            .unwrap_or_default()
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if !v.is_empty() {
+            eprintln!("helexa-engine-cuda: HELEXA_ENGINE_OMIT={v:?}: those kernels are not launched; results are wrong");
+        }
+        v
+    })
+}
+
+/// The driver handles of the kernels [`omitted_prefixes`] names, as they are loaded.
+static OMITTED: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+/// Records `f` (just loaded as `name`) as omitted when a prefix names it.
+pub(super) fn note_omitted(name: &str, f: &CudaFunction) {
+    if omitted_prefixes()
+        .iter()
+        .any(|p| name.starts_with(p.as_str()))
+    {
+        OMITTED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(f.cu_function() as usize);
+    }
+}
+
+fn is_omitted(f: &CudaFunction) -> bool {
+    !omitted_prefixes().is_empty()
+        && OMITTED
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(&(f.cu_function() as usize))
 }
 
 /// Set when the driver refused the attribute once.

@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use crate::fused::{self, DevicePosition};
 use crate::layers::{
-    Attention, KvCache, Linear, Mlp, RmsNorm, Rope, RopeParameters, RopeScaling, RopeStyle,
-    causal_mask, last_rows,
+    Attention, KvCache, LayerInput, Linear, Mlp, PendingNorm, RmsNorm, Rope, RopeParameters,
+    RopeScaling, RopeStyle, causal_mask, last_rows,
 };
 use crate::models::{CausalLm, Embedding};
 use crate::weights::{GgufFile, Weights};
@@ -109,6 +109,13 @@ pub struct DecoderOptions<'a> {
 pub trait FeedForward: Send {
     /// `x`: `(1, len, hidden)` → same shape.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// [`FeedForward::forward`] over a layer input that may still be pending; returns the new
+    /// residual too when it was. By default the input is formed first; a block whose first
+    /// products can form it themselves overrides this.
+    fn forward_input(&self, input: &LayerInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        let (x, residual) = input.materialize()?;
+        Ok((self.forward(&x)?, residual))
+    }
     fn size_in_bytes(&self) -> usize;
     /// Whether `forward` runs on the device alone (no host round trip, e.g. a router's choice
     /// read back), so that a decode step can be captured into a CUDA graph.
@@ -120,6 +127,10 @@ pub trait FeedForward: Send {
 impl FeedForward for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Mlp::forward(self, x)
+    }
+
+    fn forward_input(&self, input: &LayerInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        Mlp::forward_input(self, input)
     }
 
     fn size_in_bytes(&self) -> usize {
@@ -262,21 +273,42 @@ impl<F: FeedForward> Decoder<F> {
         } else {
             None
         };
-        // Each residual add is fused with the norm that follows it: the post-attention norm,
-        // the next layer's input norm, or the final norm.
-        let mut h = match self.layers.first() {
-            Some(l) => l.input_norm.forward(&x)?,
-            None => self.norm.forward(&x)?,
+        // Each residual add goes with the norm that follows it (the post-attention norm, the
+        // next layer's input norm, the final norm): one launch, or none where the next block's
+        // first products form their input themselves (`LayerInput::Pending`).
+        let Some(first) = self.layers.first() else {
+            return self.norm.forward(&x);
         };
-        for i in 0..self.layers.len() {
-            let l = &mut self.layers[i];
-            let attn = l.attn.forward(&h, &self.rope, mask.as_ref(), at)?;
-            (x, h) = fused::add_rms_norm(&x, &attn, &l.post_norm)?;
-            let ffn = l.ffn.forward(&h)?;
-            let next_norm = self.layers.get(i + 1).map_or(&self.norm, |n| &n.input_norm);
-            (x, h) = fused::add_rms_norm(&x, &ffn, next_norm)?;
+        let h = first.input_norm.forward(&x)?;
+        // The previous block's output, still to be added to `x` and normed.
+        let mut delta: Option<Tensor> = None;
+        for l in &mut self.layers {
+            let input = match &delta {
+                None => LayerInput::Ready(&h),
+                Some(d) => LayerInput::Pending(PendingNorm {
+                    residual: &x,
+                    delta: d,
+                    norm: &l.input_norm,
+                }),
+            };
+            let (attn, residual) = l.attn.forward(&input, &self.rope, mask.as_ref(), at)?;
+            if let Some(r) = residual {
+                x = r;
+            }
+            let (ffn, residual) = l.ffn.forward_input(&LayerInput::Pending(PendingNorm {
+                residual: &x,
+                delta: &attn,
+                norm: &l.post_norm,
+            }))?;
+            x = residual.ok_or_else(|| {
+                candle_core::Error::msg("a pending feed-forward input returns the residual")
+            })?;
+            delta = Some(ffn);
         }
-        Ok(h)
+        match delta {
+            Some(d) => fused::add_rms_norm(&x, &d, &self.norm).map(|(_, h)| h),
+            None => Ok(h),
+        }
     }
 }
 

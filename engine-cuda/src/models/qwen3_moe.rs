@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use serde::Deserialize;
 
-use crate::layers::{Linear, Mlp, RopeStyle, softmax_f32};
+use crate::layers::{LayerInput, Linear, Mlp, RopeStyle, softmax_f32};
 use crate::models::decoder::{Decoder, DecoderConfig, DecoderOptions, FeedForward, load_mlp};
 use crate::models::{CausalLm, ModelConfig};
 use crate::weights::{GgufFile, Weights};
@@ -183,6 +183,16 @@ impl FeedForward for Ffn {
         match self {
             Ffn::Dense(m) => m.forward(x),
             Ffn::Sparse(m) => m.forward(x),
+        }
+    }
+
+    fn forward_input(&self, input: &LayerInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        match self {
+            Ffn::Dense(m) => m.forward_input(input),
+            Ffn::Sparse(_) => {
+                let (x, residual) = input.materialize()?;
+                Ok((self.forward(&x)?, residual))
+            }
         }
     }
 
