@@ -105,6 +105,46 @@ __device__ float residual_norm_scale(const T *x, const T *delta, T *sum, int col
     return rsqrtf(block_sum(sq) / cols + eps);
 }
 
+// The normed input's elements e0 = 8·threadIdx.x and e1 = e0 + 8·blockDim.x into a and b, when
+// they are all of it (cols ≤ 16·blockDim.x, as an 8B model's 4096 over 256 threads): the sums
+// stay in registers and the norm weight is requested before the reduction, so forming the
+// input costs one round trip to L2 (x and delta), as reading a ready input does, plus the
+// block reduction. Same arithmetic as residual_norm_scale and normed8; block 0 stores the new
+// residual to `sum` when that is not null.
+template <typename T>
+__device__ void normed16(const T *x, const T *delta, const T *w, T *sum, int cols, float eps,
+                         float a[8], float b[8]) {
+    const int e0 = 8 * threadIdx.x, e1 = e0 + 8 * blockDim.x;
+    float wa[8], wb[8], t[8];
+    load8(w, e0, cols, wa);
+    load8(w, e1, cols, wb);
+    load8(x, e0, cols, a);
+    load8(delta, e0, cols, t);
+    float sq = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        a[i] = rnd<T>(a[i] + t[i]);
+        sq += a[i] * a[i];
+    }
+    load8(x, e1, cols, b);
+    load8(delta, e1, cols, t);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        b[i] = rnd<T>(b[i] + t[i]);
+        sq += b[i] * b[i];
+    }
+    if (sum != nullptr && blockIdx.x == 0) {
+        if (e0 < cols) store8(sum, e0, a);
+        if (e1 < cols) store8(sum, e1, b);
+    }
+    const float scale = rsqrtf(block_sum(sq) / cols + eps);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        a[i] = rnd<T>(scale * a[i] * wa[i]);
+        b[i] = rnd<T>(scale * b[i] * wb[i]);
+    }
+}
+
 // Elements e..e+7 of the normed input (e < cols, a multiple of 8).
 template <typename T>
 __device__ __forceinline__ void normed8(const T *x, const T *delta, const T *w, float scale, int e,

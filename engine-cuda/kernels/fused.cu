@@ -455,11 +455,19 @@ __device__ void gemv_norm(const T *w, const T *x, const T *delta, const T *norm_
     uint4 p0, p1, p2, p3;
     bool ahead = prefetch_row(wr, row < rows, lane, chunks, p0, p1, p2, p3);
     follow_previous_kernel();
-    const float scale = residual_norm_scale(x, delta, sum, cols, eps);
-    for (int e = 8 * threadIdx.x; e < cols; e += 8 * blockDim.x) {
-        float v[8];
-        normed8(x, delta, norm_w, scale, e, cols, v);
-        store8(xn, e, v);
+    if (cols <= 16 * (int)blockDim.x) {
+        float a[8], b[8];
+        normed16(x, delta, norm_w, sum, cols, eps, a, b);
+        const int e0 = 8 * threadIdx.x, e1 = e0 + 8 * blockDim.x;
+        if (e0 < cols) store8(xn, e0, a);
+        if (e1 < cols) store8(xn, e1, b);
+    } else {
+        const float scale = residual_norm_scale(x, delta, sum, cols, eps);
+        for (int e = 8 * threadIdx.x; e < cols; e += 8 * blockDim.x) {
+            float v[8];
+            normed8(x, delta, norm_w, scale, e, cols, v);
+            store8(xn, e, v);
+        }
     }
     __syncthreads();
     for (; row < rows; row += step, wr += (size_t)step * chunks, ahead = false) {

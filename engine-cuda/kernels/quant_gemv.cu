@@ -239,9 +239,10 @@ __device__ __forceinline__ void quantize8(const float v[8], int e, int cols, int
 // values, the block 2048 per step, and two steps' loads are issued before either is used, so
 // the prologue costs about one round trip to L2 per 4096 values rather than one per group.
 // `load(e, v)` gives the eight values from element e (zeros past cols).
+#define QG_X_STEP (QG_WARPS * 32 * 8) // values a block's threads take at once, eight each
 template <typename Load>
 __device__ void quantize_x(Load load, int cols, int8_t *q, float *d, float *sum) {
-    constexpr int STEP = QG_WARPS * 32 * 8;
+    constexpr int STEP = QG_X_STEP;
     for (int base = 0; base < cols; base += 2 * STEP) { // uniform over the block: shuffles stay full
         const int e0 = base + 8 * threadIdx.x, e1 = e0 + STEP;
         float a[8], b[8];
@@ -311,7 +312,13 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    if (NORM) {
+    if (NORM && cols <= 2 * QG_X_STEP) {
+        float a[8], b[8];
+        normed16(x, delta, norm_w, sum, cols, eps, a, b);
+        const int e0 = 8 * threadIdx.x; // quantize_x's two elements of this thread
+        quantize8(a, e0, cols, xq, xd, xs);
+        quantize8(b, e0 + QG_X_STEP, cols, xq, xd, xs);
+    } else if (NORM) {
         const float scale = residual_norm_scale(x, delta, sum, cols, eps);
         quantize_x([&](int e, float v[8]) { normed8(x, delta, norm_w, scale, e, cols, v); }, cols,
                    xq, xd, xs);

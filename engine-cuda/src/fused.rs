@@ -240,6 +240,17 @@ pub fn attention_merge_in_kernel() -> bool {
     switch(&ON, "HELEXA_ENGINE_ATTENTION_MERGE")
 }
 
+/// Allocates what [`decode_attention`] keeps per device, on a GPU; called before a decode step
+/// is captured into a CUDA graph (a capture cannot allocate).
+pub fn prepare_decode_attention(device: &candle_core::Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return cuda::prepare_decode_attention(dev);
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// Whether a layer's first products form their input themselves, the residual add and RMSNorm
 /// in their prologue ([`gemv_norm`], [`quant_gemv_norm`]), instead of a separate
 /// [`add_rms_norm`] launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off.

@@ -69,6 +69,12 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
+/// Allocates what the decode attention keeps per device (its split counters), so that a step
+/// captured into a CUDA graph finds it.
+pub fn prepare_decode_attention(dev: &CudaDevice) -> Result<()> {
+    split_counters(dev, &dev.cuda_stream()).map(drop)
+}
+
 thread_local! {
     /// The decode attention's split counters by device (`split_counters`).
     static SPLIT_COUNTERS: RefCell<HashMap<DeviceId, CudaSlice<u32>>> =
@@ -89,10 +95,17 @@ const MAX_COUNTED_KV_HEADS: usize = 1024;
 /// attention's in-kernel merge: zeroed once and left zero by every launch (its last block per
 /// head resets its own), so one buffer serves every launch on the device's stream, a captured
 /// graph's included. It lives in this thread's map until `forget_kernel_handles`.
+///
+/// Allocated on first use, which must not be inside a CUDA graph capture (an allocation and a
+/// memset there would be captured, not done): a step to be captured calls
+/// [`prepare_decode_attention`] first, and a capture that finds none refuses.
 fn split_counters(dev: &CudaDevice, stream: &CudaStream) -> Result<u64> {
     SPLIT_COUNTERS.with_borrow_mut(|m| {
         let counters = match m.entry(dev.id()) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(_) if super::capturing() => {
+                bail!("decode attention's split counters are allocated outside a capture")
+            }
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(dev.alloc_zeros::<u32>(MAX_COUNTED_KV_HEADS)?)
             }
