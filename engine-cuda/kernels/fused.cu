@@ -151,61 +151,10 @@ __device__ void gather_rows(const T *table, const unsigned *ids, T *out, int col
 // launch sized for L.
 #define ATTN_WARPS 8
 #define ATTN_ROWS 4
-
-// The in-kernel merge of decode_attention's splits (see `merged` below): every block publishes
-// its partials, then counts itself done; the last of its KV head reads all splits' partials
-// (from L2: other blocks wrote them) and writes the G heads' outputs. Same arithmetic as
-// attn_combine, the sum of weights taken per warp instead of per block. `scratch` holds at
-// least G·splits floats (decode_attention's s_o: ATTN_WARPS·G·HD ≥ 512·G, and splits ≤ 512).
-template <typename T, int HD, int G>
-__device__ void merge_splits(const float *part_o, const float *part_ml, T *out, unsigned *merged,
-                             float *scratch) {
-    __shared__ bool last;
-    __shared__ float total[G];
-    const int kvh = blockIdx.x, splits = gridDim.y;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    __threadfence(); // this block's partials before its count
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(&merged[kvh], 1u) == (unsigned)splits - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence(); // every count seen: the other blocks' partials are visible in L2
-    float *weight = scratch; // [G][splits]
-    if (warp < G) {
-        const float *ml = part_ml + (size_t)(kvh * G + warp) * splits * 2;
-        float mx = -INFINITY;
-        for (int t = lane; t < splits; t += 32) mx = fmaxf(mx, __ldcg(ml + 2 * t));
-        mx = warp_max(mx);
-        float sum = 0.0f;
-        for (int t = lane; t < splits; t += 32) {
-            const float m = __ldcg(ml + 2 * t);
-            const float f = m > -INFINITY ? __expf(m - mx) : 0.0f; // -inf: an empty chunk
-            weight[warp * splits + t] = f;
-            sum += __ldcg(ml + 2 * t + 1) * f;
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) total[warp] = sum;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
-        const int g = i / HD, d = i % HD, head = kvh * G + g;
-        const float *po = part_o + (size_t)head * splits * HD + d;
-        float o = 0.0f;
-#pragma unroll 8
-        for (int sp = 0; sp < splits; sp++) o += __ldcg(po + (size_t)sp * HD) * weight[g * splits + sp];
-        out[(size_t)head * HD + d] = from_f<T>(o / total[g]);
-    }
-    if (threadIdx.x == 0) merged[kvh] = 0; // ready for the next launch
-}
-// `merged`, when not null: per KV head a counter of finished splits (zero between launches).
-// The last block of a KV head to finish then merges its splits' partials itself, as
-// attn_combine would, and sets the counter back to zero: one launch fewer per layer (measured
-// on the H200: the attention's two launches cost ~7 µs of a decoded token per layer).
 template <typename T, int EPL, int G>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
-                                 float scale, const int *pos_at, int max_splits,
-                                 unsigned *merged) {
+                                 float scale, const int *pos_at, int max_splits) {
     follow_previous_kernel();
     if (pos_at != nullptr) {
         L = *pos_at + 1;
@@ -302,7 +251,6 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
             }
         }
     }
-    if (splits > 1 && merged != nullptr) merge_splits<T, HD, G>(part_o, part_ml, out, merged, &s_o[0][0]);
 }
 
 // Merges the splits of `decode_attention`: one block per query head (at least as many threads
@@ -389,92 +337,37 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     return acc;
 }
 
-// One row's dot product with x, in 16-byte chunks of 8 elements, four in flight per lane; the
-// row's first four chunks are already in p0..p3 when `ahead`. x in shared memory (SHARED_X) or
-// read through the read-only cache.
-template <typename T, bool SHARED_X>
-__device__ __forceinline__ float row_dot(const uint4 *wr, const uint4 *xr, int lane, int chunks,
-                                         bool ahead, uint4 p0, uint4 p1, uint4 p2, uint4 p3) {
-    auto xc = [&](int c) { return SHARED_X ? xr[c] : __ldg(xr + c); };
+template <typename T>
+__device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
+    const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
+    const uint4 *xr = reinterpret_cast<const uint4 *>(x);
+    const int chunks = cols / 8;
+    // The first four chunks are requested while the previous kernel may still be writing x.
+    const bool ahead = row < rows && lane + 96 < chunks;
+    uint4 p0, p1, p2, p3;
+    if (ahead) {
+        p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
+        p3 = __ldcs(wr + lane + 96);
+    }
+    follow_previous_kernel();
+    if (row >= rows) return;
     float acc = 0.0f;
     int c = lane;
     if (ahead) {
-        acc += dot8<T>(p0, xc(c)) + dot8<T>(p1, xc(c + 32)) + dot8<T>(p2, xc(c + 64)) +
-               dot8<T>(p3, xc(c + 96));
+        acc += dot8<T>(p0, __ldg(xr + c)) + dot8<T>(p1, __ldg(xr + c + 32)) +
+               dot8<T>(p2, __ldg(xr + c + 64)) + dot8<T>(p3, __ldg(xr + c + 96));
         c += 128;
     }
     for (; c + 96 < chunks; c += 128) {
         const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
                     w3 = __ldcs(wr + c + 96);
-        acc += dot8<T>(w0, xc(c)) + dot8<T>(w1, xc(c + 32)) + dot8<T>(w2, xc(c + 64)) +
-               dot8<T>(w3, xc(c + 96));
+        acc += dot8<T>(w0, __ldg(xr + c)) + dot8<T>(w1, __ldg(xr + c + 32)) +
+               dot8<T>(w2, __ldg(xr + c + 64)) + dot8<T>(w3, __ldg(xr + c + 96));
     }
-    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), xc(c));
-    return warp_sum(acc);
-}
-
-// The first four chunks of a row, requested while the previous kernel may still be writing x.
-__device__ __forceinline__ bool prefetch_row(const uint4 *wr, bool valid, int lane, int chunks,
-                                             uint4 &p0, uint4 &p1, uint4 &p2, uint4 &p3) {
-    const bool ahead = valid && lane + 96 < chunks;
-    if (ahead) {
-        p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
-        p3 = __ldcs(wr + lane + 96);
-    }
-    return ahead;
-}
-
-template <typename T>
-__device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
-    const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
-    const int chunks = cols / 8;
-    uint4 p0, p1, p2, p3;
-    const bool ahead = prefetch_row(wr, row < rows, lane, chunks, p0, p1, p2, p3);
-    follow_previous_kernel();
-    if (row >= rows) return;
-    const float acc = row_dot<T, false>(wr, reinterpret_cast<const uint4 *>(x), lane, chunks, ahead,
-                                        p0, p1, p2, p3);
+    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), __ldg(xr + c));
+    acc = warp_sum(acc);
     if (lane == 0) y[row] = from_f<T>(acc);
-}
-
-// y = W · norm(x + delta) (see residual_norm_scale in common.cuh), the input formed by every
-// block into its shared memory (cols elements of T). Fewer blocks than rows / GEMV_WARPS (as
-// many as are resident at once, the launcher's choice): each forms the input once and its warps
-// take rows in turn.
-#define GEMV_NORM_BLOCKS 4 // resident per SM: registers capped to fit (the launcher's grid)
-template <typename T>
-__device__ void gemv_norm(const T *w, const T *x, const T *delta, const T *norm_w, T *sum, T *y,
-                          int rows, int cols, float eps) {
-    extern __shared__ __align__(16) uint8_t gemv_smem[];
-    T *xn = reinterpret_cast<T *>(gemv_smem);
-    const int lane = threadIdx.x % 32, step = gridDim.x * GEMV_WARPS;
-    int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32;
-    const int chunks = cols / 8;
-    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
-    uint4 p0, p1, p2, p3;
-    bool ahead = prefetch_row(wr, row < rows, lane, chunks, p0, p1, p2, p3);
-    follow_previous_kernel();
-    if (cols <= 16 * (int)blockDim.x) {
-        float a[8], b[8];
-        normed16(x, delta, norm_w, sum, cols, eps, a, b);
-        const int e0 = 8 * threadIdx.x, e1 = e0 + 8 * blockDim.x;
-        if (e0 < cols) store8(xn, e0, a);
-        if (e1 < cols) store8(xn, e1, b);
-    } else {
-        const float scale = residual_norm_scale(x, delta, sum, cols, eps);
-        for (int e = 8 * threadIdx.x; e < cols; e += 8 * blockDim.x) {
-            float v[8];
-            normed8(x, delta, norm_w, scale, e, cols, v);
-            store8(xn, e, v);
-        }
-    }
-    __syncthreads();
-    for (; row < rows; row += step, wr += (size_t)step * chunks, ahead = false) {
-        const float acc = row_dot<T, true>(wr, reinterpret_cast<const uint4 *>(xn), lane, chunks,
-                                           ahead, p0, p1, p2, p3);
-        if (lane == 0) y[row] = from_f<T>(acc);
-    }
 }
 
 // ---- attention output layout ---------------------------------------------------------------------
@@ -595,16 +488,15 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
 #define DECODE_ATTN(T, SUF, EPL, G)                                                                 \
     extern "C" __global__ void decode_attention_##SUF##_e##EPL##_g##G(                              \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
-        int cap, int L, int chunk, float scale, unsigned *merged) {                                 \
+        int cap, int L, int chunk, float scale) {                                                   \
         decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
-                                    scale, nullptr, 0, merged);                                     \
+                                    scale, nullptr, 0);                                             \
     }                                                                                               \
     extern "C" __global__ void decode_attention_at_##SUF##_e##EPL##_g##G(                           \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
-        int cap, int L, int chunk, float scale, unsigned *merged, const int *pos_at,                \
-        int max_splits) {                                                                           \
+        int cap, int L, int chunk, float scale, const int *pos_at, int max_splits) {                \
         decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
-                                    scale, pos_at, max_splits, merged);                             \
+                                    scale, pos_at, max_splits);                                     \
     }
 
 ENTRY_POINTS(float, f32)
@@ -614,11 +506,6 @@ ENTRY_POINTS(__half, f16)
 #define GEMV(T, SUF)                                                                                \
     extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
         gemv<T>(w, x, y, rows, cols);                                                              \
-    }                                                                                               \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_NORM_BLOCKS)                 \
-        gemv_norm_##SUF(const T *w, const T *x, const T *delta,                                     \
-                        const T *norm_w, T *sum, T *y, int rows, int cols, float eps) {             \
-        gemv_norm<T>(w, x, delta, norm_w, sum, y, rows, cols, eps);                                \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -61,15 +61,15 @@ impl Linear {
         }
     }
 
-    /// Whether [`Linear::forward_pending`] runs as one kernel: a product served by the
-    /// engine's GEMV kernels (no bias) over an input they can form.
+    /// Whether [`Linear::forward_pending`] runs as one kernel: a quantized product served by
+    /// the engine's GEMV kernels (no bias) over an input they can form.
     fn serves_pending(&self, p: &PendingNorm<'_>) -> bool {
-        self.bias.is_none()
-            && match &self.weight {
-                QMatMul::Tensor(w) => crate::fused::gemv_norm_applies(p, w),
-                QMatMul::QTensor(w) => crate::fused::quant_gemv_norm_applies(p, w),
-                QMatMul::TensorF16(_) => false,
+        match &self.weight {
+            QMatMul::QTensor(w) if self.bias.is_none() => {
+                crate::fused::quant_gemv_norm_applies(p, w)
             }
+            _ => false,
+        }
     }
 
     /// The layer over `norm(residual + delta)` formed in the product's own launch, and the new
@@ -80,9 +80,8 @@ impl Linear {
         write_sum: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         match &self.weight {
-            QMatMul::Tensor(w) => crate::fused::gemv_norm(p, w, write_sum),
             QMatMul::QTensor(w) => crate::fused::quant_gemv_norm(p, w, write_sum),
-            QMatMul::TensorF16(_) => candle_core::bail!("no fused product over this weight"),
+            _ => candle_core::bail!("only quantized products form their input"),
         }
     }
 

@@ -69,50 +69,10 @@ thread_local! {
         RefCell::new(HashMap::new());
 }
 
-/// Allocates what the decode attention keeps per device (its split counters), so that a step
-/// captured into a CUDA graph finds it.
-pub fn prepare_decode_attention(dev: &CudaDevice) -> Result<()> {
-    split_counters(dev, &dev.cuda_stream()).map(drop)
-}
-
-thread_local! {
-    /// The decode attention's split counters by device (`split_counters`).
-    static SPLIT_COUNTERS: RefCell<HashMap<DeviceId, CudaSlice<u32>>> =
-        RefCell::new(HashMap::new());
-}
-
-/// Drops this thread's kernel handles and device buffers: a faulted device's context can only
-/// be released (and a fresh one created) once nothing holds it.
+/// Drops this thread's kernel handles: a faulted device's context can only be released (and
+/// a fresh one created) once nothing holds it.
 pub fn forget_kernel_handles() {
     FUNCTIONS.with_borrow_mut(HashMap::clear);
-    SPLIT_COUNTERS.with_borrow_mut(HashMap::clear);
-}
-
-/// Most KV heads a decode attention's in-kernel merge counts splits for.
-const MAX_COUNTED_KV_HEADS: usize = 1024;
-
-/// The device address of its counters of finished splits per KV head, for the decode
-/// attention's in-kernel merge: zeroed once and left zero by every launch (its last block per
-/// head resets its own), so one buffer serves every launch on the device's stream, a captured
-/// graph's included. It lives in this thread's map until `forget_kernel_handles`.
-///
-/// Allocated on first use, which must not be inside a CUDA graph capture (an allocation and a
-/// memset there would be captured, not done): a step to be captured calls
-/// [`prepare_decode_attention`] first, and a capture that finds none refuses.
-fn split_counters(dev: &CudaDevice, stream: &CudaStream) -> Result<u64> {
-    SPLIT_COUNTERS.with_borrow_mut(|m| {
-        let counters = match m.entry(dev.id()) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(_) if super::capturing() => {
-                bail!("decode attention's split counters are allocated outside a capture")
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(dev.alloc_zeros::<u32>(MAX_COUNTED_KV_HEADS)?)
-            }
-        };
-        let (address, _) = counters.device_ptr(stream);
-        Ok(address)
-    })
 }
 
 /// A kernel of the PTX module `module` (loaded on first use) and the stream to launch it on.
@@ -507,18 +467,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
     let (cap_a, len_a, chunk_a, max_splits_a) =
         (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
-    // The splits merged by the attention kernel's last block per KV head (one launch), unless
-    // switched off: then by attn_combine.
-    let merge_in_kernel =
-        splits > 1 && kvh <= MAX_COUNTED_KV_HEADS && super::attention_merge_in_kernel();
     let at_part = if pos.is_some() { "at_" } else { "" };
     let name = format!("decode_attention_{at_part}{sfx}_e{}_g{groups}", hd / 32);
     let (f, stream) = function(dev, &name)?;
-    let counters = if merge_in_kernel {
-        split_counters(dev, &stream)?
-    } else {
-        0 // null: the kernel leaves the merge to attn_combine
-    };
     let mut b = Args::new(&stream);
     b.input(&qv)
         .input(&kv)
@@ -527,7 +478,6 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         .output(&mut part_o)
         .output(&mut part_ml);
     b.value(&cap_a).value(&len_a).value(&chunk_a).value(&scale);
-    b.value(&counters);
     if let Some(pos) = &pos {
         b.input(pos).value(&max_splits_a);
     }
@@ -538,11 +488,10 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked; with
     // a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
-    // partials heads × splits × (hd | 2), the split counters (if any) at least kv_heads zeros
-    // that the kernel leaves zero; the kernel's template matches hd and groups (its name);
-    // argument types match `decode_attention_[at_]<T>_e<hd/32>_g<groups>`.
+    // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
+    // name); argument types match `decode_attention_[at_]<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
-    if splits > 1 && !merge_in_kernel {
+    if splits > 1 {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
         let (f, stream) = function(dev, &format!("attn_combine_{sfx}"))?;
         let mut b = Args::new(&stream);
@@ -721,7 +670,7 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w, None)).map(|(y, _)| y)
+    by_dtype!(x.dtype(), gemv_t(x, w))
 }
 
 /// A product's input formed in its prologue: `norm(x + delta)` with the norm's `weight` and
@@ -734,15 +683,6 @@ pub struct NormInput<'a> {
     /// input does).
     pub write_sum: bool,
 }
-
-/// `gemv` over `norm(x + delta)`; also the new residual when `norm.write_sum`.
-pub fn gemv_norm(x: &Tensor, w: &Tensor, norm: &NormInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
-    by_dtype!(x.dtype(), gemv_t(x, w, Some(norm)))
-}
-
-/// Blocks per SM of `gemv_norm_<T>` (`GEMV_NORM_BLOCKS` in the kernel): its grid is what is
-/// resident at once, so that each block forms the input once.
-const GEMV_NORM_BLOCKS_PER_SM: usize = 4;
 
 /// The norm input's device buffers, checked against x: delta like x, the weight `(cols,)`,
 /// both 16-byte aligned; and the residual buffer when asked for (uninitialised: block 0 writes
@@ -812,12 +752,7 @@ fn residual<T: CudaDType>(
         .map(|sum| wrap(sum, dev, x.shape().clone()))
 }
 
-fn gemv_t<T: CudaDType + DeviceRepr>(
-    x: &Tensor,
-    w: &Tensor,
-    norm: Option<&NormInput<'_>>,
-    sfx: &str,
-) -> Result<(Tensor, Option<Tensor>)> {
+fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Result<Tensor> {
     let dev = x.device().as_cuda_device()?;
     let (rows, cols) = w.dims2()?;
     if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
@@ -829,52 +764,26 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         bail!("gemv: operands not 16-byte aligned");
     }
     let (xv, wv) = (view::<T>(&xs, xl)?, view::<T>(&ws, wl)?);
-    let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
-    let mut norm_bufs = match (norm, &norm_guards) {
-        (Some(n), Some(g)) => Some(norm_buffers::<T>("gemv", x, n, g, dev)?),
-        _ => None,
-    };
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
-    let eps = norm.map_or(0.0, |n| n.eps);
-    let name = if norm.is_some() { "gemv_norm" } else { "gemv" };
-    let (f, stream) = function(dev, &format!("{name}_{sfx}"))?;
+    let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
     let mut b = Args::new(&stream);
-    b.input(&wv).input(&xv);
-    let (blocks, shared) = match norm_bufs.as_mut() {
-        None => (rows.div_ceil(GEMV_WARPS), 0),
-        Some(n) => {
-            norm_args(&mut b, n);
-            let sms = device_attribute(
-                stream.context(),
-                CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )?;
-            let resident = GEMV_NORM_BLOCKS_PER_SM * usize::try_from(sms).unwrap_or(1).max(1);
-            // The formed input, cols elements of T (16-bit: at most 48 KB below 24k columns).
-            let bytes = dynamic_shared(&f, cols * std::mem::size_of::<T>())?;
-            (rows.div_ceil(GEMV_WARPS).min(resident), bytes)
-        }
-    };
-    b.output(&mut y).value(&rows_a).value(&cols_a);
-    if norm.is_some() {
-        b.value(&eps);
-    }
+    b.input(&wv)
+        .input(&xv)
+        .output(&mut y)
+        .value(&rows_a)
+        .value(&cols_a);
     let cfg = LaunchConfig {
-        grid_dim: (grid(blocks)?, 1, 1),
+        grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
-        shared_mem_bytes: shared,
+        shared_mem_bytes: 0,
     };
     // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
-    // (checked: the kernel reads 8 elements at a time); y holds rows; with a norm input, delta
-    // holds cols, the norm weight cols and sum (if any) cols elements, 16-byte aligned
-    // (checked in `norm_buffers`), and the shared memory is cols elements; argument types
-    // match `gemv_<T>` / `gemv_norm_<T>`.
+    // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
+    // `gemv_<T>`.
     unsafe { b.launch(&f, cfg) }?;
-    Ok((
-        wrap(y, dev, product_shape(x, rows)),
-        residual(norm_bufs, dev, x),
-    ))
+    Ok(wrap(y, dev, product_shape(x, rows)))
 }
 
 /// How to launch the quantized GEMV for one weight (worked out by the caller in `fused.rs`).

@@ -339,7 +339,6 @@ impl<F: FeedForward> CausalLm for Decoder<F> {
         for l in &mut self.layers {
             l.attn.reserve_positions(positions, dtype, &device)?;
         }
-        fused::prepare_decode_attention(&device)?;
         Ok(())
     }
 
