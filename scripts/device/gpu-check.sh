@@ -60,7 +60,7 @@ all)
   decode="--prefill 512 --decode-context 0"
   BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
   grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
-  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_ATTENTION_MERGE=0 HELEXA_ENGINE_GRAPH=0}; do
+  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_GRAPH=0}; do
     tag=$(echo "${setting#HELEXA_ENGINE_}" | tr 'A-Z_=' 'a-z--')
     env "$setting" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
     grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
@@ -72,15 +72,15 @@ all)
   exit $status
   ;;
 omit-sweep)
-  # What each kernel class costs inside a decode step replayed from a CUDA graph: the
-  # three formats decode-only with the graph on, then again with one class's launches
+  # What each kernel class costs inside a decode step replayed from a CUDA graph (the
+  # default): the three formats decode-only, then again with one class's launches
   # skipped (HELEXA_ENGINE_OMIT, a measurement aid: the tokens are garbage then) and with
   # programmatic dependent launch off. Step time differences are each class's cost in the
   # stream, gaps included.
   decode="--prefill 512 --decode-context 0"
   run_variant() { # run_variant TAG [VAR=VALUE...]
     local tag=$1; shift
-    env HELEXA_ENGINE_GRAPH=1 "$@" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 150 "$0" bench \
+    env "$@" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 150 "$0" bench \
       > /dev/null 2>&1 || status=1
     grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
   }
