@@ -86,21 +86,29 @@ __device__ __forceinline__ void store8(T *y, int e, const float v[8]) {
 // sum of squares differs. Requirements: cols a multiple of 8, x, delta, w and sum 16-byte
 // aligned.
 
+// s = x + delta rounded through T, the eight elements from e (zeros past cols); adds Σ s² to sq.
+template <typename T>
+__device__ __forceinline__ void residual8(const T *x, const T *delta, int e, int cols, float s[8],
+                                          float &sq) {
+    float t[8];
+    load8(x, e, cols, s);
+    load8(delta, e, cols, t);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        s[i] = rnd<T>(s[i] + t[i]);
+        sq += s[i] * s[i];
+    }
+}
+
 // The scale, to every thread of the block; block 0 also stores the new residual s to `sum`
 // (when not null: of a layer's several products, one writes it).
 template <typename T>
 __device__ float residual_norm_scale(const T *x, const T *delta, T *sum, int cols, float eps) {
     float sq = 0.0f;
     for (int e = 8 * threadIdx.x; e < cols; e += 8 * blockDim.x) {
-        float a[8], b[8];
-        load8(x, e, cols, a);
-        load8(delta, e, cols, b);
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            a[i] = rnd<T>(a[i] + b[i]);
-            sq += a[i] * a[i];
-        }
-        if (sum != nullptr && blockIdx.x == 0) store8(sum, e, a);
+        float s[8];
+        residual8(x, delta, e, cols, s, sq);
+        if (sum != nullptr && blockIdx.x == 0) store8(sum, e, s);
     }
     return rsqrtf(block_sum(sq) / cols + eps);
 }
@@ -115,24 +123,12 @@ template <typename T>
 __device__ void normed16(const T *x, const T *delta, const T *w, T *sum, int cols, float eps,
                          float a[8], float b[8]) {
     const int e0 = 8 * threadIdx.x, e1 = e0 + 8 * blockDim.x;
-    float wa[8], wb[8], t[8];
+    float wa[8], wb[8];
     load8(w, e0, cols, wa);
     load8(w, e1, cols, wb);
-    load8(x, e0, cols, a);
-    load8(delta, e0, cols, t);
     float sq = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        a[i] = rnd<T>(a[i] + t[i]);
-        sq += a[i] * a[i];
-    }
-    load8(x, e1, cols, b);
-    load8(delta, e1, cols, t);
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        b[i] = rnd<T>(b[i] + t[i]);
-        sq += b[i] * b[i];
-    }
+    residual8(x, delta, e0, cols, a, sq);
+    residual8(x, delta, e1, cols, b, sq);
     if (sum != nullptr && blockIdx.x == 0) {
         if (e0 < cols) store8(sum, e0, a);
         if (e1 < cols) store8(sum, e1, b);

@@ -237,7 +237,7 @@ pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
 /// launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off. (Dense weights keep the separate
 /// launch: a dense variant, measured on the H200, made BF16 decode slower, 4.66 → 4.87 ms per
 /// token, docs/benchmarks.md.)
-pub fn norm_in_product_enabled() -> bool {
+fn norm_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     switch(&ON, "HELEXA_ENGINE_NORM_IN_PRODUCT")
 }
