@@ -153,6 +153,16 @@ __device__ __forceinline__ void normed8(const T *x, const T *delta, const T *w, 
     for (int i = 0; i < 8; i++) v[i] = rnd<T>(scale * rnd<T>(v[i] + b[i]) * c[i]);
 }
 
+// ---- the SwiGLU gate ------------------------------------------------------------------------------
+// silu(gate) · up for one element, from the two products' f32 sums, as the unfused path computes
+// it from their stored (T-rounded) outputs: the silu rounded through T, then the product.
+template <typename T>
+__device__ __forceinline__ T swiglu(float gate, float up) {
+    const float g = rnd<T>(gate);
+    const float s = rnd<T>(g / (1.0f + expf(-g)));
+    return from_f<T>(s * rnd<T>(up));
+}
+
 // ---- programmatic dependent launch ---------------------------------------------------------------
 // The launcher (src/fused/launch.rs) lets each kernel start while the previous one on the stream
 // is finishing (compute 9.0+). So that this is safe, every kernel calls `wait_for_previous_kernel`

@@ -55,9 +55,7 @@ __device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
     const long n = (long)rows * cols;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const long r = i / cols, c = i % cols;
-        const float g = to_f(gate[r * gate_stride + c]);
-        const float s = rnd<T>(g / (1.0f + expf(-g)));
-        out[i] = from_f<T>(s * to_f(up[r * up_stride + c]));
+        out[i] = swiglu<T>(to_f(gate[r * gate_stride + c]), to_f(up[r * up_stride + c]));
     }
 }
 
@@ -337,7 +335,24 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
     return acc;
 }
 
+// The lane's part of one row's dot product from chunk `c` on, four chunks in flight.
 template <typename T>
+__device__ __forceinline__ float row_from(const uint4 *wr, const uint4 *xr, int c, int chunks,
+                                          float acc) {
+    for (; c + 96 < chunks; c += 128) {
+        const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
+                    w3 = __ldcs(wr + c + 96);
+        acc += dot8<T>(w0, __ldg(xr + c)) + dot8<T>(w1, __ldg(xr + c + 32)) +
+               dot8<T>(w2, __ldg(xr + c + 64)) + dot8<T>(w3, __ldg(xr + c + 96));
+    }
+    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), __ldg(xr + c));
+    return acc;
+}
+
+// SWIGLU: `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp of
+// row r also takes up row r + rows and writes silu(gate) · up, the SwiGLU gate folded into the
+// product (one launch fewer per layer, and half the output written).
+template <typename T, bool SWIGLU>
 __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
     const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
@@ -359,15 +374,13 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
                dot8<T>(p2, __ldg(xr + c + 64)) + dot8<T>(p3, __ldg(xr + c + 96));
         c += 128;
     }
-    for (; c + 96 < chunks; c += 128) {
-        const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
-                    w3 = __ldcs(wr + c + 96);
-        acc += dot8<T>(w0, __ldg(xr + c)) + dot8<T>(w1, __ldg(xr + c + 32)) +
-               dot8<T>(w2, __ldg(xr + c + 64)) + dot8<T>(w3, __ldg(xr + c + 96));
+    acc = warp_sum(row_from<T>(wr, xr, c, chunks, acc));
+    if (SWIGLU) {
+        const float up = warp_sum(row_from<T>(wr + (size_t)rows * chunks, xr, lane, chunks, 0.0f));
+        if (lane == 0) y[row] = swiglu<T>(acc, up);
+    } else if (lane == 0) {
+        y[row] = from_f<T>(acc);
     }
-    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), __ldg(xr + c));
-    acc = warp_sum(acc);
-    if (lane == 0) y[row] = from_f<T>(acc);
 }
 
 // ---- attention output layout ---------------------------------------------------------------------
@@ -505,7 +518,11 @@ ENTRY_POINTS(__half, f16)
 
 #define GEMV(T, SUF)                                                                                \
     extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
-        gemv<T>(w, x, y, rows, cols);                                                              \
+        gemv<T, false>(w, x, y, rows, cols);                                                       \
+    }                                                                                               \
+    extern "C" __global__ void gemv_swiglu_##SUF(const T *w, const T *x, T *y, int rows,            \
+                                                 int cols) {                                        \
+        gemv<T, true>(w, x, y, rows, cols);                                                        \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -270,7 +270,10 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // NORM: the product's input is norm(x + delta) with weight `norm_w`, formed by each block before
 // it quantizes it, and block 0 stores x + delta to `sum` when that is not null (see
 // residual_norm_scale in common.cuh); delta, norm_w and sum 16-byte aligned.
-template <class F, typename T, int STAGES, bool NORM>
+// SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
+// of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
+// the product (one launch fewer per layer, and half the output written).
+template <class F, typename T, int STAGES, bool NORM, bool SWIGLU>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
                            T *sum, float eps) {
@@ -289,8 +292,10 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     const int chunks = (cols + QG_CHUNK - 1) / QG_CHUNK;
     const int first_row = blockIdx.x * QG_WARPS + warp, row_step = gridDim.x * QG_WARPS;
     const int my_rows = first_row < rows ? (rows - first_row + row_step - 1) / row_step : 0;
-    // The next chunk to request: its row (ordinal among the warp's), chunk and stage.
+    // The next chunk to request: its row (ordinal among the warp's), chunk and stage (and with
+    // SWIGLU, whether the row's up half).
     int next_row = 0, next_chunk = 0, next_stage = 0;
+    bool next_up = false;
     const uint8_t *next_src = w + (size_t)first_row * row_bytes;
     // Starts copying the next chunk into its stage (one commit group per chunk, empty past the
     // end, so the groups in flight always count STAGES - 1).
@@ -302,8 +307,14 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
             next_src += CHUNK_BYTES;
             if (++next_chunk == chunks) {
                 next_chunk = 0;
-                ++next_row;
-                next_src = w + (size_t)(first_row + next_row * row_step) * row_bytes;
+                if (SWIGLU && !next_up) { // the gate row done: its up row next
+                    next_up = true;
+                    next_src = w + (size_t)(first_row + next_row * row_step + rows) * row_bytes;
+                } else {
+                    next_up = false;
+                    ++next_row;
+                    next_src = w + (size_t)(first_row + next_row * row_step) * row_bytes;
+                }
             }
         }
         copies_commit();
@@ -330,45 +341,60 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 
     int stage = 0;
     for (int r = 0; r < my_rows; r++) {
-        float acc = 0.0f;
-        for (int c = 0; c < chunks; c++) {
-            issue(); // into the stage computed last round
-            copies_wait<STAGES - 1>();
-            __syncwarp(); // every lane's copies of this chunk have landed
-            const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
-            if (lane < units) acc += F::dot(stages + stage * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
-            stage = stage + 1 == STAGES ? 0 : stage + 1;
-            __syncwarp(); // the stage is refilled next round
+        float gate = 0.0f;
+#pragma unroll
+        for (int half = 0; half < (SWIGLU ? 2 : 1); half++) { // SWIGLU: the gate row, then up
+            float acc = 0.0f;
+            for (int c = 0; c < chunks; c++) {
+                issue(); // into the stage computed last round
+                copies_wait<STAGES - 1>();
+                __syncwarp(); // every lane's copies of this chunk have landed
+                const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
+                if (lane < units) acc += F::dot(stages + stage * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
+                stage = stage + 1 == STAGES ? 0 : stage + 1;
+                __syncwarp(); // the stage is refilled next round
+            }
+            acc = warp_sum(acc);
+            if (SWIGLU && half == 0) {
+                gate = acc;
+            } else if (lane == 0) {
+                y[first_row + r * row_step] = SWIGLU ? swiglu<T>(gate, acc) : from_f<T>(acc);
+            }
         }
-        acc = warp_sum(acc);
-        if (lane == 0) y[first_row + r * row_step] = from_f<T>(acc);
     }
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>_s<stages>, and quant_gemv_norm_… (16-bit activations
-// only: the layer input formed in the prologue, NORM above).
+// quant_gemv_<format>_<activation type>_s<stages>; with 16-bit activations also
+// quant_gemv_norm_… (NORM above) and, at the default two stages only, quant_gemv_swiglu_… and
+// quant_gemv_norm_swiglu_… (SWIGLU).
+#define QUANT_GEMV_KERNEL(NAME, F, T, S, NORM, SWIGLU)                                              \
+    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
+        NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
+             const T *norm_w, T *sum, float eps) {                                                  \
+        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps); \
+    }
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
                                          int row_bytes) {                                           \
-        quant_gemv<F, T, S, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr, nullptr, 0.0f);\
+        quant_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
+                                          nullptr, 0.0f);                                           \
     }
 #define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
-    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
-        quant_gemv_norm_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows,         \
-                                              int cols, int row_bytes, const T *delta,              \
-                                              const T *norm_w, T *sum, float eps) {                 \
-        quant_gemv<F, T, S, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps);        \
-    }
+    QUANT_GEMV_KERNEL(quant_gemv_norm_##FSUF##_##SUF##_s##S, F, T, S, true, false)
 #define QUANT_GEMV_STAGES(KERNEL, F, FSUF, T, SUF)                                                  \
     KERNEL(F, FSUF, T, SUF, 2) KERNEL(F, FSUF, T, SUF, 3) KERNEL(F, FSUF, T, SUF, 4)
+#define QUANT_GEMV_SWIGLU(F, FSUF, T, SUF)                                                          \
+    QUANT_GEMV_KERNEL(quant_gemv_swiglu_##FSUF##_##SUF##_s2, F, T, 2, false, true)                  \
+    QUANT_GEMV_KERNEL(quant_gemv_norm_swiglu_##FSUF##_##SUF##_s2, F, T, 2, true, true)
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, float, f32)                                              \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, __nv_bfloat16, bf16)                                     \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, __half, f16)                                             \
     QUANT_GEMV_STAGES(QUANT_GEMV_NORM, F, FSUF, __nv_bfloat16, bf16)                                \
-    QUANT_GEMV_STAGES(QUANT_GEMV_NORM, F, FSUF, __half, f16)
+    QUANT_GEMV_STAGES(QUANT_GEMV_NORM, F, FSUF, __half, f16)                                        \
+    QUANT_GEMV_SWIGLU(F, FSUF, __nv_bfloat16, bf16) QUANT_GEMV_SWIGLU(F, FSUF, __half, f16)
 QUANT_GEMV_TYPES(Q8_0, q8_0)
 QUANT_GEMV_TYPES(Q4K, q4k)
 QUANT_GEMV_TYPES(Q6K, q6k)

@@ -223,7 +223,7 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
 pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        cuda::quant_gemv(x, w, &quant_gemv_launch(w)?)
+        cuda::quant_gemv(x, w, &quant_gemv_launch(w, false)?)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -272,11 +272,11 @@ pub fn quant_gemv_norm(
 ) -> Result<(Tensor, Option<Tensor>)> {
     #[cfg(feature = "cuda")]
     {
-        cuda::quant_gemv_norm(
+        cuda::quant_gemv_with(
             p.residual,
             w,
-            &quant_gemv_launch(w)?,
-            &norm_input(p, write_sum),
+            &quant_gemv_launch(w, false)?,
+            Some(&norm_input(p, write_sum)),
         )
     }
     #[cfg(not(feature = "cuda"))]
@@ -296,9 +296,75 @@ fn norm_input<'a>(p: &PendingNorm<'a>, write_sum: bool) -> cuda::NormInput<'a> {
     }
 }
 
-/// How [`quant_gemv`] launches over `w`.
+/// Whether the layer's gate/up products write `silu(gate) · up` themselves, the SwiGLU gate
+/// folded into their epilogue ([`gemv_swiglu`], [`quant_gemv_swiglu`]), instead of a separate
+/// [`silu_mul`] launch: `HELEXA_ENGINE_GATE_IN_PRODUCT=1`. Off by default: written after this
+/// session's device time ran out, not yet measured (the gate's launches cost 0.03–0.09 ms of a
+/// token on the H200, docs/benchmarks.md); its GPU test checks it equals the separate gate bit
+/// for bit.
+pub fn gate_in_product_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_GATE_IN_PRODUCT").is_ok_and(|v| v == "1"))
+}
+
+/// Whether [`gemv_swiglu`] serves the stacked gate/up weight `w` `(2·inter, cols)` over `x`.
+pub fn gemv_swiglu_applies(x: &Tensor, w: &Tensor) -> bool {
+    gate_in_product_enabled()
+        && gemv_applies(x, w)
+        && w.dims2().is_ok_and(|(rows, _)| rows.is_multiple_of(2))
+}
+
+/// `silu(x · gateᵀ) · (x · upᵀ)` for `w` the stacked `[gate; up]`, in one launch: the result has
+/// `x`'s shape with `inter` (half `w`'s rows) as its last dimension. Only call when
+/// [`gemv_swiglu_applies`] holds.
+pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::gemv_swiglu(x, w)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, w);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// Whether [`quant_gemv_swiglu`] serves the stacked quantized gate/up weight `w` over `x`
+/// (16-bit activations; its kernels exist at the default two stages only).
+pub fn quant_gemv_swiglu_applies(x: &Tensor, w: &QTensor) -> bool {
+    gate_in_product_enabled()
+        && quant_gemv_applies(x, w)
+        && matches!(x.dtype(), DType::BF16 | DType::F16)
+        && quant_gemv_stages() == 2
+        && w.shape()
+            .dims2()
+            .is_ok_and(|(rows, _)| rows.is_multiple_of(2))
+}
+
+/// As [`gemv_swiglu`] over quantized `w`, its input `x` ready or, when `pending` (then `x` is
+/// its residual), formed in the product's prologue as [`quant_gemv_norm`] does and the new
+/// residual returned too. Only call when [`quant_gemv_swiglu_applies`] holds (and, pending,
+/// [`quant_gemv_norm_applies`]).
+pub fn quant_gemv_swiglu(
+    x: &Tensor,
+    pending: Option<&PendingNorm<'_>>,
+    w: &QTensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    {
+        let norm = pending.map(|p| norm_input(p, true));
+        cuda::quant_gemv_with(x, w, &quant_gemv_launch(w, true)?, norm.as_ref())
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x, pending, w);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
+/// How [`quant_gemv`] launches over `w` (with the SwiGLU gate folded in when `swiglu`).
 #[cfg(feature = "cuda")]
-fn quant_gemv_launch(w: &QTensor) -> Result<cuda::QuantGemv> {
+fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
     let format = quant_gemv_format(w.dtype())
         .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
     let (_, cols) = w.shape().dims2()?;
@@ -307,7 +373,8 @@ fn quant_gemv_launch(w: &QTensor) -> Result<cuda::QuantGemv> {
         row_bytes: quant_row_bytes(w.dtype(), cols),
         shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
         warps: QUANT_GEMV_WARPS,
-        stages: quant_gemv_stages(),
+        stages: if swiglu { 2 } else { quant_gemv_stages() },
+        swiglu,
     })
 }
 
@@ -929,6 +996,54 @@ mod gpu_tests {
                     assert!(e <= tolerance(dtype), "{case}: {e}");
                     check_sum(sum, write, &case);
                 }
+            }
+        }
+    }
+
+    /// The SwiGLU gate folded into the gate/up product equals the product then the separate
+    /// gate kernel bit for bit (the same sums, rounded and gated the same way): dense, and
+    /// quantized over a ready input and over one formed in the prologue.
+    #[test]
+    fn products_with_the_gate_folded_in_match_the_separate_gate() {
+        let dev = device();
+        let cols = 4096;
+        let halves = |y: &Tensor, inter: usize| {
+            let gate = y.narrow(D::Minus1, 0, inter).expect("gate");
+            let up = y.narrow(D::Minus1, inter, inter).expect("up");
+            silu_mul(&gate, &up).expect("silu_mul")
+        };
+        for dtype in [DType::BF16, DType::F16] {
+            let x = random(&[1, 1, cols], dtype, &dev);
+            // 12288: an 8B model's width, several waves of blocks; 100: a partial block.
+            for inter in [12288, 100] {
+                let case = format!("{dtype:?} dense {inter}");
+                let w = random(&[2 * inter, cols], dtype, &dev);
+                let got = gemv_swiglu(&x, &w).expect("gemv_swiglu");
+                assert_eq!(got.dims(), [1, 1, inter], "{case}");
+                let want = halves(&gemv(&x, &w).expect("gemv"), inter);
+                assert_eq!(rel_diff(&got, &want), 0.0, "{case}");
+            }
+            let delta = random(&[1, 1, cols], dtype, &dev);
+            let norm = RmsNorm::new(random(&[cols], dtype, &dev), 1e-6);
+            let p = PendingNorm {
+                residual: &x,
+                delta: &delta,
+                norm: &norm,
+            };
+            for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+                let inter = 3072;
+                let case = format!("{dtype:?} {format:?}");
+                let w = random(&[2 * inter, cols], DType::F32, &dev);
+                let q = QTensor::quantize(&w, format).expect("quantize");
+                let (got, none) = quant_gemv_swiglu(&x, None, &q).expect("ready");
+                assert!(none.is_none(), "{case}: a residual from a ready input");
+                let want = halves(&quant_gemv(&x, &q).expect("quant_gemv"), inter);
+                assert_eq!(rel_diff(&got, &want), 0.0, "{case} ready");
+                let (got, sum) = quant_gemv_swiglu(&x, Some(&p), &q).expect("pending");
+                let (y, want_sum) = quant_gemv_norm(&p, &q, true).expect("quant_gemv_norm");
+                assert_eq!(rel_diff(&got, &halves(&y, inter)), 0.0, "{case} pending");
+                let (sum, want_sum) = (sum.expect("residual"), want_sum.expect("residual"));
+                assert_eq!(rel_diff(&sum, &want_sum), 0.0, "{case} residual");
             }
         }
     }

@@ -85,6 +85,35 @@ impl Linear {
         }
     }
 
+    /// `silu(gate) · up` of a stacked `[gate; up]` weight over `input` in the product's own
+    /// launch (and the new residual when the input was pending), when a kernel serves it;
+    /// `None` otherwise.
+    fn forward_swiglu(&self, input: &LayerInput<'_>) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        // The residual stands in for the pending input: same shape, dtype and device.
+        let probe = match input {
+            LayerInput::Ready(x) => *x,
+            LayerInput::Pending(p) => p.residual,
+        };
+        match &self.weight {
+            QMatMul::Tensor(w) if crate::fused::gemv_swiglu_applies(probe, w) => {
+                let (x, residual) = input.materialize()?;
+                Ok(Some((crate::fused::gemv_swiglu(&x, w)?, residual)))
+            }
+            QMatMul::QTensor(w) if crate::fused::quant_gemv_swiglu_applies(probe, w) => match input
+            {
+                LayerInput::Pending(p) if self.serves_pending(p) => {
+                    crate::fused::quant_gemv_swiglu(p.residual, Some(p), w).map(Some)
+                }
+                _ => {
+                    let (x, residual) = input.materialize()?;
+                    let (y, _) = crate::fused::quant_gemv_swiglu(&x, None, w)?;
+                    Ok(Some((y, residual)))
+                }
+            },
+            _ => Ok(None),
+        }
+    }
+
     /// The weight's storage type, for messages.
     fn weight_dtype(&self) -> String {
         match &self.weight {
@@ -302,6 +331,25 @@ impl Projections {
             Ok(y)
         })?;
         Ok((outputs, residual))
+    }
+
+    /// `silu(gate) · up` in the gate/up product's own launch (and the new residual when the
+    /// input was pending), when this is one stacked product of two equal halves and a kernel
+    /// serves it (`HELEXA_ENGINE_GATE_IN_PRODUCT=1`); `None` otherwise.
+    pub fn forward_swiglu(
+        &self,
+        input: &LayerInput<'_>,
+    ) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        match self {
+            Self::Fused { linear, widths, .. }
+                if widths.len() == 2
+                    && widths[0] == widths[1]
+                    && crate::fused::gate_in_product_enabled() =>
+            {
+                linear.forward_swiglu(input)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// The products this runs, in order.
@@ -964,6 +1012,9 @@ impl Mlp {
     /// As [`Mlp::forward`] over a layer input that may still be pending; returns the new
     /// residual too when it was.
     pub fn forward_input(&self, input: &LayerInput<'_>) -> Result<(Tensor, Option<Tensor>)> {
+        if let Some((gated, residual)) = self.gate_up.forward_swiglu(input)? {
+            return Ok((self.down_proj.forward(&gated)?, residual));
+        }
         let (gate_up, residual) = self.gate_up.forward_input(input)?;
         let [gate, up]: [Tensor; 2] = gate_up
             .try_into()

@@ -17,7 +17,7 @@
 #   scripts/device/gpu-check.sh all     # the next visit's first call (~7 min of the 10 a call
 #                                       # may take): check, then decode-only benches of the
 #                                       # three formats with the defaults and with each decode
-#                                       # switch off in turn (ALL_SWITCHES), greedy tokens
+#                                       # switch flipped in turn (ALL_SWITCHES), greedy tokens
 #                                       # compared with the defaults'; outputs folded into
 #                                       # three files (fold_outputs.py). The full `bench`
 #                                       # (~4 min) and kernel breakdowns take a second call.
@@ -54,13 +54,13 @@ all)
   # Each step is bounded so that one that hangs still leaves time to fold what the others wrote
   # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
   timeout 220 "$0" check || status=1
-  # Greedy decode of the three formats with the defaults, then with one decode switch off at a
-  # time (ALL_SWITCHES, space-separated VAR=0 settings): speed, and greedy tokens against the
-  # defaults'. The first bench also synthesizes the models (~70 s).
+  # Greedy decode of the three formats with the defaults, then with one decode switch flipped
+  # at a time (ALL_SWITCHES, space-separated VAR=VALUE settings): speed, and greedy tokens
+  # against the defaults'. The first bench also synthesizes the models (~70 s).
   decode="--prefill 512 --decode-context 0"
   BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
   grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
-  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_GRAPH=0}; do
+  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_GATE_IN_PRODUCT=1 HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_GRAPH=0}; do
     tag=$(echo "${setting#HELEXA_ENGINE_}" | tr 'A-Z_=' 'a-z--')
     env "$setting" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
     grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"

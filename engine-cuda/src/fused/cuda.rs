@@ -670,7 +670,13 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w))
+    by_dtype!(x.dtype(), gemv_t(x, w, false))
+}
+
+/// `silu(x · gateᵀ) · (x · upᵀ)` for `w` the stacked `[gate; up]` (an even number of rows), in
+/// one launch; the result has half `w`'s rows.
+pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    by_dtype!(x.dtype(), gemv_t(x, w, true))
 }
 
 /// A product's input formed in its prologue: `norm(x + delta)` with the norm's `weight` and
@@ -733,6 +739,16 @@ fn norm_args<'a, T: CudaDType>(b: &mut Args<'a>, n: &'a mut NormBuffers<'_, T>) 
     };
 }
 
+/// The rows a product over a weight of `w_rows` writes: all, or with the SwiGLU gate folded in,
+/// one per gate/up pair.
+fn output_rows(w_rows: usize, swiglu: bool) -> Result<usize> {
+    match swiglu {
+        false => Ok(w_rows),
+        true if w_rows.is_multiple_of(2) => Ok(w_rows / 2),
+        true => bail!("a stacked gate/up weight has an even number of rows, got {w_rows}"),
+    }
+}
+
 /// `y` shaped as `x` with `rows` as its last dimension.
 fn product_shape(x: &Tensor, rows: usize) -> Vec<usize> {
     let mut dims = x.dims().to_vec();
@@ -752,12 +768,18 @@ fn residual<T: CudaDType>(
         .map(|sum| wrap(sum, dev, x.shape().clone()))
 }
 
-fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Result<Tensor> {
+fn gemv_t<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    w: &Tensor,
+    swiglu: bool,
+    sfx: &str,
+) -> Result<Tensor> {
     let dev = x.device().as_cuda_device()?;
-    let (rows, cols) = w.dims2()?;
+    let (w_rows, cols) = w.dims2()?;
     if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
         bail!("gemv: x {:?} against w {:?}", x.dims(), w.dims());
     }
+    let rows = output_rows(w_rows, swiglu)?;
     let (xs, xl) = x.storage_and_layout();
     let (ws, wl) = w.storage_and_layout();
     if xl.start_offset() % 8 != 0 || wl.start_offset() % 8 != 0 {
@@ -767,7 +789,8 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
-    let (f, stream) = function(dev, &format!("gemv_{sfx}"))?;
+    let name = if swiglu { "gemv_swiglu" } else { "gemv" };
+    let (f, stream) = function(dev, &format!("{name}_{sfx}"))?;
     let mut b = Args::new(&stream);
     b.input(&wv)
         .input(&xv)
@@ -779,9 +802,9 @@ fn gemv_t<T: CudaDType + DeviceRepr>(x: &Tensor, w: &Tensor, sfx: &str) -> Resul
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: w holds rows × cols and x cols elements, both 16-byte aligned with cols % 8 == 0
-    // (checked: the kernel reads 8 elements at a time); y holds rows; argument types match
-    // `gemv_<T>`.
+    // SAFETY: w holds rows × cols (with swiglu, 2·rows × cols) and x cols elements, both
+    // 16-byte aligned with cols % 8 == 0 (checked: the kernel reads 8 elements at a time); y
+    // holds rows; argument types match `gemv_<T>` / `gemv_swiglu_<T>`.
     unsafe { b.launch(&f, cfg) }?;
     Ok(wrap(y, dev, product_shape(x, rows)))
 }
@@ -796,8 +819,10 @@ pub struct QuantGemv {
     pub shared_bytes: usize,
     /// Warps per block (`QG_WARPS` in the kernel).
     pub warps: usize,
-    /// Chunks in flight per warp (the kernel's `STAGES`).
+    /// Chunks in flight per warp (the kernel's `STAGES`; 2 with `swiglu`).
     pub stages: usize,
+    /// The weight is a stacked `[gate; up]` and the product writes `silu(gate) · up`.
+    pub swiglu: bool,
 }
 
 /// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
@@ -811,15 +836,15 @@ pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor>
     by_dtype!(x.dtype(), quant_gemv_t(x, w, launch, None)).map(|(y, _)| y)
 }
 
-/// `quant_gemv` over `norm(x + delta)` (16-bit activations); also the new residual when
-/// `norm.write_sum`.
-pub fn quant_gemv_norm(
+/// `quant_gemv` over `norm(x + delta)` when `norm` is given (16-bit activations; also the new
+/// residual when `norm.write_sum`), with the SwiGLU gate folded in when `launch.swiglu`.
+pub fn quant_gemv_with(
     x: &Tensor,
     w: &QTensor,
     launch: &QuantGemv,
-    norm: &NormInput<'_>,
+    norm: Option<&NormInput<'_>>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch, Some(norm)))
+    by_dtype!(x.dtype(), quant_gemv_t(x, w, launch, norm))
 }
 
 fn quant_gemv_t<T: CudaDType + DeviceRepr>(
@@ -830,10 +855,11 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     sfx: &str,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = x.device().as_cuda_device()?;
-    let (rows, cols) = w.shape().dims2()?;
+    let (w_rows, cols) = w.shape().dims2()?;
     if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
         bail!("quant_gemv: x {:?} against w {:?}", x.dims(), w.shape());
     }
+    let rows = output_rows(w_rows, launch.swiglu)?;
     let (xs, xl) = x.storage_and_layout();
     let xv = view::<T>(&xs, xl)?;
     let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
@@ -841,10 +867,11 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         (Some(n), Some(g)) => Some(norm_buffers::<T>("quant_gemv", x, n, g, dev)?),
         _ => None,
     };
-    let name = if norm.is_some() {
-        "quant_gemv_norm"
-    } else {
-        "quant_gemv"
+    let name = match (norm.is_some(), launch.swiglu) {
+        (false, false) => "quant_gemv",
+        (true, false) => "quant_gemv_norm",
+        (false, true) => "quant_gemv_swiglu",
+        (true, true) => "quant_gemv_norm_swiglu",
     };
     let (f, stream) = module_function(
         dev,
@@ -884,6 +911,9 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     if let Some(n) = norm_bufs.as_mut() {
         norm_args(&mut b, n);
         b.value(&eps);
+    } else if launch.swiglu {
+        // quant_gemv_swiglu_… takes the norm parameters too, unused.
+        b.null().null().null().value(&eps);
     }
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
@@ -894,11 +924,11 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
     // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
-    // holds cols elements and y rows; with a norm input, delta, the norm weight and sum (if
-    // any) hold cols elements, 16-byte aligned (checked); shared_bytes is what the kernel lays
-    // out for cols (opted in above); argument types match `quant_gemv_<format>_<T>` /
-    // `quant_gemv_norm_<format>_<T>` (the weight pointer travels as a u64, the size of a
-    // device pointer).
+    // holds cols elements and y rows (with swiglu the weight has 2·rows, checked); with a norm
+    // input, delta, the norm weight and sum (if any) hold cols elements, 16-byte aligned
+    // (checked); shared_bytes is what the kernel lays out for cols (opted in above); argument
+    // types match `quant_gemv_[norm_][swiglu_]<format>_<T>` (the weight pointer travels as a
+    // u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),
