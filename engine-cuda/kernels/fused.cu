@@ -69,6 +69,36 @@ __device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
 // a CUDA graph, whose arguments are fixed at capture).
 #define ROPE_MAX_HD 256
 #define ROPE_WARPS 4
+
+// One warp: the head row `src` (hd elements) RMS-normed with `w` (none when null), rotated by the
+// position's rows `cs`/`sn` of the rope tables, written to `dst`; `x` is hd floats of the warp's
+// scratch (shared memory).
+template <typename T>
+__device__ __forceinline__ void norm_rope_row(const T *src, const T *w, const T *cs, const T *sn,
+                                              T *dst, float *x, int hd, float eps, int style,
+                                              int lane) {
+    float sq = 0.0f;
+    for (int d = lane; d < hd; d += 32) {
+        const float e = to_f(src[d]);
+        x[d] = e;
+        sq += e * e;
+    }
+    if (w != nullptr) {
+        const float scale = rsqrtf(warp_sum(sq) / hd + eps);
+        for (int d = lane; d < hd; d += 32) x[d] = rnd<T>(scale * x[d] * to_f(w[d]));
+    }
+    __syncwarp();
+    const int half = hd / 2;
+    for (int i = lane; i < half; i += 32) {
+        const int i1 = style == 0 ? i : 2 * i, i2 = style == 0 ? i + half : 2 * i + 1;
+        const float c = to_f(cs[i]), s = to_f(sn[i]);
+        const float a = x[i1], b = x[i2];
+        // candle's rope computes in T: each product and the difference are rounded.
+        dst[i1] = from_f<T>(rnd<T>(a * c) - rnd<T>(b * s));
+        dst[i2] = from_f<T>(rnd<T>(a * s) + rnd<T>(b * c));
+    }
+}
+
 template <typename T>
 __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_stride, long k_stride,
                                    long v_stride, const T *q_w, const T *k_w, const T *cos,
@@ -95,30 +125,11 @@ __device__ void qk_norm_rope_cache(const T *q, const T *k, const T *v, long q_st
     const bool is_q = j < heads;
     const int head = is_q ? j : j - heads;
     const T *src = is_q ? q + t * q_stride + (long)head * hd : k + t * k_stride + (long)head * hd;
-    const T *w = is_q ? q_w : k_w;
-    float sq = 0.0f;
-    for (int d = lane; d < hd; d += 32) {
-        const float e = to_f(src[d]);
-        x[d] = e;
-        sq += e * e;
-    }
-    if (w != nullptr) {
-        const float scale = rsqrtf(warp_sum(sq) / hd + eps);
-        for (int d = lane; d < hd; d += 32) x[d] = rnd<T>(scale * x[d] * to_f(w[d]));
-    }
-    __syncwarp();
     T *dst = is_q ? q_out + ((size_t)head * len + t) * hd
                   : k_cache + ((size_t)head * cap + offset + t) * hd;
     const int half = hd / 2;
-    const T *cs = cos + (size_t)(offset + t) * half, *sn = sin + (size_t)(offset + t) * half;
-    for (int i = lane; i < half; i += 32) {
-        const int i1 = style == 0 ? i : 2 * i, i2 = style == 0 ? i + half : 2 * i + 1;
-        const float c = to_f(cs[i]), s = to_f(sn[i]);
-        const float a = x[i1], b = x[i2];
-        // candle's rope computes in T: each product and the difference are rounded.
-        dst[i1] = from_f<T>(rnd<T>(a * c) - rnd<T>(b * s));
-        dst[i2] = from_f<T>(rnd<T>(a * s) + rnd<T>(b * c));
-    }
+    norm_rope_row(src, is_q ? q_w : k_w, cos + (size_t)(offset + t) * half,
+                  sin + (size_t)(offset + t) * half, dst, x, hd, eps, style, lane);
 }
 
 // ---- embedding rows by ids on the device ---------------------------------------------------------
@@ -147,12 +158,25 @@ __device__ void gather_rows(const T *table, const unsigned *ids, T *out, int col
 // the splits of the longest L the graph serves; splits past L see no position and write an
 // empty partial (max −inf, sum 0), which the merge weighs 0, so the result is the same as a
 // launch sized for L.
+//
+// ROPE (the `_rope` entry points): the query token's q/k norms, RoPE and cache write folded in,
+// one launch fewer per layer. `q` then is the raw projection, and `raw` holds the rest of the
+// raw token (k, v, norm weights, rope tables). Each block forms its G query heads into shared
+// memory as qk_norm_rope_cache would store them; the block whose chunk holds the new position
+// also forms its k row and copies its v row into the caches before reading them (no other
+// block reads that row).
 #define ATTN_WARPS 8
 #define ATTN_ROWS 4
-template <typename T, int EPL, int G>
+template <typename T> struct RawToken {
+    const T *k, *v, *q_w, *k_w, *cos, *sin;
+    float eps;
+    int style;
+};
+template <typename T, int EPL, int G, bool ROPE>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
-                                 float scale, const int *pos_at, int max_splits) {
+                                 float scale, const int *pos_at, int max_splits,
+                                 RawToken<T> raw) {
     follow_previous_kernel();
     if (pos_at != nullptr) {
         L = *pos_at + 1;
@@ -162,14 +186,39 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
     constexpr int HD = EPL * 32;
     __shared__ float s_o[ATTN_WARPS][G * HD];
     __shared__ float s_m[ATTN_WARPS][G], s_l[ATTN_WARPS][G];
+    __shared__ T q_formed[ROPE ? G * HD : 1];
     const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int start = split * chunk, end = min(L, start + chunk);
 
+    if (ROPE) {
+        const int pos = L - 1, half = HD / 2;
+        const T *cs = raw.cos + (size_t)pos * half, *sn = raw.sin + (size_t)pos * half;
+        const bool owner = pos >= start && pos < end;
+        const size_t row = ((size_t)kvh * cap + pos) * HD;
+        // Tasks: the G query heads, then (the owner only) the k row and the v row. s_o is free
+        // until the loop below: each warp's row of it is its scratch.
+        for (int task = warp; task < G + 2; task += ATTN_WARPS) {
+            if (task < G) {
+                norm_rope_row(q + (size_t)(kvh * G + task) * HD, raw.q_w, cs, sn,
+                              q_formed + task * HD, s_o[warp], HD, raw.eps, raw.style, lane);
+            } else if (owner && task == G) {
+                norm_rope_row(raw.k + (size_t)kvh * HD, raw.k_w, cs, sn,
+                              const_cast<T *>(k_cache) + row, s_o[warp], HD, raw.eps, raw.style,
+                              lane);
+            } else if (owner) {
+                for (int d = lane; d < HD; d += 32) const_cast<T *>(v_cache)[row + d] = raw.v[(size_t)kvh * HD + d];
+            }
+            __syncwarp(); // the scratch is reused by the warp's next task
+        }
+        __syncthreads(); // q formed, the new k/v rows written, before anyone reads them
+    }
+
     float qr[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
-        const T *qh = q + (size_t)(kvh * G + g) * HD + lane * EPL;
+        const T *qh = ROPE ? q_formed + g * HD + lane * EPL
+                           : q + (size_t)(kvh * G + g) * HD + lane * EPL;
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
             qr[g][e] = to_f(qh[e]) * scale;
@@ -496,20 +545,39 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
     DECODE_ATTN(T, SUF, 4, 4) DECODE_ATTN(T, SUF, 4, 8) DECODE_ATTN(T, SUF, 8, 1)                   \
     DECODE_ATTN(T, SUF, 8, 2) DECODE_ATTN(T, SUF, 8, 4)
 
-// decode_attention_<type>_e<elements per lane>_g<query heads per KV head>, and its `_at`
-// twin reading the position on the device (a step replayed from a CUDA graph).
+// decode_attention_<type>_e<elements per lane>_g<query heads per KV head>, its `_at` twin
+// reading the position on the device (a step replayed from a CUDA graph), and both again as
+// decode_attention_rope_[at_]… (ROPE: the raw token's k, v, norm weights, rope tables, eps and
+// style after the common arguments).
 #define DECODE_ATTN(T, SUF, EPL, G)                                                                 \
     extern "C" __global__ void decode_attention_##SUF##_e##EPL##_g##G(                              \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale) {                                                   \
-        decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
-                                    scale, nullptr, 0);                                             \
+        decode_attention<T, EPL, G, false>(q, k_cache, v_cache, out, part_o, part_ml, cap, L,       \
+                                           chunk, scale, nullptr, 0, RawToken<T>{});                \
     }                                                                                               \
     extern "C" __global__ void decode_attention_at_##SUF##_e##EPL##_g##G(                           \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale, const int *pos_at, int max_splits) {                \
-        decode_attention<T, EPL, G>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk,       \
-                                    scale, pos_at, max_splits);                                     \
+        decode_attention<T, EPL, G, false>(q, k_cache, v_cache, out, part_o, part_ml, cap, L,       \
+                                           chunk, scale, pos_at, max_splits, RawToken<T>{});        \
+    }                                                                                               \
+    extern "C" __global__ void decode_attention_rope_##SUF##_e##EPL##_g##G(                         \
+        const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
+        int cap, int L, int chunk, float scale, const T *k, const T *v, const T *q_w,               \
+        const T *k_w, const T *cos, const T *sin, float eps, int style) {                           \
+        decode_attention<T, EPL, G, true>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk, \
+                                          scale, nullptr, 0,                                        \
+                                          RawToken<T>{k, v, q_w, k_w, cos, sin, eps, style});       \
+    }                                                                                               \
+    extern "C" __global__ void decode_attention_rope_at_##SUF##_e##EPL##_g##G(                      \
+        const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
+        int cap, int L, int chunk, float scale, const T *k, const T *v, const T *q_w,               \
+        const T *k_w, const T *cos, const T *sin, float eps, int style, const int *pos_at,          \
+        int max_splits) {                                                                           \
+        decode_attention<T, EPL, G, true>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk, \
+                                          scale, pos_at, max_splits,                                \
+                                          RawToken<T>{k, v, q_w, k_w, cos, sin, eps, style});       \
     }
 
 ENTRY_POINTS(float, f32)

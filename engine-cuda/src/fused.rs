@@ -578,6 +578,32 @@ pub fn flash_prefill(
 }
 
 /// Whether [`decode_attention`] has a kernel for this head size and grouping.
+/// Whether a decode step's q/k norms, RoPE and cache writes run inside the decode attention
+/// ([`decode_attention_roped`]) instead of [`qk_norm_rope_cache`] before it:
+/// `HELEXA_ENGINE_ROPE_IN_ATTENTION=1`. Off by default: written after the seventh session's
+/// device time ran out, not yet measured (the separate kernel costs 0.07–0.10 ms of a token on
+/// the H200, docs/benchmarks.md); its GPU test expects the same output and caches bit for bit.
+pub fn rope_in_attention_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_ROPE_IN_ATTENTION").is_ok_and(|v| v == "1"))
+}
+
+/// [`decode_attention`] over one raw token `i` (its q/k/v projections, not yet normed or
+/// rotated, and nothing of it in the caches yet): the kernel forms q, writes the token's k and
+/// v rows at `i.offset` and attends over `i.offset + 1` positions. Only call when [`applies`]
+/// and [`decode_attention_supported`] hold.
+pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::decode_attention_roped(i, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (i, scale);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
 pub fn decode_attention_supported(head_dim: usize, groups: usize) -> bool {
     matches!(head_dim, 64 | 128 | 256)
         && matches!(groups, 1 | 2 | 4 | 8)
@@ -1044,6 +1070,62 @@ mod gpu_tests {
                 assert_eq!(rel_diff(&got, &halves(&y, inter)), 0.0, "{case} pending");
                 let (sum, want_sum) = (sum.expect("residual"), want_sum.expect("residual"));
                 assert_eq!(rel_diff(&sum, &want_sum), 0.0, "{case} residual");
+            }
+        }
+    }
+
+    /// The decode attention over a raw token (q/k norms, RoPE and cache writes folded in)
+    /// equals qk_norm_rope_cache then the decode attention bit for bit: output and both
+    /// caches. Both rope styles, with and without per-head norms, one split and several, and
+    /// the grouped shapes of an 8B model (32 query heads over 8 KV heads).
+    #[test]
+    fn attention_forming_its_token_matches_the_separate_rope_kernel() {
+        let dev = device();
+        let (h, kvh, hd, cap) = (32, 8, 128, 1024);
+        for dtype in [DType::BF16, DType::F32] {
+            for style in [RopeStyle::Half, RopeStyle::Interleaved] {
+                for (offset, norms) in [(5, true), (700, true), (300, false)] {
+                    let case = format!("{dtype:?} {style:?} offset {offset} norms {norms}");
+                    let rope = Rope::new(hd, 1e6, &RopeScaling::None, style, cap, &dev)
+                        .and_then(|r| r.in_dtype(dtype))
+                        .expect("rope");
+                    let qkv = random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev);
+                    let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
+                    let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
+                    let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
+                    let q_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
+                    let k_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
+                    // The earlier positions: the same random rows in both pairs of caches.
+                    let history = random(&[1, kvh, cap, hd], dtype, &dev);
+                    let caches = || {
+                        let k = history.copy().expect("k cache");
+                        let v = (&history * 0.5).expect("v cache");
+                        (k, v)
+                    };
+                    let ((k1, v1), (k2, v2)) = (caches(), caches());
+                    let inputs = |k_cache, v_cache| QkvInputs {
+                        q: &q,
+                        k: &k,
+                        v: &v,
+                        q_norm: norms.then_some(&q_norm),
+                        k_norm: norms.then_some(&k_norm),
+                        rope: &rope,
+                        k_cache,
+                        v_cache,
+                        offset,
+                        heads: h,
+                        kv_heads: kvh,
+                        head_dim: hd,
+                        at: None,
+                    };
+                    let roped = qk_norm_rope_cache(&inputs(&k1, &v1)).expect("rope kernel");
+                    let want = decode_attention(&roped, &k1, &v1, offset + 1, 0.088, None)
+                        .expect("attention");
+                    let got = decode_attention_roped(&inputs(&k2, &v2), 0.088).expect("folded");
+                    assert_eq!(rel_diff(&got, &want), 0.0, "{case}: output");
+                    assert_eq!(rel_diff(&k2, &k1), 0.0, "{case}: k cache");
+                    assert_eq!(rel_diff(&v2, &v1), 0.0, "{case}: v cache");
+                }
             }
         }
     }

@@ -892,7 +892,7 @@ impl Attention {
         let (q, k, v) = if crate::fused::applies(&q) {
             // One kernel normalises and rotates q and k and writes k and v into the cache.
             let (k_cache, v_cache) = self.cache.reserve(len, (kvh, hd), q.dtype(), q.device())?;
-            let q = crate::fused::qk_norm_rope_cache(&crate::fused::QkvInputs {
+            let inputs = crate::fused::QkvInputs {
                 q: &q,
                 k: &k,
                 v: &v,
@@ -906,8 +906,17 @@ impl Attention {
                 kv_heads: kvh,
                 head_dim: hd,
                 at,
-            })?;
-            if len == 1 && crate::fused::decode_attention_supported(hd, groups) {
+            };
+            let decoding = len == 1 && crate::fused::decode_attention_supported(hd, groups);
+            if decoding && crate::fused::rope_in_attention_enabled() {
+                // …or the attention kernel does, one launch fewer.
+                #[allow(clippy::cast_possible_truncation, reason = "scale is ~0.1")]
+                let out = crate::fused::decode_attention_roped(&inputs, scale as f32)?;
+                self.cache.commit(1);
+                return self.o_proj.forward(&out);
+            }
+            let q = crate::fused::qk_norm_rope_cache(&inputs)?;
+            if decoding {
                 #[allow(clippy::cast_possible_truncation, reason = "scale is ~0.1")]
                 let out = crate::fused::decode_attention(
                     &q,

@@ -60,7 +60,7 @@ all)
   decode="--prefill 512 --decode-context 0"
   BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
   grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
-  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_GATE_IN_PRODUCT=1 HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_GRAPH=0}; do
+  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_GATE_IN_PRODUCT=1 HELEXA_ENGINE_ROPE_IN_ATTENTION=1 HELEXA_ENGINE_NORM_IN_PRODUCT=0 HELEXA_ENGINE_GRAPH=0}; do
     tag=$(echo "${setting#HELEXA_ENGINE_}" | tr 'A-Z_=' 'a-z--')
     env "$setting" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
     grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"

@@ -411,8 +411,63 @@ pub fn decode_attention(
 ) -> Result<Tensor> {
     by_dtype!(
         q.dtype(),
-        decode_attention_t(q, k_cache, v_cache, len, scale, at)
+        decode_attention_t(q, k_cache, v_cache, len, scale, at, None)
     )
+}
+
+/// `decode_attention` over the raw token `i` (its q/k/v projections of one token): the q/k
+/// norms, RoPE and the cache writes of `qk_norm_rope_cache` done in the attention kernel.
+pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
+    by_dtype!(
+        i.q.dtype(),
+        decode_attention_t(
+            i.q,
+            i.k_cache,
+            i.v_cache,
+            i.offset + 1,
+            scale,
+            i.at,
+            Some(i)
+        )
+    )
+}
+
+/// The attention dimensions of a raw token `i`, checked: q, k and v one row each of heads ×
+/// head_dim (kv_heads × head_dim), read whole; the caches as `attention_dims` wants them; the
+/// rope tables in the activations' dtype. Returns `(heads, 1, kv_heads, capacity, hd)`.
+fn raw_token_dims(i: &QkvInputs<'_>) -> Result<(usize, usize, usize, usize, usize)> {
+    let (h, kvh, hd) = (i.heads, i.kv_heads, i.head_dim);
+    let (_, cache_heads, cap, cache_hd) = i.k_cache.dims4()?;
+    let row = |t: &Tensor, n: usize| {
+        t.elem_count() == n
+            && t.dims3().is_ok_and(|(b, l, _)| b * l == 1)
+            && t.stride().last() == Some(&1)
+    };
+    let (cos, _) = i.rope.tables();
+    if !row(i.q, h * hd)
+        || !row(i.k, kvh * hd)
+        || !row(i.v, kvh * hd)
+        || cache_heads != kvh
+        || cache_hd != hd
+        || h % kvh != 0
+        || i.v_cache.dims() != i.k_cache.dims()
+        || !i.k_cache.is_contiguous()
+        || !i.v_cache.is_contiguous()
+        || cos.dtype() != i.q.dtype()
+        || [i.q_norm, i.k_norm]
+            .iter()
+            .flatten()
+            .any(|n| n.weight().dims() != [hd] || !n.weight().is_contiguous())
+    {
+        bail!(
+            "decode_attention: raw token q {:?} k {:?} v {:?} against caches {:?}",
+            i.q.dims(),
+            i.k.dims(),
+            i.v.dims(),
+            i.k_cache.dims()
+        );
+    }
+    Ok((h, 1, kvh, cap, hd))
 }
 
 /// Splits of the decode attention over `len` positions: enough blocks to fill the GPU at long
@@ -424,6 +479,10 @@ fn attention_splits(len: usize, max_splits: usize) -> (usize, usize) {
     (len.div_ceil(chunk), chunk)
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the attention's operands, and the raw token when the rope is folded in"
+)]
 fn decode_attention_t<T: CudaDType + DeviceRepr>(
     q: &Tensor,
     k_cache: &Tensor,
@@ -431,12 +490,18 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     len: usize,
     scale: f32,
     at: Option<&DevicePosition>,
+    rope: Option<&QkvInputs<'_>>,
     sfx: &str,
 ) -> Result<Tensor> {
     let dev = q.device().as_cuda_device()?;
-    let (h, q_len, kvh, cap, hd) = attention_dims("decode_attention", q, k_cache, v_cache)?;
+    let (h, q_len, kvh, cap, hd) = match rope {
+        None => attention_dims("decode_attention", q, k_cache, v_cache)?,
+        Some(i) => raw_token_dims(i)?,
+    };
     let longest = at.map_or(len, |at| at.max_len.max(len));
-    if q_len != 1 || len == 0 || longest > cap {
+    // With the rope folded in, the rope tables must cover every position the launch may write.
+    let positions = rope.map_or(Ok(usize::MAX), |i| i.rope.tables().0.dim(0))?;
+    if q_len != 1 || len == 0 || longest > cap || longest > positions {
         bail!("decode_attention: {q_len} queries over {longest} of {cap} cached positions");
     }
     let groups = h / kvh;
@@ -468,8 +533,32 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let (cap_a, len_a, chunk_a, max_splits_a) =
         (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
     let at_part = if pos.is_some() { "at_" } else { "" };
-    let name = format!("decode_attention_{at_part}{sfx}_e{}_g{groups}", hd / 32);
+    let rope_part = if rope.is_some() { "rope_" } else { "" };
+    let name = format!(
+        "decode_attention_{rope_part}{at_part}{sfx}_e{}_g{groups}",
+        hd / 32
+    );
     let (f, stream) = function(dev, &name)?;
+    // The raw token's parts (rope only): k, v, the norm weights (or nulls), the rope tables.
+    let raw_guards = rope.map(|i| {
+        let (cos, sin) = i.rope.tables();
+        [i.k, i.v, cos, sin].map(Tensor::storage_and_layout)
+    });
+    let raw = raw_guards.as_ref().map(views::<T, 4>).transpose()?;
+    let norm_guards =
+        rope.map(|i| [i.q_norm, i.k_norm].map(|n| n.map(|n| n.weight().storage_and_layout())));
+    let norm_views = norm_guards
+        .iter()
+        .flatten()
+        .map(|g| g.as_ref().map(|(s, l)| view::<T>(s, l)).transpose())
+        .collect::<Result<Vec<_>>>()?;
+    let eps = rope
+        .and_then(|i| i.q_norm.or(i.k_norm))
+        .map_or(0.0, RmsNorm::eps);
+    let style: i32 = match rope.map(|i| i.rope.style()) {
+        Some(RopeStyle::Interleaved) => 1,
+        _ => 0,
+    };
     let mut b = Args::new(&stream);
     b.input(&qv)
         .input(&kv)
@@ -478,6 +567,13 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         .output(&mut part_o)
         .output(&mut part_ml);
     b.value(&cap_a).value(&len_a).value(&chunk_a).value(&scale);
+    if let Some([k, v, cos, sin]) = &raw {
+        b.input(k).input(v);
+        for w in &norm_views {
+            b.input_or_null(w.as_ref());
+        }
+        b.input(cos).input(sin).value(&eps).value(&style);
+    }
     if let Some(pos) = &pos {
         b.input(pos).value(&max_splits_a);
     }
@@ -488,8 +584,10 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked; with
     // a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
-    // partials heads × splits × (hd | 2); the kernel's template matches hd and groups (its
-    // name); argument types match `decode_attention_[at_]<T>_e<hd/32>_g<groups>`.
+    // partials heads × splits × (hd | 2); with the rope folded in, k and v hold kv_heads × hd,
+    // the norm weights hd (or are null) and the rope tables cover every position up to the
+    // longest (checked); the kernel's template matches hd and groups (its name); argument
+    // types match `decode_attention_[rope_][at_]<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
     if splits > 1 {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
