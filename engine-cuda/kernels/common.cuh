@@ -154,8 +154,9 @@ __device__ __forceinline__ void normed8(const T *x, const T *delta, const T *w, 
 }
 
 // ---- the SwiGLU gate ------------------------------------------------------------------------------
-// silu(gate) · up for one element, from the two products' f32 sums, as the unfused path computes
-// it from their stored (T-rounded) outputs: the silu rounded through T, then the product.
+// silu(gate) · up for one element, from the two products' f32 sums, as silu_mul (fused.cu)
+// computes it from their stored (T-rounded) outputs: the silu rounded through T, then the
+// product.
 template <typename T>
 __device__ __forceinline__ T swiglu(float gate, float up) {
     const float g = rnd<T>(gate);

@@ -55,7 +55,9 @@ __device__ void silu_mul(const T *gate, const T *up, T *out, int rows, int cols,
     const long n = (long)rows * cols;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         const long r = i / cols, c = i % cols;
-        out[i] = swiglu<T>(to_f(gate[r * gate_stride + c]), to_f(up[r * up_stride + c]));
+        const float g = to_f(gate[r * gate_stride + c]);
+        const float s = rnd<T>(g / (1.0f + expf(-g)));
+        out[i] = from_f<T>(s * to_f(up[r * up_stride + c]));
     }
 }
 

@@ -187,8 +187,8 @@ fn quant_row_bytes(dtype: GgmlDType, cols: usize) -> usize {
 /// Shared memory a [`quant_gemv`] block needs: the chunk buffers of each warp, then x quantized
 /// (one byte per value with 16 bytes of padding per 64 against bank conflicts, `QG_X_BYTES`,
 /// and a scale and a sum per 32 values).
-fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize) -> usize {
-    QUANT_GEMV_WARPS * quant_gemv_stages() * quant_row_bytes(dtype, QUANT_GEMV_CHUNK)
+fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize, stages: usize) -> usize {
+    QUANT_GEMV_WARPS * stages * quant_row_bytes(dtype, QUANT_GEMV_CHUNK)
         + cols
         + cols / 4
         + cols / 32 * 8
@@ -214,7 +214,7 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
         && x.layout().start_offset().is_multiple_of(8)
         && cols.is_multiple_of(64)
         && quant_row_bytes(w.dtype(), cols).is_multiple_of(16)
-        && quant_gemv_shared_bytes(w.dtype(), cols) <= QUANT_GEMV_SHARED_MAX
+        && quant_gemv_shared_bytes(w.dtype(), cols, quant_gemv_stages()) <= QUANT_GEMV_SHARED_MAX
 }
 
 /// `x · wᵀ` for one row `x` (any shape of `cols` elements) and quantized `w` `(rows, cols)`, x
@@ -368,12 +368,14 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
     let format = quant_gemv_format(w.dtype())
         .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
     let (_, cols) = w.shape().dims2()?;
+    // The SwiGLU kernels exist at two stages only.
+    let stages = if swiglu { 2 } else { quant_gemv_stages() };
     Ok(cuda::QuantGemv {
         format,
         row_bytes: quant_row_bytes(w.dtype(), cols),
-        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols),
+        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols, stages),
         warps: QUANT_GEMV_WARPS,
-        stages: if swiglu { 2 } else { quant_gemv_stages() },
+        stages,
         swiglu,
     })
 }
@@ -577,7 +579,6 @@ pub fn flash_prefill(
     }
 }
 
-/// Whether [`decode_attention`] has a kernel for this head size and grouping.
 /// Whether a decode step's q/k norms, RoPE and cache writes run inside the decode attention
 /// ([`decode_attention_roped`]) instead of [`qk_norm_rope_cache`] before it:
 /// `HELEXA_ENGINE_ROPE_IN_ATTENTION=1`. Off by default: written after the seventh session's
@@ -604,6 +605,7 @@ pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
     }
 }
 
+/// Whether [`decode_attention`] has a kernel for this head size and grouping.
 pub fn decode_attention_supported(head_dim: usize, groups: usize) -> bool {
     matches!(head_dim, 64 | 128 | 256)
         && matches!(groups, 1 | 2 | 4 | 8)
@@ -692,7 +694,7 @@ mod cpu_tests {
         assert_eq!(quant_row_bytes(GgmlDType::Q8_0, 4096), 4352);
         assert_eq!(quant_gemv_format(GgmlDType::Q4_0), None);
         // x of 12288 values (an 8B model's MLP) fits, with two blocks per SM.
-        assert!(quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288) <= QUANT_GEMV_SHARED_MAX);
+        assert!(quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288, 4) <= QUANT_GEMV_SHARED_MAX);
     }
 
     #[test]
@@ -1057,7 +1059,9 @@ mod gpu_tests {
                 norm: &norm,
             };
             for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-                let inter = 3072;
+                // More pairs than an H200's grid has warps (528 blocks × 8): some warps take a
+                // second pair, after an up row.
+                let inter = 5000;
                 let case = format!("{dtype:?} {format:?}");
                 let w = random(&[2 * inter, cols], DType::F32, &dev);
                 let q = QTensor::quantize(&w, format).expect("quantize");
@@ -1076,57 +1080,83 @@ mod gpu_tests {
 
     /// The decode attention over a raw token (q/k norms, RoPE and cache writes folded in)
     /// equals qk_norm_rope_cache then the decode attention bit for bit: output and both
-    /// caches. Both rope styles, with and without per-head norms, one split and several, and
-    /// the grouped shapes of an 8B model (32 query heads over 8 KV heads).
+    /// caches. Both rope styles, with and without per-head norms, one split and several, every
+    /// head size and a grouping of each size, the 16- and 32-bit types, and the position read
+    /// on the device (a replayed graph's wider grid, whose owner of the new row is not its last
+    /// split).
     #[test]
     fn attention_forming_its_token_matches_the_separate_rope_kernel() {
         let dev = device();
-        let (h, kvh, hd, cap) = (32, 8, 128, 1024);
-        for dtype in [DType::BF16, DType::F32] {
+        let cap = 1024;
+        let full = [(32, 8, 128), (32, 4, 128), (16, 8, 64), (16, 4, 256)];
+        let mut cases = Vec::new();
+        for dtype in [DType::BF16, DType::F32, DType::F16] {
             for style in [RopeStyle::Half, RopeStyle::Interleaved] {
-                for (offset, norms) in [(5, true), (700, true), (300, false)] {
-                    let case = format!("{dtype:?} {style:?} offset {offset} norms {norms}");
-                    let rope = Rope::new(hd, 1e6, &RopeScaling::None, style, cap, &dev)
-                        .and_then(|r| r.in_dtype(dtype))
-                        .expect("rope");
-                    let qkv = random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev);
-                    let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
-                    let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
-                    let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
-                    let q_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
-                    let k_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
-                    // The earlier positions: the same random rows in both pairs of caches.
-                    let history = random(&[1, kvh, cap, hd], dtype, &dev);
-                    let caches = || {
-                        let k = history.copy().expect("k cache");
-                        let v = (&history * 0.5).expect("v cache");
-                        (k, v)
-                    };
-                    let ((k1, v1), (k2, v2)) = (caches(), caches());
-                    let inputs = |k_cache, v_cache| QkvInputs {
-                        q: &q,
-                        k: &k,
-                        v: &v,
-                        q_norm: norms.then_some(&q_norm),
-                        k_norm: norms.then_some(&k_norm),
-                        rope: &rope,
-                        k_cache,
-                        v_cache,
-                        offset,
-                        heads: h,
-                        kv_heads: kvh,
-                        head_dim: hd,
-                        at: None,
-                    };
-                    let roped = qk_norm_rope_cache(&inputs(&k1, &v1)).expect("rope kernel");
-                    let want = decode_attention(&roped, &k1, &v1, offset + 1, 0.088, None)
-                        .expect("attention");
-                    let got = decode_attention_roped(&inputs(&k2, &v2), 0.088).expect("folded");
-                    assert_eq!(rel_diff(&got, &want), 0.0, "{case}: output");
-                    assert_eq!(rel_diff(&k2, &k1), 0.0, "{case}: k cache");
-                    assert_eq!(rel_diff(&v2, &v1), 0.0, "{case}: v cache");
+                // (offset, norms, position on the device)
+                for run in [
+                    (5, true, false),
+                    (700, true, false),
+                    (300, false, false),
+                    (300, true, true),
+                ] {
+                    cases.push((dtype, style, full[0], run));
                 }
             }
+        }
+        for shape in &full[1..] {
+            for run in [(5, true, false), (700, true, false), (300, true, true)] {
+                cases.push((DType::BF16, RopeStyle::Half, *shape, run));
+            }
+        }
+        for (dtype, style, (h, kvh, hd), (offset, norms, on_device)) in cases {
+            let case = format!(
+                "{dtype:?} {style:?} {h}/{kvh}×{hd} offset {offset} norms {norms} at {on_device}"
+            );
+            let rope = Rope::new(hd, 1e6, &RopeScaling::None, style, cap, &dev)
+                .and_then(|r| r.in_dtype(dtype))
+                .expect("rope");
+            let qkv = random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev);
+            let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
+            let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
+            let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
+            let q_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
+            let k_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
+            // The earlier positions: the same random rows in both pairs of caches.
+            let history = random(&[1, kvh, cap, hd], dtype, &dev);
+            let caches = || {
+                let k = history.copy().expect("k cache");
+                let v = (&history * 0.5).expect("v cache");
+                (k, v)
+            };
+            let ((k1, v1), (k2, v2)) = (caches(), caches());
+            // A graph's band: its grid sized for 300 positions past this one.
+            let at = on_device.then(|| DevicePosition {
+                position: Tensor::new(&[u32::try_from(offset).expect("offset")], &dev)
+                    .expect("position"),
+                max_len: offset + 301,
+            });
+            let inputs = |k_cache, v_cache| QkvInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                q_norm: norms.then_some(&q_norm),
+                k_norm: norms.then_some(&k_norm),
+                rope: &rope,
+                k_cache,
+                v_cache,
+                offset,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: hd,
+                at: at.as_ref(),
+            };
+            let roped = qk_norm_rope_cache(&inputs(&k1, &v1)).expect("rope kernel");
+            let want = decode_attention(&roped, &k1, &v1, offset + 1, 0.088, at.as_ref())
+                .expect("attention");
+            let got = decode_attention_roped(&inputs(&k2, &v2), 0.088).expect("folded");
+            assert_eq!(rel_diff(&got, &want), 0.0, "{case}: output");
+            assert_eq!(rel_diff(&k2, &k1), 0.0, "{case}: k cache");
+            assert_eq!(rel_diff(&v2, &v1), 0.0, "{case}: v cache");
         }
     }
 
