@@ -387,27 +387,43 @@ __device__ __forceinline__ float dot8(uint4 w, uint4 x) {
 }
 
 // The lane's part of one row's dot product from chunk `c` on, four chunks in flight.
-template <typename T>
+// Chunk c of x: from shared memory (the input formed in the block, NORM) or through the
+// read-only cache.
+template <bool SHARED>
+__device__ __forceinline__ uint4 x_chunk(const uint4 *xr, int c) {
+    return SHARED ? xr[c] : __ldg(xr + c);
+}
+
+// The lane's part of one row's dot product from chunk `c` on, four chunks in flight.
+template <typename T, bool SHARED_X>
 __device__ __forceinline__ float row_from(const uint4 *wr, const uint4 *xr, int c, int chunks,
                                           float acc) {
     for (; c + 96 < chunks; c += 128) {
         const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
                     w3 = __ldcs(wr + c + 96);
-        acc += dot8<T>(w0, __ldg(xr + c)) + dot8<T>(w1, __ldg(xr + c + 32)) +
-               dot8<T>(w2, __ldg(xr + c + 64)) + dot8<T>(w3, __ldg(xr + c + 96));
+        acc += dot8<T>(w0, x_chunk<SHARED_X>(xr, c)) + dot8<T>(w1, x_chunk<SHARED_X>(xr, c + 32)) +
+               dot8<T>(w2, x_chunk<SHARED_X>(xr, c + 64)) + dot8<T>(w3, x_chunk<SHARED_X>(xr, c + 96));
     }
-    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), __ldg(xr + c));
+    for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), x_chunk<SHARED_X>(xr, c));
     return acc;
 }
 
 // SWIGLU: `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp of
 // row r also takes up row r + rows and writes silu(gate) · up, the SwiGLU gate folded into the
 // product (one launch fewer per layer, and half the output written).
-template <typename T, bool SWIGLU>
-__device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
+// NORM: the input is norm(x + delta) with weight `norm_w` (cols ≤ 16 per thread), formed by each
+// block into its shared memory with normed16 (common.cuh), as the quantized product does; block
+// 0 stores x + delta to `sum` when that is not null. The grid stays one warp per row: a grid of
+// resident blocks taking rows in turn (the seventh session's first try) left a bubble between
+// each warp's rows and made BF16 decode 0.21 ms slower.
+#define GEMV_NORM_MAX_COLS (16 * GEMV_WARPS * 32)
+template <typename T, bool SWIGLU, bool NORM>
+__device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *delta,
+                     const T *norm_w, T *sum, float eps) {
+    __shared__ __align__(16) T x_formed[NORM ? GEMV_NORM_MAX_COLS : 1];
     const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
-    const uint4 *xr = reinterpret_cast<const uint4 *>(x);
+    const uint4 *xr = reinterpret_cast<const uint4 *>(NORM ? x_formed : x);
     const int chunks = cols / 8;
     // The first four chunks are requested while the previous kernel may still be writing x.
     const bool ahead = row < rows && lane + 96 < chunks;
@@ -417,17 +433,26 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols) {
         p3 = __ldcs(wr + lane + 96);
     }
     follow_previous_kernel();
+    if (NORM) { // every thread, before any returns: the block reduction needs them all
+        float a[8], b[8];
+        normed16(x, delta, norm_w, sum, cols, eps, a, b);
+        const int e0 = 8 * threadIdx.x, e1 = e0 + 8 * blockDim.x;
+        if (e0 < cols) store8(x_formed, e0, a);
+        if (e1 < cols) store8(x_formed, e1, b);
+        __syncthreads();
+    }
     if (row >= rows) return;
     float acc = 0.0f;
     int c = lane;
     if (ahead) {
-        acc += dot8<T>(p0, __ldg(xr + c)) + dot8<T>(p1, __ldg(xr + c + 32)) +
-               dot8<T>(p2, __ldg(xr + c + 64)) + dot8<T>(p3, __ldg(xr + c + 96));
+        acc += dot8<T>(p0, x_chunk<NORM>(xr, c)) + dot8<T>(p1, x_chunk<NORM>(xr, c + 32)) +
+               dot8<T>(p2, x_chunk<NORM>(xr, c + 64)) + dot8<T>(p3, x_chunk<NORM>(xr, c + 96));
         c += 128;
     }
-    acc = warp_sum(row_from<T>(wr, xr, c, chunks, acc));
+    acc = warp_sum(row_from<T, NORM>(wr, xr, c, chunks, acc));
     if (SWIGLU) {
-        const float up = warp_sum(row_from<T>(wr + (size_t)rows * chunks, xr, lane, chunks, 0.0f));
+        const float up =
+            warp_sum(row_from<T, NORM>(wr + (size_t)rows * chunks, xr, lane, chunks, 0.0f));
         if (lane == 0) y[row] = swiglu<T>(acc, up);
     } else if (lane == 0) {
         y[row] = from_f<T>(acc);
@@ -586,13 +611,23 @@ ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__nv_bfloat16, bf16)
 ENTRY_POINTS(__half, f16)
 
+// gemv_<T>, gemv_swiglu_<T> (SWIGLU), and gemv_norm_<T> / gemv_norm_swiglu_<T> (NORM: the norm
+// input's delta, weight, residual output and eps after the common arguments; registers capped
+// for four blocks per SM, as the plain kernel gets).
 #define GEMV(T, SUF)                                                                                \
     extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
-        gemv<T, false>(w, x, y, rows, cols);                                                       \
+        gemv<T, false, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);               \
     }                                                                                               \
     extern "C" __global__ void gemv_swiglu_##SUF(const T *w, const T *x, T *y, int rows,            \
                                                  int cols) {                                        \
-        gemv<T, true>(w, x, y, rows, cols);                                                        \
+        gemv<T, true, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);                \
+    }                                                                                               \
+    GEMV_NORM(T, gemv_norm_##SUF, false) GEMV_NORM(T, gemv_norm_swiglu_##SUF, true)
+#define GEMV_NORM(T, NAME, SWIGLU)                                                                  \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)                                \
+        NAME(const T *w, const T *x, T *y, int rows, int cols, const T *delta, const T *norm_w,     \
+             T *sum, float eps) {                                                                   \
+        gemv<T, SWIGLU, true>(w, x, y, rows, cols, delta, norm_w, sum, eps);                       \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

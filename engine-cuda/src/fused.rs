@@ -257,6 +257,49 @@ fn pending_norm_fits(p: &PendingNorm<'_>) -> bool {
         && aligned(w)
 }
 
+/// Whether a layer's first dense products form their input themselves ([`gemv_norm`]), as
+/// the quantized ones do: `HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=1`. Off by default: this second
+/// try (one warp per row, each block forming the input) was written after the seventh
+/// session's device time ran out and is not yet measured; the first (a grid of resident blocks
+/// taking rows in turn) made BF16 decode slower, 4.66 → 4.87 ms.
+fn dense_norm_in_product_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT").is_ok_and(|v| v == "1"))
+}
+
+/// Whether [`gemv_norm`] serves `norm(p) · wᵀ`: [`gemv_applies`] for the residual, the pending
+/// parts fit, and the row fits the kernel's shared memory (16 values per thread).
+pub fn gemv_norm_applies(p: &PendingNorm<'_>, w: &Tensor) -> bool {
+    dense_norm_in_product_enabled()
+        && gemv_applies(p.residual, w)
+        && pending_norm_fits(p)
+        && p.residual.elem_count() <= GEMV_NORM_MAX_COLS
+}
+
+/// Most columns of a dense product's formed input (`GEMV_NORM_MAX_COLS` in the kernel: 16 per
+/// thread of its 256-thread block, kept in registers then in static shared memory).
+const GEMV_NORM_MAX_COLS: usize = 4096;
+
+/// `norm(residual + delta) · wᵀ` over dense `w` (with the SwiGLU gate folded in when `swiglu`,
+/// as [`gemv_swiglu`]) and, when `write_sum`, the new residual, in one launch. Only call when
+/// [`gemv_norm_applies`] holds.
+pub fn gemv_norm(
+    p: &PendingNorm<'_>,
+    w: &Tensor,
+    swiglu: bool,
+    write_sum: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::gemv_with(p.residual, w, swiglu, Some(&norm_input(p, write_sum)))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (p, w, swiglu, write_sum);
+        candle_core::bail!("fused kernels need the cuda feature")
+    }
+}
+
 /// Whether [`quant_gemv_norm`] serves `norm(p) · wᵀ`: [`quant_gemv_applies`] for the
 /// residual, and the pending parts fit.
 pub fn quant_gemv_norm_applies(p: &PendingNorm<'_>, w: &QTensor) -> bool {
@@ -320,7 +363,7 @@ pub fn gemv_swiglu_applies(x: &Tensor, w: &Tensor) -> bool {
 pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        cuda::gemv_swiglu(x, w)
+        cuda::gemv_with(x, w, true, None).map(|(y, _)| y)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -1012,6 +1055,17 @@ mod gpu_tests {
                 }
                 None => assert!(!write, "{case}: no residual"),
             };
+            if cols <= GEMV_NORM_MAX_COLS {
+                // Dense (HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT): against gemv over the formed input.
+                let case = format!("{dtype:?} dense {cols}");
+                let w = random(&[6144, cols], dtype, &dev);
+                for write in [true, false] {
+                    let (got, sum) = gemv_norm(&p, &w, false, write).expect("gemv_norm");
+                    let e = rel_diff(&got, &gemv(&normed, &w).expect("gemv"));
+                    assert!(e <= tolerance(dtype), "{case}: {e}");
+                    check_sum(sum, write, &case);
+                }
+            }
             for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
                 let case = format!("{dtype:?} {format:?} {cols}");
                 let w = random(&[6144, cols], DType::F32, &dev);
@@ -1029,8 +1083,8 @@ mod gpu_tests {
     }
 
     /// The SwiGLU gate folded into the gate/up product equals the product then the separate
-    /// gate kernel bit for bit (the same sums, rounded and gated the same way): dense, and
-    /// quantized over a ready input and over one formed in the prologue.
+    /// gate kernel bit for bit (the same sums, rounded and gated the same way): dense and
+    /// quantized, over a ready input and over one formed in the prologue.
     #[test]
     fn products_with_the_gate_folded_in_match_the_separate_gate() {
         let dev = device();
@@ -1058,6 +1112,14 @@ mod gpu_tests {
                 delta: &delta,
                 norm: &norm,
             };
+            // Dense over a formed input: the gate folded into gemv_norm.
+            let w = random(&[2 * 12288, cols], dtype, &dev);
+            let (got, sum) = gemv_norm(&p, &w, true, true).expect("gemv_norm swiglu");
+            let (y, want_sum) = gemv_norm(&p, &w, false, true).expect("gemv_norm");
+            let case = format!("{dtype:?} dense formed");
+            assert_eq!(rel_diff(&got, &halves(&y, 12288)), 0.0, "{case}");
+            let (sum, want_sum) = (sum.expect("residual"), want_sum.expect("residual"));
+            assert_eq!(rel_diff(&sum, &want_sum), 0.0, "{case} residual");
             for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
                 // More pairs than an H200's grid has warps (528 blocks × 8): some warps take a
                 // second pair, after an up row.

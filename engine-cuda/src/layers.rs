@@ -61,14 +61,14 @@ impl Linear {
         }
     }
 
-    /// Whether [`Linear::forward_pending`] runs as one kernel: a quantized product served by
-    /// the engine's GEMV kernels (no bias) over an input they can form.
+    /// Whether [`Linear::forward_pending`] runs as one kernel: a product served by the
+    /// engine's GEMV kernels (no bias) over an input they can form.
     fn serves_pending(&self, p: &PendingNorm<'_>) -> bool {
         match &self.weight {
-            QMatMul::QTensor(w) if self.bias.is_none() => {
-                crate::fused::quant_gemv_norm_applies(p, w)
-            }
-            _ => false,
+            _ if self.bias.is_some() => false,
+            QMatMul::QTensor(w) => crate::fused::quant_gemv_norm_applies(p, w),
+            QMatMul::Tensor(w) => crate::fused::gemv_norm_applies(p, w),
+            QMatMul::TensorF16(_) => false,
         }
     }
 
@@ -81,7 +81,8 @@ impl Linear {
     ) -> Result<(Tensor, Option<Tensor>)> {
         match &self.weight {
             QMatMul::QTensor(w) => crate::fused::quant_gemv_norm(p, w, write_sum),
-            _ => candle_core::bail!("only quantized products form their input"),
+            QMatMul::Tensor(w) => crate::fused::gemv_norm(p, w, false, write_sum),
+            QMatMul::TensorF16(_) => candle_core::bail!("no product forms its input here"),
         }
     }
 
@@ -95,10 +96,15 @@ impl Linear {
             LayerInput::Pending(p) => p.residual,
         };
         match &self.weight {
-            QMatMul::Tensor(w) if crate::fused::gemv_swiglu_applies(probe, w) => {
-                let (x, residual) = input.materialize()?;
-                Ok(Some((crate::fused::gemv_swiglu(&x, w)?, residual)))
-            }
+            QMatMul::Tensor(w) if crate::fused::gemv_swiglu_applies(probe, w) => match input {
+                LayerInput::Pending(p) if self.serves_pending(p) => {
+                    crate::fused::gemv_norm(p, w, true, true).map(Some)
+                }
+                _ => {
+                    let (x, residual) = input.materialize()?;
+                    Ok(Some((crate::fused::gemv_swiglu(&x, w)?, residual)))
+                }
+            },
             QMatMul::QTensor(w) if crate::fused::quant_gemv_swiglu_applies(probe, w) => match input
             {
                 LayerInput::Pending(p) if self.serves_pending(p) => {

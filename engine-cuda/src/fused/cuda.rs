@@ -768,13 +768,19 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w, false))
+    by_dtype!(x.dtype(), gemv_t(x, w, false, None)).map(|(y, _)| y)
 }
 
-/// `silu(x · gateᵀ) · (x · upᵀ)` for `w` the stacked `[gate; up]` (an even number of rows), in
-/// one launch; the result has half `w`'s rows.
-pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w, true))
+/// `gemv` with the SwiGLU gate folded in when `swiglu` (`w` the stacked `[gate; up]`, an even
+/// number of rows; the result has half `w`'s rows), over `norm(x + delta)` when `norm` is given
+/// (at most `GEMV_NORM_MAX_COLS` columns; also the new residual when `norm.write_sum`).
+pub fn gemv_with(
+    x: &Tensor,
+    w: &Tensor,
+    swiglu: bool,
+    norm: Option<&NormInput<'_>>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    by_dtype!(x.dtype(), gemv_t(x, w, swiglu, norm))
 }
 
 /// A product's input formed in its prologue: `norm(x + delta)` with the norm's `weight` and
@@ -870,12 +876,19 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
     w: &Tensor,
     swiglu: bool,
+    norm: Option<&NormInput<'_>>,
     sfx: &str,
-) -> Result<Tensor> {
+) -> Result<(Tensor, Option<Tensor>)> {
     let dev = x.device().as_cuda_device()?;
     let (w_rows, cols) = w.dims2()?;
     if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
         bail!("gemv: x {:?} against w {:?}", x.dims(), w.dims());
+    }
+    if norm.is_some() && cols > super::GEMV_NORM_MAX_COLS {
+        bail!(
+            "gemv: a formed input of {cols} columns exceeds {}",
+            super::GEMV_NORM_MAX_COLS
+        );
     }
     let rows = output_rows(w_rows, swiglu)?;
     let (xs, xl) = x.storage_and_layout();
@@ -884,10 +897,21 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         bail!("gemv: operands not 16-byte aligned");
     }
     let (xv, wv) = (view::<T>(&xs, xl)?, view::<T>(&ws, wl)?);
+    let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
+    let mut norm_bufs = match (norm, &norm_guards) {
+        (Some(n), Some(g)) => Some(norm_buffers::<T>("gemv", x, n, g, dev)?),
+        _ => None,
+    };
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
-    let name = if swiglu { "gemv_swiglu" } else { "gemv" };
+    let eps = norm.map_or(0.0, |n| n.eps);
+    let name = match (norm.is_some(), swiglu) {
+        (false, false) => "gemv",
+        (false, true) => "gemv_swiglu",
+        (true, false) => "gemv_norm",
+        (true, true) => "gemv_norm_swiglu",
+    };
     let (f, stream) = function(dev, &format!("{name}_{sfx}"))?;
     let mut b = Args::new(&stream);
     b.input(&wv)
@@ -895,6 +919,10 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         .output(&mut y)
         .value(&rows_a)
         .value(&cols_a);
+    if let Some(n) = norm_bufs.as_mut() {
+        norm_args(&mut b, n);
+        b.value(&eps);
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
@@ -902,9 +930,14 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     };
     // SAFETY: w holds rows × cols (with swiglu, 2·rows × cols) and x cols elements, both
     // 16-byte aligned with cols % 8 == 0 (checked: the kernel reads 8 elements at a time); y
-    // holds rows; argument types match `gemv_<T>` / `gemv_swiglu_<T>`.
+    // holds rows; with a norm input, delta, the norm weight and sum (if any) hold cols
+    // elements, 16-byte aligned (checked), and cols fits the kernel's static shared row
+    // (checked); argument types match `gemv_[norm_][swiglu_]<T>`.
     unsafe { b.launch(&f, cfg) }?;
-    Ok(wrap(y, dev, product_shape(x, rows)))
+    Ok((
+        wrap(y, dev, product_shape(x, rows)),
+        residual(norm_bufs, dev, x),
+    ))
 }
 
 /// How to launch the quantized GEMV for one weight (worked out by the caller in `fused.rs`).
