@@ -13,9 +13,12 @@
 //! - [`quant_gemv`]: the batch-1 matrix-vector product over GGUF Q8_0/Q4_K/Q6_K blocks read in
 //!   place (candle's MMVQ kernel and the launch that quantizes x before it), in
 //!   `kernels/quant_gemv.cu`;
-//! - [`quant_gemv_norm`]: the quantized product over a layer input still to be formed
-//!   ([`PendingNorm`]): each block adds the residual and normalises in its prologue, which
-//!   takes the two [`add_rms_norm`] launches per layer off a quantized decoded token;
+//! - [`quant_gemv_norm`] (and, off by default, [`gemv_norm`]): the product over a layer input
+//!   still to be formed ([`PendingNorm`]): each block adds the residual and normalises in its
+//!   prologue, which takes the two [`add_rms_norm`] launches per layer off a decoded token;
+//! - off by default, not yet measured: [`gemv_swiglu`] / [`quant_gemv_swiglu`] (the SwiGLU
+//!   gate in the gate/up product's epilogue) and [`decode_attention_roped`] (the q/k norms,
+//!   RoPE and cache writes in the decode attention);
 //! - [`causal_softmax`]: prefill's scale, causal mask and softmax over the scores (was 3, the
 //!   mask a broadcast add of a host-built tensor);
 //! - [`argmax`]: the greedy pick, so only the index leaves the device.
@@ -234,9 +237,10 @@ pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
 
 /// Whether a layer's first quantized products form their input themselves, the residual add
 /// and RMSNorm in their prologue ([`quant_gemv_norm`]), instead of a separate [`add_rms_norm`]
-/// launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off. (Dense weights keep the separate
-/// launch: a dense variant, measured on the H200, made BF16 decode slower, 4.66 → 4.87 ms per
-/// token, docs/benchmarks.md.)
+/// launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off (the dense products' too). Dense
+/// weights keep the separate launch unless `HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=1`: a first
+/// dense variant, measured on the H200, made BF16 decode slower (4.66 → 4.87 ms per token,
+/// docs/benchmarks.md); the second, [`gemv_norm`], is not yet measured.
 fn norm_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     switch(&ON, "HELEXA_ENGINE_NORM_IN_PRODUCT")
@@ -1079,6 +1083,41 @@ mod gpu_tests {
                     check_sum(sum, write, &case);
                 }
             }
+        }
+    }
+
+    /// The dense product forming its input at widths below a block's 16 values per thread
+    /// (some threads hold no element) and a row count that leaves idle warps in the last block.
+    #[test]
+    fn dense_products_forming_narrow_inputs_match_the_separate_norm() {
+        let dev = device();
+        for cols in [2560, 1024] {
+            let x = random(&[1, 1, cols], DType::BF16, &dev);
+            let delta = random(&[1, 1, cols], DType::BF16, &dev);
+            let norm = RmsNorm::new(random(&[cols], DType::BF16, &dev), 1e-6);
+            let p = PendingNorm {
+                residual: &x,
+                delta: &delta,
+                norm: &norm,
+            };
+            let (want_sum, normed) = add_rms_norm(&x, &delta, &norm).expect("add_rms_norm");
+            let w = random(&[1003, cols], DType::BF16, &dev);
+            let (got, sum) = gemv_norm(&p, &w, false, true).expect("gemv_norm");
+            let e = rel_diff(&got, &gemv(&normed, &w).expect("gemv"));
+            assert!(e <= tolerance(DType::BF16), "{cols}: {e}");
+            assert_eq!(
+                rel_diff(&sum.expect("residual"), &want_sum),
+                0.0,
+                "{cols} residual"
+            );
+            let (gated, _) = gemv_norm(&p, &w.narrow(0, 0, 1000).expect("pairs"), true, false)
+                .expect("gemv_norm swiglu");
+            let (y, _) =
+                gemv_norm(&p, &w.narrow(0, 0, 1000).expect("pairs"), false, false).expect("y");
+            let gate = y.narrow(D::Minus1, 0, 500).expect("gate");
+            let up = y.narrow(D::Minus1, 500, 500).expect("up");
+            let want = silu_mul(&gate, &up).expect("silu_mul");
+            assert_eq!(rel_diff(&gated, &want), 0.0, "{cols} gated");
         }
     }
 
