@@ -770,6 +770,16 @@ mod gpu_tests {
             .expect("random tensor")
     }
 
+    /// A pending layer input's parts: a residual row, a delta row and a norm over `cols`.
+    fn pending_parts(cols: usize, dtype: DType, dev: &Device) -> (Tensor, Tensor, RmsNorm) {
+        let row = || random(&[1, 1, cols], dtype, dev);
+        (
+            row(),
+            row(),
+            RmsNorm::new(random(&[cols], dtype, dev), 1e-6),
+        )
+    }
+
     /// Largest difference relative to the largest reference magnitude.
     fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
         let f = |t: &Tensor| {
@@ -1043,9 +1053,7 @@ mod gpu_tests {
         // 4096: the row fits the block's registers (one round trip to L2); 6144: the general
         // two-pass prologue.
         for (cols, dtype) in [(4096, DType::BF16), (4096, DType::F16), (6144, DType::BF16)] {
-            let x = random(&[1, 1, cols], dtype, &dev);
-            let delta = random(&[1, 1, cols], dtype, &dev);
-            let norm = RmsNorm::new(random(&[cols], dtype, &dev), 1e-6);
+            let (x, delta, norm) = pending_parts(cols, dtype, &dev);
             let p = PendingNorm {
                 residual: &x,
                 delta: &delta,
@@ -1092,9 +1100,7 @@ mod gpu_tests {
     fn dense_products_forming_narrow_inputs_match_the_separate_norm() {
         let dev = device();
         for cols in [2560, 1024] {
-            let x = random(&[1, 1, cols], DType::BF16, &dev);
-            let delta = random(&[1, 1, cols], DType::BF16, &dev);
-            let norm = RmsNorm::new(random(&[cols], DType::BF16, &dev), 1e-6);
+            let (x, delta, norm) = pending_parts(cols, DType::BF16, &dev);
             let p = PendingNorm {
                 residual: &x,
                 delta: &delta,
@@ -1144,8 +1150,7 @@ mod gpu_tests {
                 let want = halves(&gemv(&x, &w).expect("gemv"), inter);
                 assert_eq!(rel_diff(&got, &want), 0.0, "{case}");
             }
-            let delta = random(&[1, 1, cols], dtype, &dev);
-            let norm = RmsNorm::new(random(&[cols], dtype, &dev), 1e-6);
+            let (_, delta, norm) = pending_parts(cols, dtype, &dev);
             let p = PendingNorm {
                 residual: &x,
                 delta: &delta,
