@@ -95,28 +95,30 @@ impl Linear {
             LayerInput::Ready(x) => *x,
             LayerInput::Pending(p) => p.residual,
         };
-        match &self.weight {
-            QMatMul::Tensor(w) if crate::fused::gemv_swiglu_applies(probe, w) => match input {
-                LayerInput::Pending(p) if self.serves_pending(p) => {
-                    crate::fused::gemv_norm(p, w, true, true).map(Some)
-                }
-                _ => {
-                    let (x, residual) = input.materialize()?;
-                    Ok(Some((crate::fused::gemv_swiglu(&x, w)?, residual)))
-                }
-            },
-            QMatMul::QTensor(w) if crate::fused::quant_gemv_swiglu_applies(probe, w) => match input
-            {
-                LayerInput::Pending(p) if self.serves_pending(p) => {
-                    crate::fused::quant_gemv_swiglu(p.residual, Some(p), w).map(Some)
-                }
-                _ => {
-                    let (x, residual) = input.materialize()?;
-                    let (y, _) = crate::fused::quant_gemv_swiglu(&x, None, w)?;
-                    Ok(Some((y, residual)))
-                }
-            },
-            _ => Ok(None),
+        // The kernel over a ready input (`None`) or, forming it in its prologue, a pending one.
+        type Gated<'k> =
+            Box<dyn Fn(&Tensor, Option<&PendingNorm<'_>>) -> Result<(Tensor, Option<Tensor>)> + 'k>;
+        let kernel: Gated<'_> = match &self.weight {
+            QMatMul::Tensor(w) if crate::fused::gemv_swiglu_applies(probe, w) => {
+                Box::new(move |x, p| match p {
+                    Some(p) => crate::fused::gemv_norm(p, w, true, true),
+                    None => Ok((crate::fused::gemv_swiglu(x, w)?, None)),
+                })
+            }
+            QMatMul::QTensor(w) if crate::fused::quant_gemv_swiglu_applies(probe, w) => {
+                Box::new(move |x, p| crate::fused::quant_gemv_swiglu(x, p, w))
+            }
+            _ => return Ok(None),
+        };
+        match input {
+            LayerInput::Pending(p) if self.serves_pending(p) => {
+                kernel(p.residual, Some(p)).map(Some)
+            }
+            _ => {
+                let (x, residual) = input.materialize()?;
+                let (y, _) = kernel(&x, None)?;
+                Ok(Some((y, residual)))
+            }
         }
     }
 
