@@ -229,14 +229,7 @@ impl WorkerModel {
         tokens: &[u32],
         timing: &mut StepTiming,
     ) -> Result<u32, EngineError> {
-        self.run(tokens, |m| {
-            let start = Instant::now();
-            let logits = m.forward(tokens, false)?;
-            let queued = start.elapsed();
-            let token = crate::fused::argmax(&logits)?;
-            timing.record(queued, start.elapsed());
-            Ok(token)
-        })
+        self.pick_next(tokens, timing, crate::fused::argmax)
     }
 
     /// A forward pass over `tokens` whose next token is drawn on the device when it can be
@@ -249,22 +242,35 @@ impl WorkerModel {
         seen: &[u32],
         timing: &mut StepTiming,
     ) -> Result<Next, EngineError> {
+        self.pick_next(tokens, timing, |logits| {
+            let host_row = |l: &candle_core::Tensor| l.flatten_all()?.to_vec1::<f32>();
+            if !crate::fused::samples_on_device(logits) {
+                return Ok(Next::Logits(host_row(logits)?));
+            }
+            // Only now: the draw takes its uniform number from the request's generator.
+            let draw = sampler.device_draw(seen);
+            Ok(match crate::fused::sample(logits, &draw)? {
+                Drawn::Picked(t) => Next::Picked(t),
+                Drawn::Penalised => Next::Penalised(host_row(logits)?),
+                Drawn::NotHere => Next::Logits(host_row(logits)?),
+            })
+        })
+    }
+
+    /// A forward pass over `tokens`, then `pick` of what follows from the last position's
+    /// logits, timed as a step: the host's queuing (until the forward pass returns) and the
+    /// whole step (until the pick is back).
+    fn pick_next<R>(
+        &mut self,
+        tokens: &[u32],
+        timing: &mut StepTiming,
+        pick: impl FnOnce(&candle_core::Tensor) -> candle_core::Result<R>,
+    ) -> Result<R, EngineError> {
         self.run(tokens, |m| {
             let start = Instant::now();
             let logits = m.forward(tokens, false)?;
             let queued = start.elapsed();
-            let host_row = |l: &candle_core::Tensor| l.flatten_all()?.to_vec1::<f32>();
-            let next = if crate::fused::samples_on_device(&logits) {
-                // Only now: the draw takes its uniform number from the request's generator.
-                let draw = sampler.device_draw(seen);
-                match crate::fused::sample(&logits, &draw)? {
-                    Drawn::Picked(t) => Next::Picked(t),
-                    Drawn::Penalised => Next::Penalised(host_row(&logits)?),
-                    Drawn::NotHere => Next::Logits(host_row(&logits)?),
-                }
-            } else {
-                Next::Logits(host_row(&logits)?)
-            };
+            let next = pick(&logits)?;
             timing.record(queued, start.elapsed());
             Ok(next)
         })

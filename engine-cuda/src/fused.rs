@@ -44,6 +44,11 @@ pub(crate) fn switch(cell: &'static OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var(name).map_or(true, |v| v != "0"))
 }
 
+/// A switch off until measured: on only when the environment variable `name` is `1`, read once.
+pub(crate) fn opt_in(cell: &'static OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).is_ok_and(|v| v == "1"))
+}
+
 /// Whether the fused kernels are switched on (`HELEXA_ENGINE_KERNELS=0` turns them off).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -268,7 +273,7 @@ fn pending_norm_fits(p: &PendingNorm<'_>) -> bool {
 /// taking rows in turn) made BF16 decode slower, 4.66 → 4.87 ms.
 fn dense_norm_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT").is_ok_and(|v| v == "1"))
+    opt_in(&ON, "HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT")
 }
 
 /// Whether [`gemv_norm`] serves `norm(p) · wᵀ`: [`gemv_applies`] for the residual, the pending
@@ -351,7 +356,7 @@ fn norm_input<'a>(p: &PendingNorm<'a>, write_sum: bool) -> cuda::NormInput<'a> {
 /// for bit.
 pub fn gate_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_GATE_IN_PRODUCT").is_ok_and(|v| v == "1"))
+    opt_in(&ON, "HELEXA_ENGINE_GATE_IN_PRODUCT")
 }
 
 /// Whether [`gemv_swiglu`] serves the stacked gate/up weight `w` `(2·inter, cols)` over `x`.
@@ -482,8 +487,7 @@ pub fn samples_on_device(logits: &Tensor) -> bool {
 /// semantics of [`crate::sampling::Sampler::sample`]); only the token crosses to the host.
 pub fn sample(logits: &Tensor, draw: &crate::sampling::DeviceDraw) -> Result<Drawn> {
     static FOLD: OnceLock<bool> = OnceLock::new();
-    let fold =
-        *FOLD.get_or_init(|| std::env::var("HELEXA_ENGINE_SAMPLE_FOLD").is_ok_and(|v| v == "1"));
+    let fold = opt_in(&FOLD, "HELEXA_ENGINE_SAMPLE_FOLD");
     sample_variant(logits, draw, fold)
 }
 
@@ -595,8 +599,7 @@ pub fn causal_softmax(scores: &Tensor, len: usize, offset: usize, scale: f32) ->
 /// checked on one).
 pub fn flash_prefill_applies(head_dim: usize, dtype: DType) -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_FLASH_PREFILL").is_ok_and(|v| v == "1"))
-        && flash_prefill_supported(head_dim, dtype)
+    opt_in(&ON, "HELEXA_ENGINE_FLASH_PREFILL") && flash_prefill_supported(head_dim, dtype)
 }
 
 /// Whether `kernels/flash_prefill.cu` has a kernel for this head size and dtype.
@@ -633,7 +636,7 @@ pub fn flash_prefill(
 /// the H200, docs/benchmarks.md); its GPU test expects the same output and caches bit for bit.
 pub fn rope_in_attention_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("HELEXA_ENGINE_ROPE_IN_ATTENTION").is_ok_and(|v| v == "1"))
+    opt_in(&ON, "HELEXA_ENGINE_ROPE_IN_ATTENTION")
 }
 
 /// [`decode_attention`] over one raw token `i` (its q/k/v projections, not yet normed or

@@ -328,7 +328,7 @@ impl Projections {
             let (x, _) = input.materialize()?;
             return Ok((self.forward(&x)?, None));
         };
-        if !self.products().iter().all(|l| l.serves_pending(p)) {
+        if !self.all_products(&|l| l.serves_pending(p)) {
             let (x, residual) = input.materialize()?;
             return Ok((self.forward(&x)?, residual));
         }
@@ -360,12 +360,12 @@ impl Projections {
         }
     }
 
-    /// The products this runs, in order.
-    fn products(&self) -> Vec<&Linear> {
+    /// Whether `f` holds for every product this runs (checked per decode step: no allocation).
+    fn all_products(&self, f: &dyn Fn(&Linear) -> bool) -> bool {
         match self {
-            Self::Separate(parts) => parts.iter().collect(),
-            Self::Runs(runs) => runs.iter().flat_map(Self::products).collect(),
-            Self::Fused { linear, .. } => vec![linear],
+            Self::Separate(parts) => parts.iter().all(f),
+            Self::Runs(runs) => runs.iter().all(|r| r.all_products(f)),
+            Self::Fused { linear, .. } => f(linear),
         }
     }
 
