@@ -267,13 +267,13 @@ fn pending_norm_fits(p: &PendingNorm<'_>) -> bool {
 }
 
 /// Whether a layer's first dense products form their input themselves ([`gemv_norm`]), as
-/// the quantized ones do: `HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=1`. Off by default: this second
-/// try (one warp per row, each block forming the input) was written after the seventh
-/// session's device time ran out and is not yet measured; the first (a grid of resident blocks
-/// taking rows in turn) made BF16 decode slower, 4.66 → 4.87 ms.
+/// the quantized ones do (`HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=0` turns it off). Measured on
+/// the H200 (eighth session): BF16 decode 4.73 → 4.51 ms a token. The first try (a grid of
+/// resident blocks taking rows in turn) had made it slower, 4.66 → 4.87 ms; this one keeps the
+/// plain GEMV's grid, one warp per row, each block forming the input from registers.
 fn dense_norm_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    opt_in(&ON, "HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT")
+    switch(&ON, "HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT")
 }
 
 /// Whether [`gemv_norm`] serves `norm(p) · wᵀ`: [`gemv_applies`] for the residual, the pending
@@ -350,13 +350,12 @@ fn norm_input<'a>(p: &PendingNorm<'a>, write_sum: bool) -> cuda::NormInput<'a> {
 
 /// Whether the layer's gate/up products write `silu(gate) · up` themselves, the SwiGLU gate
 /// folded into their epilogue ([`gemv_swiglu`], [`quant_gemv_swiglu`]), instead of a separate
-/// [`silu_mul`] launch: `HELEXA_ENGINE_GATE_IN_PRODUCT=1`. Off by default: written after this
-/// session's device time ran out, not yet measured (the gate's launches cost 0.03–0.09 ms of a
-/// token on the H200, docs/benchmarks.md); its GPU test checks it equals the separate gate bit
-/// for bit.
+/// [`silu_mul`] launch (`HELEXA_ENGINE_GATE_IN_PRODUCT=0` turns it off). Measured on the H200
+/// (eighth session), a token: BF16 4.73 → 4.71, Q8_0 2.83 → 2.79, Q4_K_M 2.47 → 2.42 ms, greedy
+/// tokens identical; its GPU test checks it equals the separate gate bit for bit.
 pub fn gate_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    opt_in(&ON, "HELEXA_ENGINE_GATE_IN_PRODUCT")
+    switch(&ON, "HELEXA_ENGINE_GATE_IN_PRODUCT")
 }
 
 /// Whether [`gemv_swiglu`] serves the stacked gate/up weight `w` `(2·inter, cols)` over `x`.
@@ -631,12 +630,12 @@ pub fn flash_prefill(
 
 /// Whether a decode step's q/k norms, RoPE and cache writes run inside the decode attention
 /// ([`decode_attention_roped`]) instead of [`qk_norm_rope_cache`] before it:
-/// `HELEXA_ENGINE_ROPE_IN_ATTENTION=1`. Off by default: written after the seventh session's
-/// device time ran out, not yet measured (the separate kernel costs 0.07–0.10 ms of a token on
-/// the H200, docs/benchmarks.md); its GPU test expects the same output and caches bit for bit.
+/// `HELEXA_ENGINE_ROPE_IN_ATTENTION=0` turns it off. Measured on the H200 (eighth session), a
+/// token: BF16 4.73 → 4.68, Q8_0 2.83 → 2.80, Q4_K_M 2.47 → 2.43 ms, greedy tokens identical;
+/// its GPU test expects the same output and caches bit for bit.
 pub fn rope_in_attention_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    opt_in(&ON, "HELEXA_ENGINE_ROPE_IN_ATTENTION")
+    switch(&ON, "HELEXA_ENGINE_ROPE_IN_ATTENTION")
 }
 
 /// [`decode_attention`] over one raw token `i` (its q/k/v projections, not yet normed or

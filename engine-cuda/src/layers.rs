@@ -343,7 +343,7 @@ impl Projections {
 
     /// `silu(gate) · up` in the gate/up product's own launch (and the new residual when the
     /// input was pending), when this is one stacked product of two equal halves and a kernel
-    /// serves it (`HELEXA_ENGINE_GATE_IN_PRODUCT=1`); `None` otherwise.
+    /// serves it (on unless `HELEXA_ENGINE_GATE_IN_PRODUCT=0`); `None` otherwise.
     pub fn forward_swiglu(
         &self,
         input: &LayerInput<'_>,
