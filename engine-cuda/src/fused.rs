@@ -161,7 +161,8 @@ const QUANT_GEMV_CHUNK: usize = 2048;
 
 /// Chunks each warp of [`quant_gemv`] has in flight: 2 to 4, from
 /// `HELEXA_ENGINE_QUANT_GEMV_STAGES` (a tuning knob; more stages hide more memory latency but
-/// take more shared memory, so fewer blocks fit on an SM).
+/// take more shared memory, so fewer blocks fit on an SM; with the decode step GPU-bound, three
+/// and four were slower than two on the H200, eighth session).
 fn quant_gemv_stages() -> usize {
     static STAGES: OnceLock<usize> = OnceLock::new();
     *STAGES.get_or_init(|| {
@@ -242,10 +243,8 @@ pub fn quant_gemv(x: &Tensor, w: &QTensor) -> Result<Tensor> {
 
 /// Whether a layer's first quantized products form their input themselves, the residual add
 /// and RMSNorm in their prologue ([`quant_gemv_norm`]), instead of a separate [`add_rms_norm`]
-/// launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off (the dense products' too). Dense
-/// weights keep the separate launch unless `HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=1`: a first
-/// dense variant, measured on the H200, made BF16 decode slower (4.66 → 4.87 ms per token,
-/// docs/benchmarks.md); the second, [`gemv_norm`], is not yet measured.
+/// launch; `HELEXA_ENGINE_NORM_IN_PRODUCT=0` turns it off (the dense products' too, which
+/// `HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=0` turns off alone).
 fn norm_in_product_enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     switch(&ON, "HELEXA_ENGINE_NORM_IN_PRODUCT")
