@@ -150,8 +150,8 @@ __device__ void gather_rows(const T *table, const unsigned *ids, T *out, int col
 // One query token against `L` cached positions. Grid (kv_heads, splits); each block serves the
 // G query heads sharing one KV head (each K/V row is read once for all of them) over one chunk of
 // positions. Each warp takes ATTN_ROWS positions at a time (all their K and V loads in flight
-// together: one row at a time left the memory system idle at long contexts) and keeps an online
-// softmax in f32. With one split the block writes the output; with several it writes
+// together: one row at a time left the memory system idle at long contexts; and the next
+// round's in flight during this round's arithmetic) and keeps an online softmax in f32. With one split the block writes the output; with several it writes
 // unnormalised partials and their (max, sum), which `attn_combine` merges. Replaces q·Kᵀ, the
 // scale, the softmax and p·V.
 // `pos_at`, when not null (the `_at` entry points), is the device position of the query (a decode step replayed from a
@@ -169,6 +169,23 @@ __device__ void gather_rows(const T *table, const unsigned *ids, T *out, int col
 // block reads that row).
 #define ATTN_WARPS 8
 #define ATTN_ROWS 4
+// A lane's EPL consecutive elements of a head row, moved in one vector load (two for 32 bytes)
+// rather than EPL scalar ones; the launcher checks the rows are aligned to that.
+struct alignas(16) Bytes32 { uint4 lo, hi; };
+template <int N> struct VecOf;
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<16> { using type = uint4; };
+template <> struct VecOf<32> { using type = Bytes32; };
+template <typename T, int EPL> struct LanePart {
+    using Raw = typename VecOf<EPL * sizeof(T)>::type;
+    static __device__ __forceinline__ Raw load(const T *p) { return *reinterpret_cast<const Raw *>(p); }
+    static __device__ __forceinline__ void to_floats(const Raw &raw, float out[EPL]) {
+        const T *h = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+        for (int e = 0; e < EPL; e++) out[e] = to_f(h[e]);
+    }
+};
 template <typename T> struct RawToken {
     const T *k, *v, *q_w, *k_w, *cos, *sin;
     float eps;
@@ -188,7 +205,7 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
     constexpr int HD = EPL * 32;
     __shared__ float s_o[ATTN_WARPS][G * HD];
     __shared__ float s_m[ATTN_WARPS][G], s_l[ATTN_WARPS][G];
-    __shared__ T q_formed[ROPE ? G * HD : 1];
+    __shared__ __align__(16) T q_formed[ROPE ? G * HD : 1];
     const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int start = split * chunk, end = min(L, start + chunk);
@@ -216,14 +233,16 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
         __syncthreads(); // q formed, the new k/v rows written, before anyone reads them
     }
 
+    using Part = LanePart<T, EPL>;
     float qr[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
         const T *qh = ROPE ? q_formed + g * HD + lane * EPL
                            : q + (size_t)(kvh * G + g) * HD + lane * EPL;
+        Part::to_floats(Part::load(qh), qr[g]);
 #pragma unroll
         for (int e = 0; e < EPL; e++) {
-            qr[g][e] = to_f(qh[e]) * scale;
+            qr[g][e] *= scale;
             acc[g][e] = 0.0f;
         }
         m[g] = -INFINITY;
@@ -232,17 +251,26 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
 
     const T *kb = k_cache + (size_t)kvh * cap * HD + lane * EPL;
     const T *vb = v_cache + (size_t)kvh * cap * HD + lane * EPL;
+    // The rows of the warp's next round are requested before this round's arithmetic, so a
+    // block's memory requests overlap its math (at long contexts a block takes several rounds).
+    typename Part::Raw k_next[ATTN_ROWS], v_next[ATTN_ROWS];
+    auto request = [&](int j0) {
+#pragma unroll
+        for (int r = 0; r < ATTN_ROWS; r++) {
+            const int j = min(j0 + r, end - 1); // past the end: a repeat, masked out below
+            k_next[r] = Part::load(kb + (size_t)j * HD);
+            v_next[r] = Part::load(vb + (size_t)j * HD);
+        }
+    };
+    if (start + warp * ATTN_ROWS < end) request(start + warp * ATTN_ROWS);
     for (int j0 = start + warp * ATTN_ROWS; j0 < end; j0 += ATTN_WARPS * ATTN_ROWS) {
         float kr[ATTN_ROWS][EPL], vr[ATTN_ROWS][EPL];
 #pragma unroll
         for (int r = 0; r < ATTN_ROWS; r++) {
-            const int j = min(j0 + r, end - 1); // past the end: a repeat, masked out below
-#pragma unroll
-            for (int e = 0; e < EPL; e++) {
-                kr[r][e] = to_f(kb[(size_t)j * HD + e]);
-                vr[r][e] = to_f(vb[(size_t)j * HD + e]);
-            }
+            Part::to_floats(k_next[r], kr[r]);
+            Part::to_floats(v_next[r], vr[r]);
         }
+        if (j0 + ATTN_WARPS * ATTN_ROWS < end) request(j0 + ATTN_WARPS * ATTN_ROWS);
 #pragma unroll
         for (int g = 0; g < G; g++) {
             float sc[ATTN_ROWS], m_new = m[g];

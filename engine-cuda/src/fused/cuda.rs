@@ -519,6 +519,10 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         splits
     };
     let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
+    // Each lane moves its hd/32 elements of a row in one vector load.
+    if guards.iter().any(|(_, l)| l.start_offset() % (hd / 32) != 0) {
+        bail!("decode_attention: q or a cache not aligned to {} elements", hd / 32);
+    }
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
     let at_guard = at.map(|at| at.position.storage_and_layout());
     let pos = position_view(&at_guard)?;
@@ -582,8 +586,8 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         block_dim: (ATTENTION_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap (checked; with
-    // a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
+    // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap, all three
+    // aligned to the hd/32 elements a lane loads at once (checked; with a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
     // partials heads × splits × (hd | 2); with the rope folded in, k and v hold kv_heads × hd,
     // the norm weights hd (or are null) and the rope tables cover every position up to the
     // longest (checked); the kernel's template matches hd and groups (its name); argument
