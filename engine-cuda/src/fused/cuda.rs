@@ -520,8 +520,14 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     };
     let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
     // Each lane moves its hd/32 elements of a row in one vector load.
-    if guards.iter().any(|(_, l)| l.start_offset() % (hd / 32) != 0) {
-        bail!("decode_attention: q or a cache not aligned to {} elements", hd / 32);
+    if guards
+        .iter()
+        .any(|(_, l)| l.start_offset() % (hd / 32) != 0)
+    {
+        bail!(
+            "decode_attention: q or a cache not aligned to {} elements",
+            hd / 32
+        );
     }
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
     let at_guard = at.map(|at| at.position.storage_and_layout());
