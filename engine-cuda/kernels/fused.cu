@@ -196,7 +196,8 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
                                  float scale, const int *pos_at, int max_splits,
                                  RawToken<T> raw) {
-    follow_previous_kernel();
+    // The device position is read before waiting for the previous kernel: the host writes it
+    // before the graph's replay, and no kernel writes it.
     if (pos_at != nullptr) {
         L = *pos_at + 1;
         const int splits_for_l = min(max((L + 31) / 32, 1), max_splits);
@@ -209,6 +210,31 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
     const int kvh = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int start = split * chunk, end = min(L, start + chunk);
+
+    using Part = LanePart<T, EPL>;
+    const T *kb = k_cache + (size_t)kvh * cap * HD + lane * EPL;
+    const T *vb = v_cache + (size_t)kvh * cap * HD + lane * EPL;
+    // The rows of the warp's next round are requested before this round's arithmetic, so a
+    // block's memory requests overlap its math (at long contexts a block takes several rounds).
+    typename Part::Raw k_next[ATTN_ROWS], v_next[ATTN_ROWS];
+    // Requests the warp's rows from j0: those of earlier positions (`old_rows`) and the new
+    // position's (`new_row`).
+    auto request = [&](int j0, bool old_rows, bool new_row) {
+#pragma unroll
+        for (int r = 0; r < ATTN_ROWS; r++) {
+            const int j = min(j0 + r, end - 1); // past the end: a repeat, masked out below
+            if (!(j == L - 1 ? new_row : old_rows)) continue;
+            k_next[r] = Part::load(kb + (size_t)j * HD);
+            v_next[r] = Part::load(vb + (size_t)j * HD);
+        }
+    };
+    // The first round's earlier positions are requested before waiting for the previous
+    // kernel, so their latency overlaps that wait and the prologue: earlier steps wrote them,
+    // and finished before the previous kernel began. The new position's row is written by the
+    // previous kernel (qk_norm_rope_cache) or by this launch (ROPE): requested once written.
+    const int first = start + warp * ATTN_ROWS;
+    if (first < end) request(first, true, false);
+    follow_previous_kernel();
 
     if (ROPE) {
         const int pos = L - 1, half = HD / 2;
@@ -233,7 +259,7 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
         __syncthreads(); // q formed, the new k/v rows written, before anyone reads them
     }
 
-    using Part = LanePart<T, EPL>;
+    if (first < end && end == L) request(first, false, true); // the new position's row
     float qr[G][EPL], acc[G][EPL], m[G], l[G];
 #pragma unroll
     for (int g = 0; g < G; g++) {
@@ -249,28 +275,14 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
         l[g] = 0.0f;
     }
 
-    const T *kb = k_cache + (size_t)kvh * cap * HD + lane * EPL;
-    const T *vb = v_cache + (size_t)kvh * cap * HD + lane * EPL;
-    // The rows of the warp's next round are requested before this round's arithmetic, so a
-    // block's memory requests overlap its math (at long contexts a block takes several rounds).
-    typename Part::Raw k_next[ATTN_ROWS], v_next[ATTN_ROWS];
-    auto request = [&](int j0) {
-#pragma unroll
-        for (int r = 0; r < ATTN_ROWS; r++) {
-            const int j = min(j0 + r, end - 1); // past the end: a repeat, masked out below
-            k_next[r] = Part::load(kb + (size_t)j * HD);
-            v_next[r] = Part::load(vb + (size_t)j * HD);
-        }
-    };
-    if (start + warp * ATTN_ROWS < end) request(start + warp * ATTN_ROWS);
-    for (int j0 = start + warp * ATTN_ROWS; j0 < end; j0 += ATTN_WARPS * ATTN_ROWS) {
+    for (int j0 = first; j0 < end; j0 += ATTN_WARPS * ATTN_ROWS) {
         float kr[ATTN_ROWS][EPL], vr[ATTN_ROWS][EPL];
 #pragma unroll
         for (int r = 0; r < ATTN_ROWS; r++) {
             Part::to_floats(k_next[r], kr[r]);
             Part::to_floats(v_next[r], vr[r]);
         }
-        if (j0 + ATTN_WARPS * ATTN_ROWS < end) request(j0 + ATTN_WARPS * ATTN_ROWS);
+        if (j0 + ATTN_WARPS * ATTN_ROWS < end) request(j0 + ATTN_WARPS * ATTN_ROWS, true, true);
 #pragma unroll
         for (int g = 0; g < G; g++) {
             float sc[ATTN_ROWS], m_new = m[g];
