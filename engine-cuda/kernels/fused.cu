@@ -12,6 +12,8 @@
 
 #include "common.cuh"
 
+#include <cooperative_groups.h>
+
 // ---- residual add + RMSNorm --------------------------------------------------------------------
 // sum = x + delta (stored in T, the new residual stream); normed = sum / rms(sum) * w.
 // One block per row, each thread keeping its ≤ ADD_NORM_MAX_PER_THREAD elements in registers
@@ -191,6 +193,42 @@ template <typename T> struct RawToken {
     float eps;
     int style;
 };
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The splits' merge inside the attention launch, when the launcher groups the split blocks of
+// each KV head into a thread-block cluster (HELEXA_ENGINE_ATTENTION_CLUSTER=1, at most 8
+// splits): each block leaves its partial (`c_o`, and per query head its max and sum in
+// `c_ml`) in its shared memory; block 0 of the cluster reads the others' through distributed
+// shared memory and merges them in attn_combine's order (the same arithmetic, so the same
+// bits) into `out`, the KV head's G query heads; the others wait until it has read them. No
+// second launch, no partials through global memory.
+template <typename T, int HD, int G>
+__device__ void merge_in_cluster(float *c_o, float (*c_ml)[2], T *out, int splits) {
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync(); // every block's partial written and visible to the cluster
+    if (cluster.block_rank() == 0) {
+        __shared__ float weight[G][8], total[G];
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        if (warp < G) { // warp g: query head g's weights, lane s the split s (as attn_combine)
+            const float *ml = lane < splits ? cluster.map_shared_rank(c_ml[warp], lane) : nullptr;
+            const float m = lane < splits ? ml[0] : -INFINITY;
+            const float mx = warp_max(m);
+            const float f = m > -INFINITY ? __expf(m - mx) : 0.0f; // -inf: an empty chunk
+            if (lane < splits) weight[warp][lane] = f;
+            const float sum = warp_sum(lane < splits ? ml[1] * f : 0.0f);
+            if (lane == 0) total[warp] = sum;
+        }
+        __syncthreads();
+        for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
+            const int g = i / HD;
+            float o = 0.0f;
+            for (int sp = 0; sp < splits; sp++) o += cluster.map_shared_rank(c_o, sp)[i] * weight[g][sp];
+            out[i] = from_f<T>(o / total[g]);
+        }
+    }
+    cluster.sync(); // the partials stay until block 0 has read them
+}
+#endif
+
 template <typename T, int EPL, int G, bool ROPE>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
@@ -318,7 +356,14 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
         }
     }
     __syncthreads();
-    // Merge the warps: each thread one output element of one query head.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    const bool clustered = splits > 1 && cooperative_groups::this_cluster().num_blocks() > 1;
+#else
+    const bool clustered = false;
+#endif
+    __shared__ float c_ml[G][2]; // clustered: this split's max and sum per query head
+    // Merge the warps: each thread one output element of one query head (clustered, into
+    // s_o[0] in place: only this thread reads column i).
     for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
         const int g = i / HD, d = i % HD, head = kvh * G + g;
         float mx = -INFINITY;
@@ -332,6 +377,12 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
         }
         if (splits == 1) {
             out[(size_t)head * HD + d] = from_f<T>(o / sum);
+        } else if (clustered) {
+            s_o[0][i] = o;
+            if (d == 0) {
+                c_ml[g][0] = mx;
+                c_ml[g][1] = sum;
+            }
         } else {
             part_o[((size_t)head * splits + split) * HD + d] = o;
             if (d == 0) {
@@ -340,6 +391,9 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
             }
         }
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (clustered) merge_in_cluster<T, HD, G>(s_o[0], c_ml, out + (size_t)kvh * G * HD, splits);
+#endif
 }
 
 // Merges the splits of `decode_attention`: one block per query head (at least as many threads

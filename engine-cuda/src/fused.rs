@@ -653,6 +653,33 @@ pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
     }
 }
 
+/// How a decode attention split over several blocks merges their partials.
+#[cfg(feature = "cuda")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SplitMerge {
+    /// A second launch (`attn_combine`) reads them from global memory.
+    Kernel,
+    /// The split blocks of each KV head run as one thread-block cluster and the first merges
+    /// the others' partials from their shared memory (compute 9.0+, at most 8 splits: every
+    /// context up to 256 positions; the merge kernel otherwise).
+    Cluster,
+}
+
+/// [`SplitMerge::Cluster`] with `HELEXA_ENGINE_ATTENTION_CLUSTER=1`. Off until measured:
+/// written after the eighth session's device time ran out. The merge launch is one of the two
+/// per layer that make the attention cost ~0.23–0.26 ms of a token in the stream (seventh
+/// session's sweep); the cluster merge keeps the merge kernel's arithmetic, and its GPU test
+/// expects the same bits.
+#[cfg(feature = "cuda")]
+pub(crate) fn split_merge() -> SplitMerge {
+    static ON: OnceLock<bool> = OnceLock::new();
+    if opt_in(&ON, "HELEXA_ENGINE_ATTENTION_CLUSTER") {
+        SplitMerge::Cluster
+    } else {
+        SplitMerge::Kernel
+    }
+}
+
 /// Whether [`decode_attention`] has a kernel for this head size and grouping.
 pub fn decode_attention_supported(head_dim: usize, groups: usize) -> bool {
     matches!(head_dim, 64 | 128 | 256)
@@ -1264,6 +1291,109 @@ mod gpu_tests {
             assert_eq!(rel_diff(&got, &want), 0.0, "{case}: output");
             assert_eq!(rel_diff(&k2, &k1), 0.0, "{case}: k cache");
             assert_eq!(rel_diff(&v2, &v1), 0.0, "{case}: v cache");
+        }
+    }
+
+    #[test]
+    fn splits_merged_in_a_cluster_match_the_merge_kernel() {
+        use super::cuda::decode_attention_merged;
+        let dev = device();
+        let cap = 512;
+        let shapes = [(32, 8, 128), (32, 4, 128), (16, 8, 64), (16, 4, 256)];
+        let mut cases = Vec::new();
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
+            // (length, on the device: a graph's band of 256 positions, its empty splits too)
+            for run in [
+                (1, false),
+                (2, false),
+                (33, false),
+                (100, false),
+                (256, false),
+            ] {
+                cases.push((dtype, shapes[0], run));
+            }
+            cases.push((dtype, shapes[0], (100, true)));
+        }
+        for shape in &shapes[1..] {
+            for run in [(33, false), (200, false), (70, true)] {
+                cases.push((DType::BF16, *shape, run));
+            }
+        }
+        for (dtype, (h, kvh, hd), (len, on_device)) in cases {
+            let case = format!("{dtype:?} {h}/{kvh}×{hd} len {len} at {on_device}");
+            let q = random(&[1, h, 1, hd], dtype, &dev);
+            let k = random(&[1, kvh, cap, hd], dtype, &dev);
+            let v = (random(&[1, kvh, cap, hd], dtype, &dev) * 0.5).expect("v");
+            let at = on_device.then(|| DevicePosition {
+                position: Tensor::new(&[u32::try_from(len - 1).expect("position")], &dev)
+                    .expect("position"),
+                max_len: 256,
+            });
+            let run = |merge| {
+                decode_attention_merged(&q, &k, &v, len, 0.088, at.as_ref(), None, merge)
+                    .expect("attention")
+            };
+            let (want, got) = (run(SplitMerge::Kernel), run(SplitMerge::Cluster));
+            assert_eq!(rel_diff(&got, &want), 0.0, "{case}");
+        }
+        // With the token's rope and cache writes folded in (each run on its own caches).
+        let (h, kvh, hd) = shapes[0];
+        let rope = Rope::new(hd, 1e6, &RopeScaling::None, RopeStyle::Half, cap, &dev)
+            .and_then(|r| r.in_dtype(DType::BF16))
+            .expect("rope");
+        let qkv = random(&[1, 1, (h + 2 * kvh) * hd], DType::BF16, &dev);
+        let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
+        let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
+        let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
+        let norm = RmsNorm::new(random(&[hd], DType::BF16, &dev), 1e-6);
+        let history = random(&[1, kvh, cap, hd], DType::BF16, &dev);
+        for offset in [0, 40, 255] {
+            let run = |merge| {
+                let (k_cache, v_cache) = (history.copy().expect("k"), history.copy().expect("v"));
+                let inputs = QkvInputs {
+                    q: &q,
+                    k: &k,
+                    v: &v,
+                    q_norm: Some(&norm),
+                    k_norm: Some(&norm),
+                    rope: &rope,
+                    k_cache: &k_cache,
+                    v_cache: &v_cache,
+                    offset,
+                    heads: h,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                    at: None,
+                };
+                let out = decode_attention_merged(
+                    &q,
+                    &k_cache,
+                    &v_cache,
+                    offset + 1,
+                    0.088,
+                    None,
+                    Some(&inputs),
+                    merge,
+                )
+                .expect("folded attention");
+                (out, k_cache, v_cache)
+            };
+            let (want, got) = (run(SplitMerge::Kernel), run(SplitMerge::Cluster));
+            assert_eq!(
+                rel_diff(&got.0, &want.0),
+                0.0,
+                "rope offset {offset}: output"
+            );
+            assert_eq!(
+                rel_diff(&got.1, &want.1),
+                0.0,
+                "rope offset {offset}: k cache"
+            );
+            assert_eq!(
+                rel_diff(&got.2, &want.2),
+                0.0,
+                "rope offset {offset}: v cache"
+            );
         }
     }
 

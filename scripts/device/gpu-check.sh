@@ -16,9 +16,10 @@
 #                                       # class left out in turn, and without PDL (~5 min)
 #   scripts/device/gpu-check.sh all     # a visit's first call (~8 min of the 10 a call
 #                                       # may take): check, then decode-only benches of the
-#                                       # three formats with the defaults, with the four folds
-#                                       # all off, then each off alone, then the graph off
-#                                       # (or the settings in ALL_SWITCHES), greedy tokens
+#                                       # three formats with the defaults, with the cluster
+#                                       # merge of the attention on, the four folds all off,
+#                                       # the graph off (or the settings in ALL_SWITCHES),
+#                                       # greedy tokens
 #                                       # compared with the defaults'; outputs folded into
 #                                       # three files (fold_outputs.py). The full `bench`
 #                                       # (~4 min) and kernel breakdowns take a second call.
@@ -62,7 +63,7 @@ all)
   BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
   grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
   folds=HELEXA_ENGINE_GATE_IN_PRODUCT=0,HELEXA_ENGINE_ROPE_IN_ATTENTION=0,HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=0,HELEXA_ENGINE_NORM_IN_PRODUCT=0
-  for setting in ${ALL_SWITCHES:-$folds ${folds//,/ } HELEXA_ENGINE_GRAPH=0}; do
+  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_ATTENTION_CLUSTER=1 $folds HELEXA_ENGINE_GRAPH=0}; do
     # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')
     env ${setting//,/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1

@@ -37,6 +37,9 @@ const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 /// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
 /// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
 const ATTENTION_TARGET_BLOCKS: usize = 264;
+/// Most splits the decode attention merges inside a cluster (the kernel's `merge_in_cluster`;
+/// 8 is the portable cluster size).
+const ATTENTION_CLUSTER_MAX: usize = 8;
 /// Threads per decode-attention block (`ATTN_WARPS` in the kernel).
 const ATTENTION_THREADS: u32 = 256;
 /// Warps per block of the GEMV (`GEMV_WARPS` in the kernel), one row each.
@@ -409,26 +412,52 @@ pub fn decode_attention(
     scale: f32,
     at: Option<&DevicePosition>,
 ) -> Result<Tensor> {
-    by_dtype!(
-        q.dtype(),
-        decode_attention_t(q, k_cache, v_cache, len, scale, at, None)
+    decode_attention_merged(
+        q,
+        k_cache,
+        v_cache,
+        len,
+        scale,
+        at,
+        None,
+        super::split_merge(),
     )
 }
 
 /// `decode_attention` over the raw token `i` (its q/k/v projections of one token): the q/k
 /// norms, RoPE and the cache writes of `qk_norm_rope_cache` done in the attention kernel.
 pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
+    decode_attention_merged(
+        i.q,
+        i.k_cache,
+        i.v_cache,
+        i.offset + 1,
+        scale,
+        i.at,
+        Some(i),
+        super::split_merge(),
+    )
+}
+
+/// `decode_attention` (over the raw token `rope`, when given) with its splits merged as `merge`
+/// says.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the attention's operands, the raw token and how to merge"
+)]
+pub(super) fn decode_attention_merged(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    len: usize,
+    scale: f32,
+    at: Option<&DevicePosition>,
+    rope: Option<&QkvInputs<'_>>,
+    merge: super::SplitMerge,
+) -> Result<Tensor> {
     by_dtype!(
-        i.q.dtype(),
-        decode_attention_t(
-            i.q,
-            i.k_cache,
-            i.v_cache,
-            i.offset + 1,
-            scale,
-            i.at,
-            Some(i)
-        )
+        q.dtype(),
+        decode_attention_t(q, k_cache, v_cache, len, scale, at, rope, merge)
     )
 }
 
@@ -491,6 +520,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     scale: f32,
     at: Option<&DevicePosition>,
     rope: Option<&QkvInputs<'_>>,
+    merge: super::SplitMerge,
     sfx: &str,
 ) -> Result<Tensor> {
     let dev = q.device().as_cuda_device()?;
@@ -587,6 +617,17 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     if let Some(pos) = &pos {
         b.input(pos).value(&max_splits_a);
     }
+    // The split blocks of each KV head as one cluster, merged inside the launch (the kernel's
+    // `merge_in_cluster`), when asked and the GPU has clusters.
+    let clustered = merge == super::SplitMerge::Cluster
+        && (2..=ATTENTION_CLUSTER_MAX).contains(&splits)
+        && device_attribute(
+            stream.context(),
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+        )? >= 9;
+    if clustered {
+        b.cluster((1, grid(splits)?, 1));
+    }
     let cfg = LaunchConfig {
         grid_dim: (grid(kvh)?, grid(splits)?, 1),
         block_dim: (ATTENTION_THREADS, 1, 1),
@@ -599,7 +640,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // longest (checked); the kernel's template matches hd and groups (its name); argument
     // types match `decode_attention_[rope_][at_]<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
-    if splits > 1 {
+    if splits > 1 && !clustered {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
         let (f, stream) = function(dev, &format!("attn_combine_{sfx}"))?;
         let mut b = Args::new(&stream);

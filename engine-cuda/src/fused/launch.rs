@@ -37,6 +37,8 @@ pub struct Args<'a> {
     addresses: Vec<u64>,
     /// Kept until the launch is queued (with event tracking on they record the buffer's use).
     guards: Vec<SyncOnDrop<'a>>,
+    /// Thread-block cluster dimensions, when the kernel's blocks share memory in clusters.
+    cluster: Option<(u32, u32, u32)>,
 }
 
 /// Where an argument's value lives.
@@ -54,7 +56,15 @@ impl<'a> Args<'a> {
             values: Vec::new(),
             addresses: Vec::new(),
             guards: Vec::new(),
+            cluster: None,
         }
+    }
+
+    /// Launches the grid in thread-block clusters of `dims` blocks (compute 9.0+; the grid's
+    /// dimensions must be multiples of them).
+    pub fn cluster(&mut self, dims: (u32, u32, u32)) -> &mut Self {
+        self.cluster = Some(dims);
+        self
     }
 
     /// A scalar (or a device address already in hand).
@@ -110,14 +120,30 @@ impl<'a> Args<'a> {
         }
         let ctx = self.stream.context();
         ctx.bind_to_thread().w()?;
-        // SAFETY: a plain-old-data union; the zero pattern is "no value" for every member.
-        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
-        value.programmaticStreamSerializationAllowed = 1;
-        let mut attribute = CUlaunchAttribute {
-            id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-            pad: [0; 4],
-            value,
-        };
+        let overlap = overlaps_previous_kernel(self.stream)?;
+        let mut attributes = Vec::with_capacity(2);
+        if let Some((x, y, z)) = self.cluster {
+            // SAFETY: a plain-old-data union; the zero pattern is "no value" for every member.
+            let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.clusterDim.x = x;
+            value.clusterDim.y = y;
+            value.clusterDim.z = z;
+            attributes.push(CUlaunchAttribute {
+                id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+                pad: [0; 4],
+                value,
+            });
+        }
+        if overlap {
+            // SAFETY: as above.
+            let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+            value.programmaticStreamSerializationAllowed = 1;
+            attributes.push(CUlaunchAttribute {
+                id: CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value,
+            });
+        }
         let mut config = CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -127,8 +153,8 @@ impl<'a> Args<'a> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &raw mut attribute,
-            numAttrs: u32::from(overlaps_previous_kernel(self.stream)?),
+            attrs: attributes.as_mut_ptr(),
+            numAttrs: u32::try_from(attributes.len()).unwrap_or(0),
         };
         let mut pointers: Vec<*mut c_void> = self
             .values
@@ -149,14 +175,17 @@ impl<'a> Args<'a> {
             )
         };
         let mut result = launch(&config, &mut pointers);
-        if config.numAttrs > 0 && result == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
-            // A driver or partitioning that refuses the attribute: plain stream order from
-            // now on (the kernels' wait and trigger are no-ops then).
-            eprintln!(
-                "helexa-engine-cuda: programmatic dependent launch refused by the driver; off"
-            );
-            REFUSED.store(true, Ordering::Relaxed);
-            config.numAttrs = 0;
+        if overlap && result == sys::CUresult::CUDA_ERROR_NOT_SUPPORTED {
+            // A driver or partitioning that refuses the attribute (the last one): plain stream
+            // order (the kernels' wait and trigger are no-ops then), from now on unless it may
+            // be the pairing with a cluster that was refused.
+            if self.cluster.is_none() {
+                eprintln!(
+                    "helexa-engine-cuda: programmatic dependent launch refused by the driver; off"
+                );
+                REFUSED.store(true, Ordering::Relaxed);
+            }
+            config.numAttrs -= 1;
             result = launch(&config, &mut pointers);
         }
         result.result().w()?;
