@@ -193,6 +193,43 @@ template <typename T> struct RawToken {
     float eps;
     int style;
 };
+// One butterfly step of warp_sums at xor offset O, the lane holding N values in w[0..N): with
+// N > 1 it keeps half (the upper half when its O bit is set), adds its partner's values of that
+// half and hands the partner the other half; with one value left, a plain warp_sum step.
+template <int N, int O>
+__device__ __forceinline__ void warp_sums_step(float *w, int lane) {
+    if constexpr (O >= 1) {
+        if constexpr (N > 1) {
+            const bool upper = lane & O;
+#pragma unroll
+            for (int i = 0; i < N / 2; i++) {
+                const float give = upper ? w[i] : w[i + N / 2];
+                const float keep = upper ? w[i + N / 2] : w[i];
+                w[i] = keep + __shfl_xor_sync(0xffffffffu, give, O);
+            }
+            warp_sums_step<N / 2, O / 2>(w, lane);
+        } else {
+            w[0] += __shfl_xor_sync(0xffffffffu, w[0], O);
+            warp_sums_step<1, O / 2>(w, lane);
+        }
+    }
+}
+
+// N per-lane values `v` each summed over the warp, as warp_sum sums one (the same pairs added in
+// the same order, so the same bits), with about 2·N shuffles instead of 5·N: the first log2(N)
+// butterfly steps halve the values each lane holds (warp_sums_step). Lane (32/N)·k then holds
+// sum k, which every lane gets back.
+template <int N>
+__device__ __forceinline__ void warp_sums(float v[N], int lane) {
+    static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N a power of two up to 32");
+    float w[N];
+#pragma unroll
+    for (int i = 0; i < N; i++) w[i] = v[i];
+    warp_sums_step<N, 16>(w, lane);
+#pragma unroll
+    for (int k = 0; k < N; k++) v[k] = __shfl_sync(0xffffffffu, w[0], (32 / N) * k);
+}
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // The splits' merge inside the attention launch, when the launcher groups the split blocks of
 // each KV head into a thread-block cluster (HELEXA_ENGINE_ATTENTION_CLUSTER=1, at most 8
@@ -229,7 +266,8 @@ __device__ void merge_in_cluster(float *c_o, float (*c_ml)[2], T *out, int split
 }
 #endif
 
-template <typename T, int EPL, int G, bool ROPE>
+// TR: the q·k dot products of a round summed with warp_sums (the same bits as warp_sum each).
+template <typename T, int EPL, int G, bool ROPE, bool TR = false>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
                                  float scale, const int *pos_at, int max_splits,
@@ -321,15 +359,33 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
             Part::to_floats(v_next[r], vr[r]);
         }
         if (j0 + ATTN_WARPS * ATTN_ROWS < end) request(j0 + ATTN_WARPS * ATTN_ROWS, true, true);
+        float dots[G * ATTN_ROWS]; // TR: the round's dot products, summed over the warp at once
+        if (TR) {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+#pragma unroll
+                for (int r = 0; r < ATTN_ROWS; r++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < EPL; e++) d += qr[g][e] * kr[r][e];
+                    dots[g * ATTN_ROWS + r] = d;
+                }
+            }
+            warp_sums<G * ATTN_ROWS>(dots, lane);
+        }
 #pragma unroll
         for (int g = 0; g < G; g++) {
             float sc[ATTN_ROWS], m_new = m[g];
 #pragma unroll
             for (int r = 0; r < ATTN_ROWS; r++) {
-                float d = 0.0f;
+                if (TR) {
+                    sc[r] = j0 + r < end ? dots[g * ATTN_ROWS + r] : -INFINITY;
+                } else {
+                    float d = 0.0f;
 #pragma unroll
-                for (int e = 0; e < EPL; e++) d += qr[g][e] * kr[r][e];
-                sc[r] = j0 + r < end ? warp_sum(d) : -INFINITY;
+                    for (int e = 0; e < EPL; e++) d += qr[g][e] * kr[r][e];
+                    sc[r] = j0 + r < end ? warp_sum(d) : -INFINITY;
+                }
                 m_new = fmaxf(m_new, sc[r]);
             }
             const float corr = __expf(m[g] - m_new);
@@ -704,6 +760,27 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
 ENTRY_POINTS(float, f32)
 ENTRY_POINTS(__nv_bfloat16, bf16)
 ENTRY_POINTS(__half, f16)
+
+// decode_attention_rope_at_tr_<type>_e…_g… (16-bit types): the graph's decode attention with
+// its dot products summed by warp_sums (TR), behind HELEXA_ENGINE_ATTENTION_SUMS=1 until
+// measured.
+#define DECODE_ATTN_TR(T, SUF, EPL, G)                                                              \
+    extern "C" __global__ void decode_attention_rope_at_tr_##SUF##_e##EPL##_g##G(                   \
+        const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
+        int cap, int L, int chunk, float scale, const T *k, const T *v, const T *q_w,               \
+        const T *k_w, const T *cos, const T *sin, float eps, int style, const int *pos_at,          \
+        int max_splits) {                                                                           \
+        decode_attention<T, EPL, G, true, true>(q, k_cache, v_cache, out, part_o, part_ml, cap, L,  \
+                                                chunk, scale, pos_at, max_splits,                   \
+                                                RawToken<T>{k, v, q_w, k_w, cos, sin, eps, style}); \
+    }
+#define DECODE_ATTN_TR_ALL(T, SUF)                                                                  \
+    DECODE_ATTN_TR(T, SUF, 2, 1) DECODE_ATTN_TR(T, SUF, 2, 2) DECODE_ATTN_TR(T, SUF, 2, 4)          \
+    DECODE_ATTN_TR(T, SUF, 2, 8) DECODE_ATTN_TR(T, SUF, 4, 1) DECODE_ATTN_TR(T, SUF, 4, 2)          \
+    DECODE_ATTN_TR(T, SUF, 4, 4) DECODE_ATTN_TR(T, SUF, 4, 8) DECODE_ATTN_TR(T, SUF, 8, 1)          \
+    DECODE_ATTN_TR(T, SUF, 8, 2) DECODE_ATTN_TR(T, SUF, 8, 4)
+DECODE_ATTN_TR_ALL(__nv_bfloat16, bf16)
+DECODE_ATTN_TR_ALL(__half, f16)
 
 // gemv_<T>, gemv_swiglu_<T> (SWIGLU), and gemv_norm_<T> / gemv_norm_swiglu_<T> (NORM: the norm
 // input's delta, weight, residual output and eps after the common arguments; registers capped

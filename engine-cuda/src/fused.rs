@@ -665,18 +665,44 @@ pub(crate) enum SplitMerge {
     Cluster,
 }
 
-/// [`SplitMerge::Cluster`] with `HELEXA_ENGINE_ATTENTION_CLUSTER=1`. Off until measured:
-/// written after the eighth session's device time ran out. The merge launch is one of the two
-/// per layer that make the attention cost ~0.23–0.26 ms of a token in the stream (seventh
-/// session's sweep); the cluster merge keeps the merge kernel's arithmetic, and its GPU test
-/// expects the same bits.
+/// How the decode attention runs (the switches below, off until measured: both were written
+/// after the eighth session's device time ran out; their GPU tests expect the plain path's bits).
 #[cfg(feature = "cuda")]
-pub(crate) fn split_merge() -> SplitMerge {
-    static ON: OnceLock<bool> = OnceLock::new();
-    if opt_in(&ON, "HELEXA_ENGINE_ATTENTION_CLUSTER") {
-        SplitMerge::Cluster
-    } else {
-        SplitMerge::Kernel
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AttentionPlan {
+    /// [`SplitMerge::Cluster`] with `HELEXA_ENGINE_ATTENTION_CLUSTER=1`. The merge launch is
+    /// one of the two per layer that make the attention cost ~0.23–0.26 ms of a token in the
+    /// stream (seventh session's sweep).
+    pub merge: SplitMerge,
+    /// With `HELEXA_ENGINE_ATTENTION_SUMS=1`, the graph's attention with the rope folded in
+    /// (16-bit types) sums a round's q·k dot products over the warp together (`warp_sums` in
+    /// the kernel: ~2 shuffles per sum instead of 5): at long contexts the kernel is bound by
+    /// instructions, 80 of a round's ~470 being shuffles.
+    pub warp_sums: bool,
+}
+
+#[cfg(feature = "cuda")]
+impl AttentionPlan {
+    /// The measured path: a merge launch, one warp reduction per dot product.
+    #[cfg(test)]
+    pub(crate) const PLAIN: Self = Self {
+        merge: SplitMerge::Kernel,
+        warp_sums: false,
+    };
+}
+
+/// The [`AttentionPlan`] the environment asks for (read once).
+#[cfg(feature = "cuda")]
+pub(crate) fn attention_plan() -> AttentionPlan {
+    static CLUSTER: OnceLock<bool> = OnceLock::new();
+    static SUMS: OnceLock<bool> = OnceLock::new();
+    AttentionPlan {
+        merge: if opt_in(&CLUSTER, "HELEXA_ENGINE_ATTENTION_CLUSTER") {
+            SplitMerge::Cluster
+        } else {
+            SplitMerge::Kernel
+        },
+        warp_sums: opt_in(&SUMS, "HELEXA_ENGINE_ATTENTION_SUMS"),
     }
 }
 
@@ -1296,7 +1322,8 @@ mod gpu_tests {
 
     #[test]
     fn splits_merged_in_a_cluster_match_the_merge_kernel() {
-        use super::cuda::decode_attention_merged;
+        use super::cuda::decode_attention_planned;
+
         let dev = device();
         let cap = 512;
         let shapes = [(32, 8, 128), (32, 4, 128), (16, 8, 64), (16, 4, 256)];
@@ -1330,70 +1357,153 @@ mod gpu_tests {
                 max_len: 256,
             });
             let run = |merge| {
-                decode_attention_merged(&q, &k, &v, len, 0.088, at.as_ref(), None, merge)
+                let plan = AttentionPlan {
+                    merge,
+                    ..AttentionPlan::PLAIN
+                };
+                decode_attention_planned(&q, &k, &v, len, 0.088, at.as_ref(), None, plan)
                     .expect("attention")
             };
             let (want, got) = (run(SplitMerge::Kernel), run(SplitMerge::Cluster));
             assert_eq!(rel_diff(&got, &want), 0.0, "{case}");
         }
-        // With the token's rope and cache writes folded in (each run on its own caches).
-        let (h, kvh, hd) = shapes[0];
-        let rope = Rope::new(hd, 1e6, &RopeScaling::None, RopeStyle::Half, cap, &dev)
-            .and_then(|r| r.in_dtype(DType::BF16))
-            .expect("rope");
-        let qkv = random(&[1, 1, (h + 2 * kvh) * hd], DType::BF16, &dev);
-        let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
-        let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
-        let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
-        let norm = RmsNorm::new(random(&[hd], DType::BF16, &dev), 1e-6);
-        let history = random(&[1, kvh, cap, hd], DType::BF16, &dev);
+        // With the token's rope and cache writes folded in, the position as an argument and on
+        // the device (a graph's band of 256 positions: 8 splits).
         for offset in [0, 40, 255] {
-            let run = |merge| {
-                let (k_cache, v_cache) = (history.copy().expect("k"), history.copy().expect("v"));
-                let inputs = QkvInputs {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    q_norm: Some(&norm),
-                    k_norm: Some(&norm),
-                    rope: &rope,
-                    k_cache: &k_cache,
-                    v_cache: &v_cache,
-                    offset,
-                    heads: h,
-                    kv_heads: kvh,
-                    head_dim: hd,
-                    at: None,
+            for graph in [false, true] {
+                let case = RopedCase::new(DType::BF16, shapes[0], offset, graph.then_some(256));
+                let plan = AttentionPlan {
+                    merge: SplitMerge::Cluster,
+                    ..AttentionPlan::PLAIN
                 };
-                let out = decode_attention_merged(
-                    &q,
-                    &k_cache,
-                    &v_cache,
-                    offset + 1,
-                    0.088,
-                    None,
-                    Some(&inputs),
-                    merge,
-                )
-                .expect("folded attention");
-                (out, k_cache, v_cache)
+                case.expect_same(plan, &format!("rope offset {offset} graph {graph}"));
+            }
+        }
+    }
+
+    #[test]
+    fn dot_products_summed_together_match_one_reduction_each() {
+        let plan = AttentionPlan {
+            warp_sums: true,
+            ..AttentionPlan::PLAIN
+        };
+        let shapes = [
+            (32, 8, 128),
+            (32, 4, 128),
+            (16, 8, 64),
+            (16, 4, 256),
+            (8, 8, 128),
+        ];
+        for dtype in [DType::BF16, DType::F16] {
+            for shape in shapes {
+                // Several rounds per block at the longer offsets (a band's grid of 33 splits).
+                for offset in [0, 40, 700, 3000] {
+                    let case = RopedCase::new(dtype, shape, offset, Some(offset + 300));
+                    case.expect_same(plan, &format!("{dtype:?} {shape:?} offset {offset}"));
+                }
+            }
+        }
+    }
+
+    /// One raw token's decode attention with the rope folded in, over random earlier positions:
+    /// the inputs, made once, so that two plans see the same.
+    struct RopedCase {
+        shape: (usize, usize, usize),
+        offset: usize,
+        qkv: Tensor,
+        norm: RmsNorm,
+        rope: Rope,
+        history: Tensor,
+        /// The position on the device, with the graph's grid sized for this many positions.
+        at: Option<DevicePosition>,
+    }
+
+    impl RopedCase {
+        const CAP: usize = 4096;
+
+        fn new(
+            dtype: DType,
+            shape: (usize, usize, usize),
+            offset: usize,
+            band_end: Option<usize>,
+        ) -> Self {
+            let dev = device();
+            let (h, kvh, hd) = shape;
+            let rope = Rope::new(
+                hd,
+                1e6,
+                &RopeScaling::None,
+                RopeStyle::Half,
+                Self::CAP,
+                &dev,
+            )
+            .and_then(|r| r.in_dtype(dtype))
+            .expect("rope");
+            let at = band_end.map(|max_len| DevicePosition {
+                position: Tensor::new(&[u32::try_from(offset).expect("offset")], &dev)
+                    .expect("position"),
+                max_len,
+            });
+            Self {
+                shape,
+                offset,
+                qkv: random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev),
+                norm: RmsNorm::new(random(&[hd], dtype, &dev), 1e-6),
+                rope,
+                history: random(&[1, kvh, Self::CAP, hd], dtype, &dev),
+                at,
+            }
+        }
+
+        /// The output and both caches after one run with `plan`, on fresh copies of the caches.
+        fn run(&self, plan: AttentionPlan) -> [Tensor; 3] {
+            let (h, kvh, hd) = self.shape;
+            let part = |from, n| self.qkv.narrow(D::Minus1, from, n).expect("part");
+            let (q, k, v) = (
+                part(0, h * hd),
+                part(h * hd, kvh * hd),
+                part((h + kvh) * hd, kvh * hd),
+            );
+            let k_cache = self.history.copy().expect("k cache");
+            let v_cache = (&self.history * 0.5).expect("v cache");
+            let inputs = QkvInputs {
+                q: &q,
+                k: &k,
+                v: &v,
+                q_norm: Some(&self.norm),
+                k_norm: Some(&self.norm),
+                rope: &self.rope,
+                k_cache: &k_cache,
+                v_cache: &v_cache,
+                offset: self.offset,
+                heads: h,
+                kv_heads: kvh,
+                head_dim: hd,
+                at: self.at.as_ref(),
             };
-            let (want, got) = (run(SplitMerge::Kernel), run(SplitMerge::Cluster));
-            assert_eq!(
-                rel_diff(&got.0, &want.0),
-                0.0,
-                "rope offset {offset}: output"
-            );
-            assert_eq!(
-                rel_diff(&got.1, &want.1),
-                0.0,
-                "rope offset {offset}: k cache"
-            );
-            assert_eq!(
-                rel_diff(&got.2, &want.2),
-                0.0,
-                "rope offset {offset}: v cache"
-            );
+            let out = cuda::decode_attention_planned(
+                &q,
+                &k_cache,
+                &v_cache,
+                self.offset + 1,
+                0.088,
+                self.at.as_ref(),
+                Some(&inputs),
+                plan,
+            )
+            .expect("folded attention");
+            [out, k_cache, v_cache]
+        }
+
+        /// Asserts `plan` gives the plain path's output and caches, bit for bit.
+        fn expect_same(&self, plan: AttentionPlan, case: &str) {
+            let (want, got) = (self.run(AttentionPlan::PLAIN), self.run(plan));
+            for (what, (g, w)) in ["output", "k cache", "v cache"]
+                .iter()
+                .zip(got.iter().zip(&want))
+            {
+                assert_eq!(rel_diff(g, w), 0.0, "{case}: {what}");
+            }
         }
     }
 

@@ -16,10 +16,10 @@
 #                                       # class left out in turn, and without PDL (~5 min)
 #   scripts/device/gpu-check.sh all     # a visit's first call (~8 min of the 10 a call
 #                                       # may take): check, then decode-only benches of the
-#                                       # three formats with the defaults, with the cluster
-#                                       # merge of the attention on, the four folds all off,
-#                                       # the graph off (or the settings in ALL_SWITCHES),
-#                                       # greedy tokens
+#                                       # three formats @0 and @4096 (ALL_CONTEXTS) with the
+#                                       # defaults, then with the two attention switches
+#                                       # written off by default, each and both (or the
+#                                       # settings in ALL_SWITCHES), greedy tokens
 #                                       # compared with the defaults'; outputs folded into
 #                                       # three files (fold_outputs.py). The full `bench`
 #                                       # (~4 min) and kernel breakdowns take a second call.
@@ -59,11 +59,11 @@ all)
   # Greedy decode of the three formats with the defaults, then with one decode switch flipped
   # at a time (ALL_SWITCHES, space-separated VAR=VALUE settings): speed, and greedy tokens
   # against the defaults'. The first bench also synthesizes the models (~70 s).
-  decode="--prefill 512 --decode-context 0"
+  decode="--prefill 512 --decode-context ${ALL_CONTEXTS:-0,4096}"
   BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
   grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
-  folds=HELEXA_ENGINE_GATE_IN_PRODUCT=0,HELEXA_ENGINE_ROPE_IN_ATTENTION=0,HELEXA_ENGINE_DENSE_NORM_IN_PRODUCT=0,HELEXA_ENGINE_NORM_IN_PRODUCT=0
-  for setting in ${ALL_SWITCHES:-HELEXA_ENGINE_ATTENTION_CLUSTER=1 $folds HELEXA_ENGINE_GRAPH=0}; do
+  attention=HELEXA_ENGINE_ATTENTION_CLUSTER=1,HELEXA_ENGINE_ATTENTION_SUMS=1
+  for setting in ${ALL_SWITCHES:-${attention//,/ } $attention}; do
     # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')
     env ${setting//,/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
@@ -81,7 +81,7 @@ omit-sweep)
   # skipped (HELEXA_ENGINE_OMIT, a measurement aid: the tokens are garbage then) and with
   # programmatic dependent launch off. Step time differences are each class's cost in the
   # stream, gaps included.
-  decode="--prefill 512 --decode-context 0"
+  decode="--prefill 512 --decode-context ${ALL_CONTEXTS:-0,4096}"
   run_variant() { # run_variant TAG [VAR=VALUE...]
     local tag=$1; shift
     env "$@" BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 150 "$0" bench \

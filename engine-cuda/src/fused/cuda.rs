@@ -412,7 +412,7 @@ pub fn decode_attention(
     scale: f32,
     at: Option<&DevicePosition>,
 ) -> Result<Tensor> {
-    decode_attention_merged(
+    decode_attention_planned(
         q,
         k_cache,
         v_cache,
@@ -420,14 +420,14 @@ pub fn decode_attention(
         scale,
         at,
         None,
-        super::split_merge(),
+        super::attention_plan(),
     )
 }
 
 /// `decode_attention` over the raw token `i` (its q/k/v projections of one token): the q/k
 /// norms, RoPE and the cache writes of `qk_norm_rope_cache` done in the attention kernel.
 pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
-    decode_attention_merged(
+    decode_attention_planned(
         i.q,
         i.k_cache,
         i.v_cache,
@@ -435,17 +435,16 @@ pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
         scale,
         i.at,
         Some(i),
-        super::split_merge(),
+        super::attention_plan(),
     )
 }
 
-/// `decode_attention` (over the raw token `rope`, when given) with its splits merged as `merge`
-/// says.
+/// `decode_attention` (over the raw token `rope`, when given) run as `plan` says.
 #[allow(
     clippy::too_many_arguments,
-    reason = "the attention's operands, the raw token and how to merge"
+    reason = "the attention's operands, the raw token and the plan"
 )]
-pub(super) fn decode_attention_merged(
+pub(super) fn decode_attention_planned(
     q: &Tensor,
     k_cache: &Tensor,
     v_cache: &Tensor,
@@ -453,11 +452,11 @@ pub(super) fn decode_attention_merged(
     scale: f32,
     at: Option<&DevicePosition>,
     rope: Option<&QkvInputs<'_>>,
-    merge: super::SplitMerge,
+    plan: super::AttentionPlan,
 ) -> Result<Tensor> {
     by_dtype!(
         q.dtype(),
-        decode_attention_t(q, k_cache, v_cache, len, scale, at, rope, merge)
+        decode_attention_t(q, k_cache, v_cache, len, scale, at, rope, plan)
     )
 }
 
@@ -520,7 +519,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     scale: f32,
     at: Option<&DevicePosition>,
     rope: Option<&QkvInputs<'_>>,
-    merge: super::SplitMerge,
+    plan: super::AttentionPlan,
     sfx: &str,
 ) -> Result<Tensor> {
     let dev = q.device().as_cuda_device()?;
@@ -574,8 +573,14 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
     let at_part = if pos.is_some() { "at_" } else { "" };
     let rope_part = if rope.is_some() { "rope_" } else { "" };
+    // The warp_sums kernels exist for the graph's attention with the rope folded in, 16-bit.
+    let sums_part = if plan.warp_sums && rope.is_some() && pos.is_some() && sfx != "f32" {
+        "tr_"
+    } else {
+        ""
+    };
     let name = format!(
-        "decode_attention_{rope_part}{at_part}{sfx}_e{}_g{groups}",
+        "decode_attention_{rope_part}{at_part}{sums_part}{sfx}_e{}_g{groups}",
         hd / 32
     );
     let (f, stream) = function(dev, &name)?;
@@ -619,7 +624,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     }
     // The split blocks of each KV head as one cluster, merged inside the launch (the kernel's
     // `merge_in_cluster`), when asked and the GPU has clusters.
-    let clustered = merge == super::SplitMerge::Cluster
+    let clustered = plan.merge == super::SplitMerge::Cluster
         && (2..=ATTENTION_CLUSTER_MAX).contains(&splits)
         && device_attribute(
             stream.context(),
@@ -638,7 +643,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // partials heads × splits × (hd | 2); with the rope folded in, k and v hold kv_heads × hd,
     // the norm weights hd (or are null) and the rope tables cover every position up to the
     // longest (checked); the kernel's template matches hd and groups (its name); argument
-    // types match `decode_attention_[rope_][at_]<T>_e<hd/32>_g<groups>`.
+    // types match `decode_attention_[rope_][at_][tr_]<T>_e<hd/32>_g<groups>`.
     unsafe { b.launch(&f, cfg) }?;
     if splits > 1 && !clustered {
         let (splits_a, hd_a) = (int(splits)?, int(hd)?);
