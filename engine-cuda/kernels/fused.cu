@@ -255,10 +255,18 @@ __device__ void merge_in_cluster(float *c_o, float (*c_ml)[2], T *out, int split
             if (lane == 0) total[warp] = sum;
         }
         __syncthreads();
+        // Each split's partial, in its block's shared memory (loops unrolled to all 8 so that
+        // the pointers stay in registers).
+        const float *part[8];
+#pragma unroll
+        for (int sp = 0; sp < 8; sp++) part[sp] = cluster.map_shared_rank(c_o, sp < splits ? sp : 0);
         for (int i = threadIdx.x; i < G * HD; i += blockDim.x) {
             const int g = i / HD;
             float o = 0.0f;
-            for (int sp = 0; sp < splits; sp++) o += cluster.map_shared_rank(c_o, sp)[i] * weight[g][sp];
+#pragma unroll
+            for (int sp = 0; sp < 8; sp++) {
+                if (sp < splits) o = fmaf(part[sp][i], weight[g][sp], o);
+            }
             out[i] = from_f<T>(o / total[g]);
         }
     }
@@ -413,7 +421,8 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
     }
     __syncthreads();
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    const bool clustered = splits > 1 && cooperative_groups::this_cluster().num_blocks() > 1;
+    // The launcher clusters the splits of a KV head only when there are 2 to 8 of them.
+    const bool clustered = splits > 1 && cooperative_groups::this_cluster().num_blocks() == splits;
 #else
     const bool clustered = false;
 #endif
@@ -472,7 +481,7 @@ __device__ void attn_combine(const float *part_o, const float *part_ml, T *out, 
         const float *po = part_o + (size_t)head * splits * hd + d;
         float o = 0.0f;
 #pragma unroll 8
-        for (int sp = 0; sp < splits; sp++) o += po[(size_t)sp * hd] * weight[sp];
+        for (int sp = 0; sp < splits; sp++) o = fmaf(po[(size_t)sp * hd], weight[sp], o); // as merge_in_cluster
         out[(size_t)head * hd + d] = from_f<T>(o / sum);
     }
 }

@@ -1364,8 +1364,16 @@ mod gpu_tests {
                 decode_attention_planned(&q, &k, &v, len, 0.088, at.as_ref(), None, plan)
                     .expect("attention")
             };
-            let (want, got) = (run(SplitMerge::Kernel), run(SplitMerge::Cluster));
-            assert_eq!(rel_diff(&got, &want), 0.0, "{case}");
+            let want = run(SplitMerge::Kernel);
+            let before = planned_launches(0);
+            let got = run(SplitMerge::Cluster);
+            let splits = if on_device { 8 } else { len.div_ceil(32) };
+            assert_eq!(
+                planned_launches(0) - before,
+                usize::from(splits > 1),
+                "{case}: clustered"
+            );
+            assert!(same_bits(&got, &want), "{case}");
         }
         // With the token's rope and cache writes folded in, the position as an argument and on
         // the device (a graph's band of 256 positions: 8 splits).
@@ -1376,7 +1384,12 @@ mod gpu_tests {
                     merge: SplitMerge::Cluster,
                     ..AttentionPlan::PLAIN
                 };
-                case.expect_same(plan, &format!("rope offset {offset} graph {graph}"));
+                let name = format!("rope offset {offset} graph {graph}");
+                let before = planned_launches(0);
+                case.expect_same(plan, &name);
+                let splits = if graph { 8 } else { (offset + 1).div_ceil(32) };
+                let clustered = planned_launches(0) - before;
+                assert_eq!(clustered, usize::from(splits > 1), "{name}: clustered");
             }
         }
     }
@@ -1399,7 +1412,14 @@ mod gpu_tests {
                 // Several rounds per block at the longer offsets (a band's grid of 33 splits).
                 for offset in [0, 40, 700, 3000] {
                     let case = RopedCase::new(dtype, shape, offset, Some(offset + 300));
-                    case.expect_same(plan, &format!("{dtype:?} {shape:?} offset {offset}"));
+                    let name = format!("{dtype:?} {shape:?} offset {offset}");
+                    let before = planned_launches(1);
+                    case.expect_same(plan, &name);
+                    assert_eq!(
+                        planned_launches(1) - before,
+                        1,
+                        "{name}: the summing kernel"
+                    );
                 }
             }
         }
@@ -1502,9 +1522,29 @@ mod gpu_tests {
                 .iter()
                 .zip(got.iter().zip(&want))
             {
-                assert_eq!(rel_diff(g, w), 0.0, "{case}: {what}");
+                assert!(same_bits(g, w), "{case}: {what}");
             }
         }
+    }
+
+    /// Launches of the attention that took a plan's path so far (0: clustered, 1: summing).
+    fn planned_launches(which: usize) -> usize {
+        cuda::PLANNED_LAUNCHES[which].load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether two tensors hold the same values bit for bit (NaNs and signed zeros included;
+    /// through f32, exact for the 16-bit types).
+    fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+        let bits = |t: &Tensor| -> Vec<u32> {
+            t.to_dtype(DType::F32)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("values")
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        a.dims() == b.dims() && bits(a) == bits(b)
     }
 
     #[test]

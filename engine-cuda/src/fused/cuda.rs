@@ -37,6 +37,11 @@ const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 /// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
 /// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
 const ATTENTION_TARGET_BLOCKS: usize = 264;
+/// Launches of the decode attention that took the [`super::AttentionPlan`]'s paths: clustered,
+/// and with the dot products summed together (for the GPU tests to check they ran).
+#[cfg(test)]
+pub(super) static PLANNED_LAUNCHES: [std::sync::atomic::AtomicUsize; 2] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 2];
 /// Most splits the decode attention merges inside a cluster (the kernel's `merge_in_cluster`;
 /// 8 is the portable cluster size).
 const ATTENTION_CLUSTER_MAX: usize = 8;
@@ -561,8 +566,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
     let at_guard = at.map(|at| at.position.storage_and_layout());
     let pos = position_view(&at_guard)?;
-    // SAFETY: every element is written: by the attention kernel with one split, else by the
-    // merge kernel; the partials by the attention kernel for every (head, split).
+    // SAFETY: every element is written: by the attention kernel with one split, by its
+    // cluster's first block when clustered, else by the merge kernel; the partials (unused
+    // when clustered) by the attention kernel for every (head, split).
     let mut out = unsafe { dev.alloc::<T>(h * hd) }?;
     let parts = if splits > 1 { splits } else { 1 };
     // SAFETY: as `out`.
@@ -623,15 +629,25 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         b.input(pos).value(&max_splits_a);
     }
     // The split blocks of each KV head as one cluster, merged inside the launch (the kernel's
-    // `merge_in_cluster`), when asked and the GPU has clusters.
+    // `merge_in_cluster`), when asked, the GPU launches clusters and the kernel was compiled
+    // with the merge (PTX for compute 9.0+: built for less, it writes the partials as usual).
     let clustered = plan.merge == super::SplitMerge::Cluster
         && (2..=ATTENTION_CLUSTER_MAX).contains(&splits)
         && device_attribute(
             stream.context(),
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
-        )? >= 9;
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH,
+        )? != 0
+        && f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+            .w()?
+            >= 90;
     if clustered {
         b.cluster((1, grid(splits)?, 1));
+        #[cfg(test)]
+        PLANNED_LAUNCHES[0].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    #[cfg(test)]
+    if !sums_part.is_empty() {
+        PLANNED_LAUNCHES[1].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     let cfg = LaunchConfig {
         grid_dim: (grid(kvh)?, grid(splits)?, 1),
