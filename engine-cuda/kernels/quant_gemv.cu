@@ -302,8 +302,21 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     auto issue = [&]() {
         if (next_row < my_rows) {
             uint8_t *dst = stages + next_stage * CHUNK_BYTES;
-            const int n = min(CHUNK_BYTES, row_bytes - next_chunk * CHUNK_BYTES) / 16;
-            for (int i = lane; i < n; i += 32) copy16_async(dst + 16 * i, next_src + 16 * i);
+            const int left = row_bytes - next_chunk * CHUNK_BYTES;
+            if (left >= CHUNK_BYTES) {
+                // A whole chunk (every chunk when cols is a multiple of QG_CHUNK): a fixed
+                // number of copies per lane, unrolled. The general loop below compiled to a
+                // remainder loop with branches, ~40 instructions a chunk, a quarter of the
+                // Q4_K loop's.
+                constexpr int COPIES = CHUNK_BYTES / 16;
+#pragma unroll
+                for (int t = 0; t < (COPIES + 31) / 32; t++) {
+                    const int i = lane + 32 * t;
+                    if (COPIES % 32 == 0 || i < COPIES) copy16_async(dst + 16 * i, next_src + 16 * i);
+                }
+            } else {
+                for (int i = lane; i < left / 16; i += 32) copy16_async(dst + 16 * i, next_src + 16 * i);
+            }
             next_src += CHUNK_BYTES;
             if (++next_chunk == chunks) {
                 next_chunk = 0;
