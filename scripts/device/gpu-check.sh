@@ -62,6 +62,13 @@ all)
   decode="--prefill 512 --decode-context ${ALL_CONTEXTS:-0,4096}"
   BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
   grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
+  # .carry/ref.json (optional): an earlier build's bench report, to check that changes meant
+  # to keep the arithmetic kept the greedy tokens.
+  if [ -f .carry/ref.json ]; then
+    python3 scripts/device/compare_greedy.py .carry/ref.json \
+      "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" > "$OUT/greedy-defaults-vs-ref.txt" 2>&1
+    tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref.json: /"
+  fi
   attention=HELEXA_ENGINE_ATTENTION_CLUSTER=1,HELEXA_ENGINE_ATTENTION_SUMS=1
   for setting in ${ALL_SWITCHES:-${attention//,/ } $attention}; do
     # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
