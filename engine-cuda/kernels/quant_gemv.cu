@@ -58,6 +58,11 @@ struct QuantX {
     __device__ __forceinline__ int4 at(int i) const {
         return *reinterpret_cast<const int4 *>(q + x_slot(i));
     }
+    // The 64 values from element `k` (a multiple of 64) as four such parts: one group of the
+    // padded layout, so one address for all four.
+    __device__ __forceinline__ const int4 *run64(int k) const {
+        return reinterpret_cast<const int4 *>(q + x_slot(k));
+    }
 };
 
 __device__ __forceinline__ float half_bits(uint32_t bits) {
@@ -114,8 +119,9 @@ struct Q8_0 {
         a1.z = __funnelshift_r(w[6], w[7], 16); a1.w = __funnelshift_r(w[7], w[8], 16);
         b0 = make_int4(w[9], w[10], w[11], w[12]);
         b1 = make_int4(w[13], w[14], w[15], w[16]);
-        const int s0 = dot4x4(a1, x.at(k + 16), dot4x4(a0, x.at(k), 0));
-        const int s1 = dot4x4(b1, x.at(k + 48), dot4x4(b0, x.at(k + 32), 0));
+        const int4 *xr = x.run64(k);
+        const int s0 = dot4x4(a1, xr[1], dot4x4(a0, xr[0], 0));
+        const int s1 = dot4x4(b1, xr[3], dot4x4(b0, xr[2], 0));
         const int g = k / 32;
         return half_bits(w[0]) * x.d[g] * s0 + half_bits(w[8] >> 16) * x.d[g + 1] * s1;
     }
@@ -150,8 +156,9 @@ struct Q4K {
                                   (v0.w >> 4) & lo_mask);
         const int4 h1 = make_int4((v1.x >> 4) & lo_mask, (v1.y >> 4) & lo_mask, (v1.z >> 4) & lo_mask,
                                   (v1.w >> 4) & lo_mask);
-        const int s_lo = dot4x4(l1, x.at(k + 16), dot4x4(l0, x.at(k), 0));
-        const int s_hi = dot4x4(h1, x.at(k + 48), dot4x4(h0, x.at(k + 32), 0));
+        const int4 *xr = x.run64(k);
+        const int s_lo = dot4x4(l1, xr[1], dot4x4(l0, xr[0], 0));
+        const int s_hi = dot4x4(h1, xr[3], dot4x4(h0, xr[2], 0));
         uint32_t sc, m;
         scales_mins(blk + 4, j, sc, m);
         const float d = half_bits(dm), dmin = half_bits(dm >> 16);
