@@ -215,10 +215,11 @@ __device__ __forceinline__ void warp_sums_step(float *w, int lane) {
     }
 }
 
-// N per-lane values `v` each summed over the warp, as warp_sum sums one (the same pairs added in
-// the same order, so the same bits), with about 2·N shuffles instead of 5·N: the first log2(N)
-// butterfly steps halve the values each lane holds (warp_sums_step). Lane (32/N)·k then holds
-// sum k, which every lane gets back.
+// N per-lane values `v` each summed over the warp, as warp_sum sums one: the same pairs added in
+// the same order, the lane's own value on the left, so the same bits (every lane of warp_sum
+// ends with the same bits too, addition being commutative). 2·N + 4 − log2(N) shuffles instead
+// of 5·N: the first log2(N) butterfly steps halve the values each lane holds
+// (warp_sums_step). Lane (32/N)·k then holds sum k, which every lane gets back.
 template <int N>
 __device__ __forceinline__ void warp_sums(float v[N], int lane) {
     static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N a power of two up to 32");
@@ -368,7 +369,7 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
         }
         if (j0 + ATTN_WARPS * ATTN_ROWS < end) request(j0 + ATTN_WARPS * ATTN_ROWS, true, true);
         float dots[G * ATTN_ROWS]; // TR: the round's dot products, summed over the warp at once
-        if (TR) {
+        if constexpr (TR) {
 #pragma unroll
             for (int g = 0; g < G; g++) {
 #pragma unroll
@@ -386,7 +387,7 @@ __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache,
             float sc[ATTN_ROWS], m_new = m[g];
 #pragma unroll
             for (int r = 0; r < ATTN_ROWS; r++) {
-                if (TR) {
+                if constexpr (TR) {
                     sc[r] = j0 + r < end ? dots[g * ATTN_ROWS + r] : -INFINITY;
                 } else {
                     float d = 0.0f;

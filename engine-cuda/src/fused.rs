@@ -676,7 +676,7 @@ pub(crate) struct AttentionPlan {
     pub merge: SplitMerge,
     /// With `HELEXA_ENGINE_ATTENTION_SUMS=1`, the graph's attention with the rope folded in
     /// (16-bit types) sums a round's q·k dot products over the warp together (`warp_sums` in
-    /// the kernel: ~2 shuffles per sum instead of 5): at long contexts the kernel is bound by
+    /// the kernel: 2–2.5 shuffles per sum instead of 5): at long contexts the kernel is bound by
     /// instructions, 80 of a round's ~470 being shuffles.
     pub warp_sums: bool,
 }
@@ -1323,6 +1323,11 @@ mod gpu_tests {
     #[test]
     fn splits_merged_in_a_cluster_match_the_merge_kernel() {
         use super::cuda::decode_attention_planned;
+        // Clustered where the device launches clusters and the kernels carry the merge (built
+        // for compute 9.0+, as scripts/device/pack.sh builds them); else the merge kernel runs,
+        // which must give the same bits too.
+        let can_cluster = cuda::attention_can_cluster(&device()).expect("cluster support");
+        eprintln!("decode attention clusters here: {can_cluster}");
 
         let dev = device();
         let cap = 512;
@@ -1368,11 +1373,8 @@ mod gpu_tests {
             let before = planned_launches(0);
             let got = run(SplitMerge::Cluster);
             let splits = if on_device { 8 } else { len.div_ceil(32) };
-            assert_eq!(
-                planned_launches(0) - before,
-                usize::from(splits > 1),
-                "{case}: clustered"
-            );
+            let expected = usize::from(splits > 1 && can_cluster);
+            assert_eq!(planned_launches(0) - before, expected, "{case}: clustered");
             assert!(same_bits(&got, &want), "{case}");
         }
         // With the token's rope and cache writes folded in, the position as an argument and on
@@ -1389,7 +1391,8 @@ mod gpu_tests {
                 case.expect_same(plan, &name);
                 let splits = if graph { 8 } else { (offset + 1).div_ceil(32) };
                 let clustered = planned_launches(0) - before;
-                assert_eq!(clustered, usize::from(splits > 1), "{name}: clustered");
+                let expected = usize::from(splits > 1 && can_cluster);
+                assert_eq!(clustered, expected, "{name}: clustered");
             }
         }
     }
@@ -1532,19 +1535,26 @@ mod gpu_tests {
         cuda::PLANNED_LAUNCHES[which].load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether two tensors hold the same values bit for bit (NaNs and signed zeros included;
-    /// through f32, exact for the 16-bit types).
+    /// Whether two tensors hold the same values bit for bit (signed zeros and NaN payloads
+    /// included).
     fn same_bits(a: &Tensor, b: &Tensor) -> bool {
         let bits = |t: &Tensor| -> Vec<u32> {
-            t.to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .expect("values")
-                .iter()
-                .map(|v| v.to_bits())
-                .collect()
+            let flat = t.flatten_all().expect("flatten");
+            match t.dtype() {
+                DType::BF16 => flat
+                    .to_vec1::<half::bf16>()
+                    .map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()),
+                DType::F16 => flat
+                    .to_vec1::<half::f16>()
+                    .map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()),
+                _ => flat
+                    .to_dtype(DType::F32)
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map(|v| v.iter().map(|x| x.to_bits()).collect()),
+            }
+            .expect("values")
         };
-        a.dims() == b.dims() && bits(a) == bits(b)
+        a.dtype() == b.dtype() && a.dims() == b.dims() && bits(a) == bits(b)
     }
 
     #[test]

@@ -37,6 +37,25 @@ const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 /// Blocks of the decode-attention grid to aim for: two per SM on an H200 (132 SMs), as many as fit
 /// at once (92 registers × 256 threads); more only queue a second wave and lengthen the merge.
 const ATTENTION_TARGET_BLOCKS: usize = 264;
+/// Whether the decode attention kernel `f` may run its splits as a cluster on `stream`'s device:
+/// the device launches clusters and `f` was compiled with the merge (PTX for compute 9.0+).
+fn can_cluster(f: &CudaFunction, stream: &CudaStream) -> Result<bool> {
+    Ok(device_attribute(
+        stream.context(),
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH,
+    )? != 0
+        && f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
+            .w()?
+            >= 90)
+}
+
+/// [`can_cluster`] for the BF16 attention kernels on `device` (for the GPU tests).
+#[cfg(test)]
+pub(super) fn attention_can_cluster(device: &candle_core::Device) -> Result<bool> {
+    let (f, stream) = function(device.as_cuda_device()?, "decode_attention_bf16_e4_g4")?;
+    can_cluster(&f, &stream)
+}
+
 /// Launches of the decode attention that took the [`super::AttentionPlan`]'s paths: clustered,
 /// and with the dot products summed together (for the GPU tests to check they ran).
 #[cfg(test)]
@@ -633,13 +652,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // with the merge (PTX for compute 9.0+: built for less, it writes the partials as usual).
     let clustered = plan.merge == super::SplitMerge::Cluster
         && (2..=ATTENTION_CLUSTER_MAX).contains(&splits)
-        && device_attribute(
-            stream.context(),
-            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH,
-        )? != 0
-        && f.get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_PTX_VERSION)
-            .w()?
-            >= 90;
+        && can_cluster(&f, &stream)?;
     if clustered {
         b.cluster((1, grid(splits)?, 1));
         #[cfg(test)]
