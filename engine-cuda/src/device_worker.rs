@@ -772,6 +772,68 @@ fn run(mut state: WorkerState, rx: &Receiver<Job>) {
     state.models.clear();
 }
 
+/// Where one teacher-forced step's logits put the greedy pick (a measurement aid, for the
+/// tests: where two builds' greedy tokens part, how close the call was).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct StepMargin {
+    /// The greedy pick and its lead over the runner-up, in logits.
+    pub top: u32,
+    pub lead: f32,
+    /// The token fed next and its lead over every other token (negative when not the pick).
+    pub forced: u32,
+    pub forced_lead: f32,
+}
+
+#[cfg(test)]
+impl StepMargin {
+    fn of(logits: &[f32], forced: u32) -> Self {
+        let top = crate::sampling::argmax(logits);
+        let best_but = |skip: u32| {
+            logits
+                .iter()
+                .enumerate()
+                .filter(|&(i, _)| i != skip as usize)
+                .map(|(_, &v)| v)
+                .fold(f32::NEG_INFINITY, f32::max)
+        };
+        Self {
+            top,
+            lead: logits[top as usize] - best_but(top),
+            forced,
+            forced_lead: logits[forced as usize] - best_but(forced),
+        }
+    }
+}
+
+#[cfg(test)]
+impl WorkerModel {
+    /// Teacher-forced greedy steps from an empty cache: the `prompt`, then each of `tokens` in
+    /// turn; per step, where its logits put the pick against the token fed next (the first
+    /// from the prompt's logits).
+    pub(crate) fn forced_margins(
+        &mut self,
+        prompt: &[u32],
+        tokens: &[u32],
+    ) -> Result<Vec<StepMargin>, EngineError> {
+        self.model.truncate(0);
+        self.cached.clear();
+        let mut feed = self.prefill_all_but_last(prompt)?.to_vec();
+        let mut margins = Vec::with_capacity(tokens.len());
+        for &forced in tokens {
+            let logits = self.run(&feed, |m| {
+                m.forward(&feed, false)?
+                    .flatten_all()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()
+            })?;
+            margins.push(StepMargin::of(&logits, forced));
+            feed = vec![forced];
+        }
+        Ok(margins)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,6 +852,64 @@ mod tests {
             assert!(chunk * total <= AUTO_CHUNK_PAIRS, "{total}: chunk {chunk}");
         }
         assert_eq!(PrefillChunks::Fixed(96).size(50_000), 96);
+    }
+
+    #[test]
+    fn forced_margins_follow_the_greedy_decode() {
+        let fixture = |p: &str| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../fixtures/tiny-qwen3")
+                .join(p)
+        };
+        let (config, safetensors) = (fixture("config.json"), [fixture("model.safetensors")]);
+        let model = crate::models::load(&crate::models::LoadRequest {
+            architecture: "qwen3",
+            config: Some(&config),
+            safetensors: &safetensors,
+            gguf: None,
+            dtype: candle_core::DType::F32,
+            device: &Device::Cpu,
+            context_length: Some(256),
+        })
+        .expect("load")
+        .model;
+        let mut m = WorkerModel::new(
+            model,
+            "tiny".into(),
+            PrefillChunks::Fixed(8),
+            Arc::new(AtomicUsize::new(0)),
+        );
+        let prompt: Vec<u32> = (1..20).map(|i| i * 37 % 1000).collect();
+        let params = GenerateParams {
+            max_tokens: 12,
+            stop_ids: Vec::new(),
+            sampling: Default::default(),
+        };
+        let (tx, rx) = mpsc::channel();
+        m.generate(&params, &prompt, &tx, &AtomicBool::new(false), None)
+            .expect("generate");
+        let greedy: Vec<u32> = rx
+            .try_iter()
+            .filter_map(|msg| match msg {
+                Msg::Token(t) => Some(t),
+                Msg::Done(_) => None,
+            })
+            .collect();
+        assert_eq!(greedy.len(), 12);
+        // Fed its own greedy tokens, every step's pick is the token fed next, ahead.
+        let margins = m.forced_margins(&prompt, &greedy).expect("margins");
+        assert_eq!(margins.len(), greedy.len());
+        for (step, (s, &t)) in margins.iter().zip(&greedy).enumerate() {
+            assert_eq!((s.top, s.forced), (t, t), "step {step}");
+            assert!(
+                s.lead >= 0.0 && s.lead == s.forced_lead,
+                "step {step}: {s:?}"
+            );
+        }
+        // A token that is not the pick trails it by the pick's lead over it, or more.
+        let other = (greedy[0] + 1) % 1000;
+        let s = m.forced_margins(&prompt, &[other]).expect("margin")[0];
+        assert!(s.forced_lead < 0.0 && s.forced_lead <= -s.lead, "{s:?}");
     }
 }
 
@@ -833,6 +953,64 @@ mod gpu_tests {
                     .collect()
             })
             .collect()
+    }
+
+    /// A measurement aid, not a check (ignored unless asked for): the logit margins of a greedy
+    /// decode replayed teacher-forced, for `scripts/device/parting_margins.py`, which says where
+    /// two builds' greedy tokens part and runs this under each build's switches. The request is
+    /// a JSON file named by `HELEXA_MARGINS`: `{"config", "safetensors": [...], "gguf",
+    /// "prompt": [...], "tokens": [...], "out"}` (paths; config and safetensors or gguf).
+    #[test]
+    #[ignore = "a measurement aid run by scripts/device/parting_margins.py"]
+    fn margins_along_a_forced_decode() {
+        let request: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(std::env::var("HELEXA_MARGINS").expect("HELEXA_MARGINS")).expect("read"),
+        )
+        .expect("json");
+        let path = |k: &str| request[k].as_str().map(PathBuf::from);
+        let ids = |k: &str| -> Vec<u32> {
+            request[k]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| u32::try_from(v.as_u64().expect("id")).expect("id"))
+                .collect()
+        };
+        let safetensors: Vec<PathBuf> = request["safetensors"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(PathBuf::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (config, gguf) = (path("config"), path("gguf"));
+        let dev = crate::open_cuda(0).expect("a CUDA device");
+        let model = load(&LoadRequest {
+            architecture: "qwen3",
+            config: config.as_deref(),
+            safetensors: &safetensors,
+            gguf: gguf.as_deref(),
+            dtype: DType::BF16,
+            device: &dev,
+            context_length: None,
+        })
+        .expect("load")
+        .model;
+        let cache = Arc::new(AtomicUsize::new(0));
+        let mut m = WorkerModel::new(model, "margins".into(), PrefillChunks::Auto, cache);
+        let margins = m
+            .forced_margins(&ids("prompt"), &ids("tokens"))
+            .expect("margins");
+        let steps: Vec<serde_json::Value> = margins
+            .iter()
+            .map(|s| {
+                serde_json::json!({"top": s.top, "lead": s.lead, "forced": s.forced,
+                                   "forced_lead": s.forced_lead})
+            })
+            .collect();
+        let out = path("out").expect("out");
+        std::fs::write(&out, serde_json::to_vec(&steps).expect("json")).expect("write");
     }
 
     /// The kernels read a device position exactly as they read it as an argument, and the

@@ -318,6 +318,10 @@ struct Figure {
     /// bench (e.g. an optimisation on and off) can be compared token by token.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     greedy_tokens: Vec<u32>,
+    /// Decode: the prompt of that run, so the tokens can be replayed teacher-forced (e.g. for
+    /// the logit margin where two runs' tokens part: `scripts/device/parting_margins.py`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    greedy_prompt: Vec<u32>,
     /// Decode: milliseconds per step the engine's host code spent queuing the step's device
     /// work, and the step's whole time, over the timed runs (when the engine reports them).
     /// Queuing close to the whole step means the host's launch path sets the rate.
@@ -419,12 +423,14 @@ fn measure(
         eprintln!("  decode @{c}");
         let mut runs = Vec::new();
         let mut greedy_tokens = Vec::new();
+        let mut greedy_prompt = Vec::new();
         let mut timings = Vec::new();
         for i in 0..args.warmup + args.repeats {
+            let prompt = prompts.fresh(c.max(1));
             let (s, tokens, timing) = decode_once(
                 engine,
                 loaded.handle,
-                &prompts.fresh(c.max(1)),
+                &prompt,
                 args.decode_tokens,
                 &sampling(args),
             )?;
@@ -433,6 +439,7 @@ fn measure(
                 timings.extend(timing);
                 if greedy_tokens.is_empty() {
                     greedy_tokens = tokens;
+                    greedy_prompt = prompt;
                 }
             }
         }
@@ -441,6 +448,7 @@ fn measure(
         let (host_queue_ms, step_ms) = per_step_ms(&timings).unzip();
         decode.push(Figure {
             greedy_tokens,
+            greedy_prompt,
             host_queue_ms,
             step_ms,
             ..Figure::new(
@@ -494,6 +502,7 @@ impl Figure {
             ratio: median_tok_s / ceiling,
             per_token,
             greedy_tokens: Vec::new(),
+            greedy_prompt: Vec::new(),
             host_queue_ms: None,
             step_ms: None,
         }

@@ -19,8 +19,9 @@
 #                                       # three formats @0 and @4096 (ALL_CONTEXTS) with the
 #                                       # defaults, then with the two attention switches
 #                                       # written off by default, each and both (or the
-#                                       # settings in ALL_SWITCHES), greedy tokens
-#                                       # compared with the defaults'; outputs folded into
+#                                       # settings in ALL_SWITCHES), greedy tokens compared
+#                                       # with the defaults' (where they part, both builds'
+#                                       # logit margins: parting_margins.py); outputs folded into
 #                                       # three files (fold_outputs.py). The full `bench`
 #                                       # (~4 min) and kernel breakdowns take a second call.
 #
@@ -75,9 +76,16 @@ all)
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')
     env ${setting//,/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
     grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
-    python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" \
-      "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" > "$OUT/greedy-$tag.txt" 2>&1
-    tail -1 "$OUT/greedy-$tag.txt" | sed "s/^/$tag greedy vs defaults: /"
+    if ! python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" \
+      "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" > "$OUT/greedy-$tag.txt" 2>&1; then
+      # Where the tokens part, both builds' logit margins there (teacher-forced replays).
+      mkdir -p /tmp/margins
+      timeout 240 python3 scripts/device/parting_margins.py \
+        "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" \
+        "${setting//,/ }" /tmp/bench-models "$bin/engine-cuda-tests" /tmp/margins \
+        >> "$OUT/greedy-$tag.txt" 2>&1
+    fi
+    grep -E "identical, |parts at step|failed" "$OUT/greedy-$tag.txt" | sed "s/^/$tag greedy vs defaults: /"
   done
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status

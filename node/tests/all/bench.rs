@@ -100,10 +100,14 @@ fn synth_then_bench_every_format_on_the_cpu_engine() {
         }
         // Each decode figure records the greedy tokens of its first timed run (the timed 6 and
         // the first, from the prefill); prefill figures record none.
+        // And the prompt they followed (its context's length; a one-token prompt at 0).
         for f in decode {
             let tokens = f["greedy_tokens"].as_array().unwrap();
             assert_eq!(tokens.len(), 7, "{label}: {f}");
             assert!(tokens.iter().all(Value::is_u64), "{label}: {f}");
+            let prompt = f["greedy_prompt"].as_array().unwrap();
+            let context = f["context"].as_u64().unwrap().max(1);
+            assert_eq!(prompt.len() as u64, context, "{label}: {f}");
         }
         assert!(prefill.iter().all(|f| f.get("greedy_tokens").is_none()));
         // The engine times its decode steps: the host's queuing is part of each step (on the
