@@ -153,9 +153,10 @@ __device__ void gather_rows(const T *table, const unsigned *ids, T *out, int col
 // G query heads sharing one KV head (each K/V row is read once for all of them) over one chunk of
 // positions. Each warp takes ATTN_ROWS positions at a time (all their K and V loads in flight
 // together: one row at a time left the memory system idle at long contexts; and the next
-// round's in flight during this round's arithmetic) and keeps an online softmax in f32. With one split the block writes the output; with several it writes
-// unnormalised partials and their (max, sum), which `attn_combine` merges. Replaces q·Kᵀ, the
-// scale, the softmax and p·V.
+// round's in flight during this round's arithmetic) and keeps an online softmax in f32. With
+// one split the block writes the output; with several it writes unnormalised partials and
+// their (max, sum), which `attn_combine` merges (or, launched in clusters, the cluster's first
+// block: `merge_in_cluster`). Replaces q·Kᵀ, the scale, the softmax and p·V.
 // `pos_at`, when not null (the `_at` entry points), is the device position of the query (a decode step replayed from a
 // CUDA graph, whose grid and arguments are fixed at capture): L is that plus one and `chunk` is
 // worked out as the launcher does for L with at most `max_splits` splits. The grid then has
@@ -481,8 +482,9 @@ __device__ void attn_combine(const float *part_o, const float *part_ml, T *out, 
     for (int d = t; d < hd; d += blockDim.x) {
         const float *po = part_o + (size_t)head * splits * hd + d;
         float o = 0.0f;
+        // fmaf, as merge_in_cluster accumulates (the same bits either way).
 #pragma unroll 8
-        for (int sp = 0; sp < splits; sp++) o = fmaf(po[(size_t)sp * hd], weight[sp], o); // as merge_in_cluster
+        for (int sp = 0; sp < splits; sp++) o = fmaf(po[(size_t)sp * hd], weight[sp], o);
         out[(size_t)head * hd + d] = from_f<T>(o / sum);
     }
 }

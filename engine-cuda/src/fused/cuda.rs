@@ -61,6 +61,7 @@ pub(super) fn attention_can_cluster(device: &candle_core::Device) -> Result<bool
 #[cfg(test)]
 pub(super) static PLANNED_LAUNCHES: [std::sync::atomic::AtomicUsize; 2] =
     [const { std::sync::atomic::AtomicUsize::new(0) }; 2];
+
 /// Most splits the decode attention merges inside a cluster (the kernel's `merge_in_cluster`;
 /// 8 is the portable cluster size).
 const ATTENTION_CLUSTER_MAX: usize = 8;
@@ -668,8 +669,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         shared_mem_bytes: 0,
     };
     // SAFETY: q holds heads × hd, the caches kv_heads × cap × hd with len ≤ cap, all three
-    // aligned to the hd/32 elements a lane loads at once (checked; with a device position, the caller keeps it below max_len ≤ cap for the graph's life), the
-    // partials heads × splits × (hd | 2); with the rope folded in, k and v hold kv_heads × hd,
+    // aligned to the hd/32 elements a lane loads at once (checked; with a device position,
+    // the caller keeps it below max_len ≤ cap for the graph's life), the partials heads ×
+    // splits × (hd | 2); with the rope folded in, k and v hold kv_heads × hd,
     // the norm weights hd (or are null) and the rope tables cover every position up to the
     // longest (checked); the kernel's template matches hd and groups (its name); argument
     // types match `decode_attention_[rope_][at_][tr_]<T>_e<hd/32>_g<groups>`.
