@@ -32,6 +32,8 @@ pub mod layers;
 pub mod models;
 pub mod sampling;
 #[cfg(feature = "cuda")]
+mod staged_load;
+#[cfg(feature = "cuda")]
 mod step_graph;
 pub mod weights;
 

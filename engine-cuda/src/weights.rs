@@ -92,15 +92,15 @@ pub struct Weights {
 }
 
 impl Weights {
-    /// Loads every tensor of the given safetensors files (read, not memory-mapped: the engine
-    /// crate has no `unsafe`) straight onto `device`, one file at a time: each tensor is copied
-    /// from the file's bytes to the device once, with no CPU tensor in between (that detour
-    /// made a 16 GB bf16 load take 27 s on an H200 host instead of a few), and converted to the
-    /// compute dtype as it arrives, so memory peaks at one shard in the file's dtype.
+    /// Loads every tensor of the given safetensors files (read, not memory-mapped) straight onto
+    /// `device`, one file at a time: each tensor is copied from the file's bytes to the device
+    /// once, with no CPU tensor in between (that detour made a 16 GB bf16 load take 27 s on an
+    /// H200 host instead of a few), and converted to the compute dtype as it arrives, so memory
+    /// peaks at one shard in the file's dtype.
     pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         let mut map = HashMap::new();
         for f in files {
-            let tensors = candle_core::safetensors::load(f, device).map_err(|e| {
+            let tensors = load_shard(f, device).map_err(|e| {
                 candle_core::Error::msg(format!("{}: {}", f.display(), crate::describe(&e)))
             })?;
             for (name, tensor) in tensors {
@@ -429,6 +429,24 @@ impl Weights {
                 .map_or_else(|| "unknown".to_owned(), |i| format!("{:?}", i.ggml_dtype)),
         }
     }
+}
+
+/// One safetensors shard's tensors on `device`, in the file's dtypes: on a GPU through
+/// page-locked staging buffers with `HELEXA_ENGINE_STAGED_LOAD=1` (`staged_load`; a shard it
+/// cannot take, e.g. with integer tensors, falls back), else candle's loader.
+fn load_shard(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && crate::staged_load::enabled() {
+        match crate::staged_load::load(path, device, crate::staged_load::STAGE_BYTES) {
+            Ok(tensors) => return Ok(tensors),
+            Err(e) => eprintln!(
+                "helexa-engine-cuda: {}: staged load refused ({}); candle's loader instead",
+                path.display(),
+                crate::describe(&e)
+            ),
+        }
+    }
+    candle_core::safetensors::load(path, device)
 }
 
 fn missing(name: &str) -> candle_core::Error {

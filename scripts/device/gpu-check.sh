@@ -18,7 +18,8 @@
 #                                       # may take): check, then decode-only benches of the
 #                                       # three formats @0 and @4096 (ALL_CONTEXTS) with the
 #                                       # defaults, then with the two attention switches
-#                                       # written off by default, each and both (or the
+#                                       # written off by default, each and both, and the
+#                                       # staged safetensors load (its `load` line; or the
 #                                       # settings in ALL_SWITCHES), greedy tokens compared
 #                                       # with the defaults' (where they part, both builds'
 #                                       # logit margins: parting_margins.py); outputs folded into
@@ -71,7 +72,7 @@ all)
     tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref.json: /"
   fi
   attention=HELEXA_ENGINE_ATTENTION_CLUSTER=1,HELEXA_ENGINE_ATTENTION_SUMS=1
-  for setting in ${ALL_SWITCHES:-${attention//,/ } $attention}; do
+  for setting in ${ALL_SWITCHES:-${attention//,/ } $attention HELEXA_ENGINE_STAGED_LOAD=1}; do
     # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')
     env ${setting//,/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
