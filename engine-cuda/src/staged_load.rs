@@ -29,52 +29,80 @@ use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 /// Bytes of each of the two staging buffers.
 pub const STAGE_BYTES: usize = 64 << 20;
 
-/// Whether safetensors shards load through [`load`] on a GPU: `HELEXA_ENGINE_STAGED_LOAD=1`.
+/// Whether safetensors shards load through a [`Loader`] on a GPU: `HELEXA_ENGINE_STAGED_LOAD=1`.
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     crate::fused::opt_in(&ON, "HELEXA_ENGINE_STAGED_LOAD")
 }
 
-/// Every tensor of the safetensors file `path`, on `device` (a CUDA device) in the file's
-/// dtypes (BF16, F16, F32; others are refused, and the caller takes candle's loader), copied
-/// through two staging buffers of `stage_bytes` (a multiple of 8).
-pub fn load(path: &Path, device: &Device, stage_bytes: usize) -> Result<HashMap<String, Tensor>> {
-    let dev = device.as_cuda_device()?;
-    let mut file = File::open(path)?;
-    let (header, data_start) = read_header(&mut file)?;
-    let stream = dev.cuda_stream();
-    let mut stages = Stages::new(&stream, stage_bytes)?;
-    let mut tensors = HashMap::with_capacity(header.len());
-    for (name, info) in header {
-        let tensor = match info.dtype {
-            DType::BF16 => upload::<half::bf16>(&mut file, data_start, &info, dev, &mut stages)?,
-            DType::F16 => upload::<half::f16>(&mut file, data_start, &info, dev, &mut stages)?,
-            DType::F32 => upload::<f32>(&mut file, data_start, &info, dev, &mut stages)?,
-            other => bail!("{}: {name} is {other:?}", path.display()),
-        };
-        tensors.insert(name, tensor);
+/// Loads safetensors shards onto one CUDA device through two page-locked staging buffers of
+/// `stage_bytes`, allocated once for all the shards.
+pub struct Loader {
+    device: Device,
+    stages: Stages,
+}
+
+impl Loader {
+    pub fn new(device: &Device, stage_bytes: usize) -> Result<Self> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        Ok(Self {
+            device: device.clone(),
+            stages: Stages::new(&stream, stage_bytes)?,
+        })
     }
-    // The staging buffers are freed on return: every copy from them must have finished.
-    stages.finish()?;
-    Ok(tensors)
+
+    /// Every tensor of the shard `path`, in the file's dtypes; `None` when the shard holds a
+    /// dtype other than BF16, F16 or F32 (nothing is read or allocated then: the caller takes
+    /// candle's loader). Errors after that (I/O, device memory) are the load's.
+    pub fn shard(&mut self, path: &Path) -> Result<Option<HashMap<String, Tensor>>> {
+        let dev = self.device.as_cuda_device()?;
+        let mut file = File::open(path)?;
+        let Some((header, data_start)) = read_header(&mut file)? else {
+            return Ok(None);
+        };
+        let mut tensors = HashMap::with_capacity(header.len());
+        for (name, info) in header {
+            let stages = &mut self.stages;
+            let tensor = match info.dtype {
+                DType::BF16 => upload::<half::bf16>(&mut file, data_start, &info, dev, stages)?,
+                DType::F16 => upload::<half::f16>(&mut file, data_start, &info, dev, stages)?,
+                _ => upload::<f32>(&mut file, data_start, &info, dev, stages)?,
+            };
+            tensors.insert(name, tensor);
+        }
+        // Only once the copies have finished may the buffers be refilled by the next shard's
+        // reads (they would wait anyway) or freed; and errors of the copies surface here.
+        self.stages.finish()?;
+        Ok(Some(tensors))
+    }
 }
 
 /// Where one tensor lies in the file: its dtype, shape and byte range after the header.
 struct TensorInfo {
     dtype: DType,
     shape: Vec<usize>,
-    start: usize,
-    end: usize,
+    start: u64,
+    end: u64,
 }
 
-/// The file's header (tensor name → where it lies) and where its data begins.
-fn read_header(file: &mut File) -> Result<(Vec<(String, TensorInfo)>, u64)> {
+/// A shard's tensors (name and where it lies, in file order) and where their data begins.
+type Header = (Vec<(String, TensorInfo)>, u64);
+
+/// The file's header (tensor name → where it lies, in file order) and where its data begins;
+/// `None` when a tensor has a dtype this loader does not take. Checked as safetensors checks
+/// it: sizes match shapes, the tensors tile the data without gaps or overlaps, up to the end
+/// of the file.
+fn read_header(file: &mut File) -> Result<Option<Header>> {
+    let file_len = file.metadata()?.len();
     let mut len = [0u8; 8];
     file.read_exact(&mut len)?;
     let len = u64::from_le_bytes(len);
-    if len > 100 << 20 {
-        bail!("safetensors header of {len} bytes");
-    }
+    let data_start = len
+        .checked_add(8)
+        .filter(|&s| s <= file_len && len <= 100 << 20);
+    let Some(data_start) = data_start else {
+        bail!("safetensors header of {len} bytes in a file of {file_len}");
+    };
     let mut json = vec![0u8; usize::try_from(len).map_err(candle_core::Error::wrap)?];
     file.read_exact(&mut json)?;
     let header: serde_json::Map<String, serde_json::Value> =
@@ -88,13 +116,13 @@ fn read_header(file: &mut File) -> Result<(Vec<(String, TensorInfo)>, u64)> {
             Some("BF16") => DType::BF16,
             Some("F16") => DType::F16,
             Some("F32") => DType::F32,
-            other => bail!("{name}: dtype {other:?} is not staged"),
+            _ => return Ok(None),
         };
-        let numbers = |key: &str| -> Option<Vec<usize>> {
+        let numbers = |key: &str| -> Option<Vec<u64>> {
             v[key]
                 .as_array()?
                 .iter()
-                .map(|n| n.as_u64().and_then(|n| usize::try_from(n).ok()))
+                .map(serde_json::Value::as_u64)
                 .collect()
         };
         let (Some(shape), Some(offsets)) = (numbers("shape"), numbers("data_offsets")) else {
@@ -103,9 +131,16 @@ fn read_header(file: &mut File) -> Result<(Vec<(String, TensorInfo)>, u64)> {
         let [start, end] = offsets[..] else {
             bail!("{name}: data_offsets {offsets:?}");
         };
-        let bytes = shape.iter().product::<usize>() * dtype.size_in_bytes();
-        if end < start || end - start != bytes {
-            bail!("{name}: {bytes} bytes of {shape:?} {dtype:?} against offsets {start}..{end}");
+        let shape: Vec<usize> = shape
+            .iter()
+            .map(|&d| usize::try_from(d).map_err(candle_core::Error::wrap))
+            .collect::<Result<_>>()?;
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .and_then(|n| u64::try_from(n).ok());
+        if bytes.is_none() || end.checked_sub(start) != bytes {
+            bail!("{name}: {shape:?} {dtype:?} against data offsets {start}..{end}");
         }
         tensors.push((
             name,
@@ -117,7 +152,22 @@ fn read_header(file: &mut File) -> Result<(Vec<(String, TensorInfo)>, u64)> {
             },
         ));
     }
-    Ok((tensors, 8 + len))
+    // In file order (also the order to read it in), tiling the data up to the file's end.
+    tensors.sort_by_key(|(_, t)| t.start);
+    let mut at = 0;
+    for (name, t) in &tensors {
+        if t.start != at {
+            bail!("{name}: data from {} where {at} was expected", t.start);
+        }
+        at = t.end;
+    }
+    if data_start.checked_add(at) != Some(file_len) {
+        bail!(
+            "tensor data ends at {at}, the file's at {}",
+            file_len - data_start
+        );
+    }
+    Ok(Some((tensors, data_start)))
 }
 
 /// One tensor's bytes read piece by piece into the staging buffers and copied to a fresh
@@ -129,14 +179,12 @@ fn upload<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,
     stages: &mut Stages,
 ) -> Result<Tensor> {
-    let bytes = info.end - info.start;
+    let bytes = usize::try_from(info.end - info.start).map_err(candle_core::Error::wrap)?;
     let elems = bytes / std::mem::size_of::<T>();
-    // SAFETY: every byte is written by the copies below before the tensor is used (they are
-    // queued on the device's one stream, ahead of any kernel that reads it).
+    // SAFETY: every byte is written by the copies below, queued on the device's stream before
+    // anything can read the tensor; the loader waits for them before returning it.
     let mut buf: CudaSlice<T> = unsafe { dev.alloc::<T>(elems) }?;
-    file.seek(SeekFrom::Start(
-        data_start + u64::try_from(info.start).map_err(candle_core::Error::wrap)?,
-    ))?;
+    file.seek(SeekFrom::Start(data_start + info.start))?;
     {
         // SAFETY: `u8` has no invalid bit patterns and the view covers exactly the buffer.
         let mut dst = unsafe { buf.transmute_mut::<u8>(bytes) }
@@ -176,6 +224,9 @@ struct Stages {
 
 impl Stages {
     fn new(stream: &Arc<CudaStream>, bytes: usize) -> Result<Self> {
+        if bytes == 0 {
+            bail!("staged load: empty staging buffers");
+        }
         let ctx = stream.context();
         // SAFETY: the buffers are written (by `read`) before any copy reads them.
         let alloc = || unsafe { ctx.alloc_pinned::<u8>(bytes) }.w();
@@ -204,11 +255,21 @@ impl Stages {
     }
 
     /// Waits for the copies still in flight.
-    fn finish(mut self) -> Result<()> {
+    fn finish(&mut self) -> Result<()> {
         for event in self.copied.iter_mut().filter_map(Option::take) {
             event.synchronize().w()?;
         }
         Ok(())
+    }
+}
+
+impl Drop for Stages {
+    /// On an error path copies may still be reading the buffers, which are freed right after:
+    /// wait for the whole stream (its events may have been taken already).
+    fn drop(&mut self) {
+        if self.copied.iter().any(Option::is_some) {
+            let _ = self.stream.synchronize();
+        }
     }
 }
 
@@ -224,9 +285,14 @@ mod gpu_tests {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny-qwen3/model.safetensors");
         let want = candle_core::safetensors::load(&path, &dev).expect("candle's load");
-        // Small buffers: most tensors take several pieces, each buffer reused many times.
-        for stage in [4096, STAGE_BYTES] {
-            let got = load(&path, &dev, stage).expect("staged load");
+        // Small buffers: most tensors take several pieces, each buffer reused many times, the
+        // odd size leaving a partial last piece.
+        for stage in [4096, 1000, STAGE_BYTES] {
+            let mut loader = Loader::new(&dev, stage).expect("staging buffers");
+            let got = loader
+                .shard(&path)
+                .expect("staged load")
+                .expect("a shard of BF16/F16/F32 tensors");
             assert_eq!(got.len(), want.len(), "stage {stage}");
             for (name, w) in &want {
                 let g = &got[name];

@@ -99,8 +99,9 @@ impl Weights {
     /// peaks at one shard in the file's dtype.
     pub fn from_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
         let mut map = HashMap::new();
+        let mut shards = ShardReader::new(device)?;
         for f in files {
-            let tensors = load_shard(f, device).map_err(|e| {
+            let tensors = shards.read(f, device).map_err(|e| {
                 candle_core::Error::msg(format!("{}: {}", f.display(), crate::describe(&e)))
             })?;
             for (name, tensor) in tensors {
@@ -431,22 +432,40 @@ impl Weights {
     }
 }
 
-/// One safetensors shard's tensors on `device`, in the file's dtypes: on a GPU through
-/// page-locked staging buffers with `HELEXA_ENGINE_STAGED_LOAD=1` (`staged_load`; a shard it
-/// cannot take, e.g. with integer tensors, falls back), else candle's loader.
-fn load_shard(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+/// Where safetensors shards come from: on a GPU with `HELEXA_ENGINE_STAGED_LOAD=1`, read
+/// through page-locked staging buffers (`staged_load`), else candle's loader.
+struct ShardReader {
     #[cfg(feature = "cuda")]
-    if device.is_cuda() && crate::staged_load::enabled() {
-        match crate::staged_load::load(path, device, crate::staged_load::STAGE_BYTES) {
-            Ok(tensors) => return Ok(tensors),
-            Err(e) => eprintln!(
-                "helexa-engine-cuda: {}: staged load refused ({}); candle's loader instead",
-                path.display(),
-                crate::describe(&e)
-            ),
+    staged: Option<crate::staged_load::Loader>,
+}
+
+impl ShardReader {
+    fn new(device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        {
+            let staged = (device.is_cuda() && crate::staged_load::enabled())
+                .then(|| crate::staged_load::Loader::new(device, crate::staged_load::STAGE_BYTES))
+                .transpose()?;
+            Ok(Self { staged })
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = device;
+            Ok(Self {})
         }
     }
-    candle_core::safetensors::load(path, device)
+
+    /// One shard's tensors on `device`, in the file's dtypes (a shard the staged loader does
+    /// not take, with integer tensors say, goes through candle's).
+    fn read(&mut self, path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(loader) = self.staged.as_mut()
+            && let Some(tensors) = loader.shard(path)?
+        {
+            return Ok(tensors);
+        }
+        candle_core::safetensors::load(path, device)
+    }
 }
 
 fn missing(name: &str) -> candle_core::Error {
