@@ -30,6 +30,7 @@ pub mod ffi;
 pub mod fused;
 pub mod layers;
 pub mod models;
+mod safetensors_header;
 pub mod sampling;
 #[cfg(feature = "cuda")]
 mod staged_load;

@@ -26,6 +26,8 @@ use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 
+use crate::safetensors_header::{TensorInfo, read_header};
+
 /// Bytes of each of the two staging buffers.
 pub const STAGE_BYTES: usize = 64 << 20;
 
@@ -75,99 +77,6 @@ impl Loader {
         self.stages.finish()?;
         Ok(Some(tensors))
     }
-}
-
-/// Where one tensor lies in the file: its dtype, shape and byte range after the header.
-struct TensorInfo {
-    dtype: DType,
-    shape: Vec<usize>,
-    start: u64,
-    end: u64,
-}
-
-/// A shard's tensors (name and where it lies, in file order) and where their data begins.
-type Header = (Vec<(String, TensorInfo)>, u64);
-
-/// The file's header (tensor name → where it lies, in file order) and where its data begins;
-/// `None` when a tensor has a dtype this loader does not take. Checked as safetensors checks
-/// it: sizes match shapes, the tensors tile the data without gaps or overlaps, up to the end
-/// of the file.
-fn read_header(file: &mut File) -> Result<Option<Header>> {
-    let file_len = file.metadata()?.len();
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len)?;
-    let len = u64::from_le_bytes(len);
-    let data_start = len
-        .checked_add(8)
-        .filter(|&s| s <= file_len && len <= 100 << 20);
-    let Some(data_start) = data_start else {
-        bail!("safetensors header of {len} bytes in a file of {file_len}");
-    };
-    let mut json = vec![0u8; usize::try_from(len).map_err(candle_core::Error::wrap)?];
-    file.read_exact(&mut json)?;
-    let header: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&json).map_err(candle_core::Error::wrap)?;
-    let mut tensors = Vec::with_capacity(header.len());
-    for (name, v) in header {
-        if name == "__metadata__" {
-            continue;
-        }
-        let dtype = match v["dtype"].as_str() {
-            Some("BF16") => DType::BF16,
-            Some("F16") => DType::F16,
-            Some("F32") => DType::F32,
-            _ => return Ok(None),
-        };
-        let numbers = |key: &str| -> Option<Vec<u64>> {
-            v[key]
-                .as_array()?
-                .iter()
-                .map(serde_json::Value::as_u64)
-                .collect()
-        };
-        let (Some(shape), Some(offsets)) = (numbers("shape"), numbers("data_offsets")) else {
-            bail!("{name}: malformed header entry {v}");
-        };
-        let [start, end] = offsets[..] else {
-            bail!("{name}: data_offsets {offsets:?}");
-        };
-        let shape: Vec<usize> = shape
-            .iter()
-            .map(|&d| usize::try_from(d).map_err(candle_core::Error::wrap))
-            .collect::<Result<_>>()?;
-        let bytes = shape
-            .iter()
-            .try_fold(dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
-            .and_then(|n| u64::try_from(n).ok());
-        if bytes.is_none() || end.checked_sub(start) != bytes {
-            bail!("{name}: {shape:?} {dtype:?} against data offsets {start}..{end}");
-        }
-        tensors.push((
-            name,
-            TensorInfo {
-                dtype,
-                shape,
-                start,
-                end,
-            },
-        ));
-    }
-    // In file order (also the order to read it in), tiling the data up to the file's end.
-    tensors.sort_by_key(|(_, t)| t.start);
-    let mut at = 0;
-    for (name, t) in &tensors {
-        if t.start != at {
-            bail!("{name}: data from {} where {at} was expected", t.start);
-        }
-        at = t.end;
-    }
-    if data_start.checked_add(at) != Some(file_len) {
-        bail!(
-            "tensor data ends at {at}, the file's at {}",
-            file_len - data_start
-        );
-    }
-    Ok(Some((tensors, data_start)))
 }
 
 /// One tensor's bytes read piece by piece into the staging buffers and copied to a fresh
