@@ -1246,8 +1246,6 @@ mod gpu_tests {
     /// split).
     #[test]
     fn attention_forming_its_token_matches_the_separate_rope_kernel() {
-        let dev = device();
-        let cap = 1024;
         let full = [(32, 8, 128), (32, 4, 128), (16, 8, 64), (16, 4, 256)];
         let mut cases = Vec::new();
         for dtype in [DType::BF16, DType::F32, DType::F16] {
@@ -1272,48 +1270,20 @@ mod gpu_tests {
             let case = format!(
                 "{dtype:?} {style:?} {h}/{kvh}×{hd} offset {offset} norms {norms} at {on_device}"
             );
-            let rope = Rope::new(hd, 1e6, &RopeScaling::None, style, cap, &dev)
-                .and_then(|r| r.in_dtype(dtype))
-                .expect("rope");
-            let qkv = random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev);
-            let q = qkv.narrow(D::Minus1, 0, h * hd).expect("q");
-            let k = qkv.narrow(D::Minus1, h * hd, kvh * hd).expect("k");
-            let v = qkv.narrow(D::Minus1, (h + kvh) * hd, kvh * hd).expect("v");
-            let q_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
-            let k_norm = RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
-            // The earlier positions: the same random rows in both pairs of caches.
-            let history = random(&[1, kvh, cap, hd], dtype, &dev);
-            let caches = || {
-                let k = history.copy().expect("k cache");
-                let v = (&history * 0.5).expect("v cache");
-                (k, v)
-            };
-            let ((k1, v1), (k2, v2)) = (caches(), caches());
             // A graph's band: its grid sized for 300 positions past this one.
-            let at = on_device.then(|| DevicePosition {
-                position: Tensor::new(&[u32::try_from(offset).expect("offset")], &dev)
-                    .expect("position"),
-                max_len: offset + 301,
-            });
-            let inputs = |k_cache, v_cache| QkvInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                q_norm: norms.then_some(&q_norm),
-                k_norm: norms.then_some(&k_norm),
-                rope: &rope,
-                k_cache,
-                v_cache,
+            let token = RopedCase::new(
+                dtype,
+                style,
+                (h, kvh, hd),
                 offset,
-                heads: h,
-                kv_heads: kvh,
-                head_dim: hd,
-                at: at.as_ref(),
-            };
-            let roped = qk_norm_rope_cache(&inputs(&k1, &v1)).expect("rope kernel");
-            let want = decode_attention(&roped, &k1, &v1, offset + 1, 0.088, at.as_ref())
+                norms,
+                on_device.then_some(offset + 301),
+            );
+            let ((k1, v1), (k2, v2)) = (token.caches(), token.caches());
+            let roped = qk_norm_rope_cache(&token.inputs(&k1, &v1)).expect("rope kernel");
+            let want = decode_attention(&roped, &k1, &v1, offset + 1, 0.088, token.at.as_ref())
                 .expect("attention");
-            let got = decode_attention_roped(&inputs(&k2, &v2), 0.088).expect("folded");
+            let got = decode_attention_roped(&token.inputs(&k2, &v2), 0.088).expect("folded");
             assert_eq!(rel_diff(&got, &want), 0.0, "{case}: output");
             assert_eq!(rel_diff(&k2, &k1), 0.0, "{case}: k cache");
             assert_eq!(rel_diff(&v2, &v1), 0.0, "{case}: v cache");
@@ -1381,7 +1351,14 @@ mod gpu_tests {
         // the device (a graph's band of 256 positions: 8 splits).
         for offset in [0, 40, 255] {
             for graph in [false, true] {
-                let case = RopedCase::new(DType::BF16, shapes[0], offset, graph.then_some(256));
+                let case = RopedCase::new(
+                    DType::BF16,
+                    RopeStyle::Half,
+                    shapes[0],
+                    offset,
+                    true,
+                    graph.then_some(256),
+                );
                 let plan = AttentionPlan {
                     merge: SplitMerge::Cluster,
                     ..AttentionPlan::PLAIN
@@ -1414,7 +1391,14 @@ mod gpu_tests {
             for shape in shapes {
                 // Several rounds per block at the longer offsets (a band's grid of 33 splits).
                 for offset in [0, 40, 700, 3000] {
-                    let case = RopedCase::new(dtype, shape, offset, Some(offset + 300));
+                    let case = RopedCase::new(
+                        dtype,
+                        RopeStyle::Half,
+                        shape,
+                        offset,
+                        true,
+                        Some(offset + 300),
+                    );
                     let name = format!("{dtype:?} {shape:?} offset {offset}");
                     let before = planned_launches(1);
                     case.expect_same(plan, &name);
@@ -1429,12 +1413,16 @@ mod gpu_tests {
     }
 
     /// One raw token's decode attention with the rope folded in, over random earlier positions:
-    /// the inputs, made once, so that two plans see the same.
+    /// the inputs, made once, so that two paths see the same.
     struct RopedCase {
         shape: (usize, usize, usize),
         offset: usize,
-        qkv: Tensor,
-        norm: RmsNorm,
+        /// The token's q, k and v projections (parts of one row, as the q/k/v product writes).
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        /// The q and k norms, when the model has them.
+        norms: Option<(RmsNorm, RmsNorm)>,
         rope: Rope,
         history: Tensor,
         /// The position on the device, with the graph's grid sized for this many positions.
@@ -1446,22 +1434,20 @@ mod gpu_tests {
 
         fn new(
             dtype: DType,
+            style: RopeStyle,
             shape: (usize, usize, usize),
             offset: usize,
+            norms: bool,
             band_end: Option<usize>,
         ) -> Self {
             let dev = device();
             let (h, kvh, hd) = shape;
-            let rope = Rope::new(
-                hd,
-                1e6,
-                &RopeScaling::None,
-                RopeStyle::Half,
-                Self::CAP,
-                &dev,
-            )
-            .and_then(|r| r.in_dtype(dtype))
-            .expect("rope");
+            let rope = Rope::new(hd, 1e6, &RopeScaling::None, style, Self::CAP, &dev)
+                .and_then(|r| r.in_dtype(dtype))
+                .expect("rope");
+            let qkv = random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev);
+            let part = |from, n| qkv.narrow(D::Minus1, from, n).expect("part");
+            let norm = || RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
             let at = band_end.map(|max_len| DevicePosition {
                 position: Tensor::new(&[u32::try_from(offset).expect("offset")], &dev)
                     .expect("position"),
@@ -1470,42 +1456,49 @@ mod gpu_tests {
             Self {
                 shape,
                 offset,
-                qkv: random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev),
-                norm: RmsNorm::new(random(&[hd], dtype, &dev), 1e-6),
+                q: part(0, h * hd),
+                k: part(h * hd, kvh * hd),
+                v: part((h + kvh) * hd, kvh * hd),
+                norms: norms.then(|| (norm(), norm())),
                 rope,
                 history: random(&[1, kvh, Self::CAP, hd], dtype, &dev),
                 at,
             }
         }
 
-        /// The output and both caches after one run with `plan`, on fresh copies of the caches.
-        fn run(&self, plan: AttentionPlan) -> [Tensor; 3] {
+        /// Fresh caches holding the earlier positions: k and v (half of k).
+        fn caches(&self) -> (Tensor, Tensor) {
+            let k = self.history.copy().expect("k cache");
+            let v = (&self.history * 0.5).expect("v cache");
+            (k, v)
+        }
+
+        /// The token as the attention takes it, over these caches.
+        fn inputs<'a>(&'a self, k_cache: &'a Tensor, v_cache: &'a Tensor) -> QkvInputs<'a> {
             let (h, kvh, hd) = self.shape;
-            let part = |from, n| self.qkv.narrow(D::Minus1, from, n).expect("part");
-            let (q, k, v) = (
-                part(0, h * hd),
-                part(h * hd, kvh * hd),
-                part((h + kvh) * hd, kvh * hd),
-            );
-            let k_cache = self.history.copy().expect("k cache");
-            let v_cache = (&self.history * 0.5).expect("v cache");
-            let inputs = QkvInputs {
-                q: &q,
-                k: &k,
-                v: &v,
-                q_norm: Some(&self.norm),
-                k_norm: Some(&self.norm),
+            QkvInputs {
+                q: &self.q,
+                k: &self.k,
+                v: &self.v,
+                q_norm: self.norms.as_ref().map(|(q, _)| q),
+                k_norm: self.norms.as_ref().map(|(_, k)| k),
                 rope: &self.rope,
-                k_cache: &k_cache,
-                v_cache: &v_cache,
+                k_cache,
+                v_cache,
                 offset: self.offset,
                 heads: h,
                 kv_heads: kvh,
                 head_dim: hd,
                 at: self.at.as_ref(),
-            };
+            }
+        }
+
+        /// The output and both caches after one run with `plan`, on fresh copies of the caches.
+        fn run(&self, plan: AttentionPlan) -> [Tensor; 3] {
+            let (k_cache, v_cache) = self.caches();
+            let inputs = self.inputs(&k_cache, &v_cache);
             let out = cuda::decode_attention_planned(
-                &q,
+                &self.q,
                 &k_cache,
                 &v_cache,
                 self.offset + 1,
