@@ -813,6 +813,7 @@ mod gpu_tests {
 
     use super::*;
     use crate::layers::{RopeScaling, RopeStyle};
+    use crate::test_support::same_bits;
 
     fn device() -> Device {
         Device::new_cuda(0).expect("a CUDA device")
@@ -1526,28 +1527,6 @@ mod gpu_tests {
     /// Launches of the attention that took a plan's path so far (0: clustered, 1: summing).
     fn planned_launches(which: usize) -> usize {
         cuda::PLANNED_LAUNCHES[which].load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    /// Whether two tensors hold the same values bit for bit (signed zeros and NaN payloads
-    /// included).
-    fn same_bits(a: &Tensor, b: &Tensor) -> bool {
-        let bits = |t: &Tensor| -> Vec<u32> {
-            let flat = t.flatten_all().expect("flatten");
-            match t.dtype() {
-                DType::BF16 => flat
-                    .to_vec1::<half::bf16>()
-                    .map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()),
-                DType::F16 => flat
-                    .to_vec1::<half::f16>()
-                    .map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()),
-                _ => flat
-                    .to_dtype(DType::F32)
-                    .and_then(|t| t.to_vec1::<f32>())
-                    .map(|v| v.iter().map(|x| x.to_bits()).collect()),
-            }
-            .expect("values")
-        };
-        a.dtype() == b.dtype() && a.dims() == b.dims() && bits(a) == bits(b)
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub mod sampling;
 mod staged_load;
 #[cfg(feature = "cuda")]
 mod step_graph;
+#[cfg(all(test, feature = "cuda"))]
+mod test_support;
 pub mod weights;
 
 use device_worker::{DeviceWorker, Msg, Opener, PrefillChunks, WorkerModel};

@@ -187,6 +187,7 @@ impl Drop for Stages {
 #[cfg(test)]
 mod gpu_tests {
     use super::*;
+    use crate::test_support::same_bits;
 
     #[test]
     fn staged_tensors_equal_candles() {
@@ -206,30 +207,7 @@ mod gpu_tests {
             for (name, w) in &want {
                 let g = &got[name];
                 assert_eq!((g.dtype(), g.dims()), (w.dtype(), w.dims()), "{name}");
-                let bytes = |t: &Tensor| -> Vec<u8> {
-                    let flat = t.flatten_all().expect("flatten");
-                    match t.dtype() {
-                        DType::BF16 => flat
-                            .to_vec1::<half::bf16>()
-                            .expect("values")
-                            .iter()
-                            .flat_map(|v| v.to_bits().to_le_bytes())
-                            .collect(),
-                        DType::F16 => flat
-                            .to_vec1::<half::f16>()
-                            .expect("values")
-                            .iter()
-                            .flat_map(|v| v.to_bits().to_le_bytes())
-                            .collect(),
-                        _ => flat
-                            .to_vec1::<f32>()
-                            .expect("values")
-                            .iter()
-                            .flat_map(|v| v.to_bits().to_le_bytes())
-                            .collect(),
-                    }
-                };
-                assert!(bytes(g) == bytes(w), "stage {stage}: {name} differs");
+                assert!(same_bits(g, w), "stage {stage}: {name} differs");
             }
         }
     }

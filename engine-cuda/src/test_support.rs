@@ -1,0 +1,25 @@
+//! Helpers shared by the GPU tests of several modules.
+
+use candle_core::{DType, Tensor};
+
+/// Whether two tensors hold the same values bit for bit (signed zeros and NaN payloads
+/// included).
+pub fn same_bits(a: &Tensor, b: &Tensor) -> bool {
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let flat = t.flatten_all().expect("flatten");
+        match t.dtype() {
+            DType::BF16 => flat
+                .to_vec1::<half::bf16>()
+                .map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()),
+            DType::F16 => flat
+                .to_vec1::<half::f16>()
+                .map(|v| v.iter().map(|x| u32::from(x.to_bits())).collect()),
+            _ => flat
+                .to_dtype(DType::F32)
+                .and_then(|t| t.to_vec1::<f32>())
+                .map(|v| v.iter().map(|x| x.to_bits()).collect()),
+        }
+        .expect("values")
+    };
+    a.dtype() == b.dtype() && a.dims() == b.dims() && bits(a) == bits(b)
+}
