@@ -1,6 +1,6 @@
 //! Safetensors files read straight into page-locked staging buffers and copied to the GPU from
-//! there, the next piece read while the last one is in flight (`HELEXA_ENGINE_STAGED_LOAD=1`,
-//! off until measured).
+//! there, the next piece read while the last one is in flight (on by default;
+//! `HELEXA_ENGINE_STAGED_LOAD=0` goes back to candle's loader).
 //!
 //! Why: candle's loader reads a whole shard into a fresh `Vec` (every page faulted in, then
 //! copied) and copies each tensor from that pageable memory, which the driver stages through
@@ -31,10 +31,11 @@ use crate::safetensors_header::{TensorInfo, read_header};
 /// Bytes of each of the two staging buffers.
 pub const STAGE_BYTES: usize = 64 << 20;
 
-/// Whether safetensors shards load through a [`Loader`] on a GPU: `HELEXA_ENGINE_STAGED_LOAD=1`.
+/// Whether safetensors shards load through a [`Loader`] on a GPU: yes unless
+/// `HELEXA_ENGINE_STAGED_LOAD=0` (H200, BF16 8B: 14.8 s through candle's loader, 4.0 s here).
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::fused::opt_in(&ON, "HELEXA_ENGINE_STAGED_LOAD")
+    crate::fused::switch(&ON, "HELEXA_ENGINE_STAGED_LOAD")
 }
 
 /// Loads safetensors shards onto one CUDA device through two page-locked staging buffers of

@@ -432,7 +432,7 @@ impl Weights {
     }
 }
 
-/// Where safetensors shards come from: on a GPU with `HELEXA_ENGINE_STAGED_LOAD=1`, read
+/// Where safetensors shards come from: on a GPU (unless `HELEXA_ENGINE_STAGED_LOAD=0`), read
 /// through page-locked staging buffers (`staged_load`), else candle's loader.
 struct ShardReader {
     #[cfg(feature = "cuda")]

@@ -14,17 +14,17 @@
 #                                       # memory, occupancy, warp stalls) per GEMV launch
 #   scripts/device/gpu-check.sh omit-sweep   # decode step time (graph on) with each kernel
 #                                       # class left out in turn, and without PDL (~5 min)
+#   scripts/device/gpu-check.sh switches  # decode-only benches of the three formats @0 and
+#                                       # @4096 (ALL_CONTEXTS) with the defaults, then with
+#                                       # each setting of ALL_SWITCHES (default: the two
+#                                       # attention switches, each and both, and the staged
+#                                       # safetensors load: its `load` line), greedy tokens
+#                                       # compared with the defaults' (where they part, both
+#                                       # builds' logit margins: parting_margins.py); outputs
+#                                       # folded into three files (fold_outputs.py)
 #   scripts/device/gpu-check.sh all     # a visit's first call (~8 min of the 10 a call
-#                                       # may take): check, then decode-only benches of the
-#                                       # three formats @0 and @4096 (ALL_CONTEXTS) with the
-#                                       # defaults, then with the two attention switches
-#                                       # written off by default, each and both, and the
-#                                       # staged safetensors load (its `load` line; or the
-#                                       # settings in ALL_SWITCHES), greedy tokens compared
-#                                       # with the defaults' (where they part, both builds'
-#                                       # logit margins: parting_margins.py); outputs folded into
-#                                       # three files (fold_outputs.py). The full `bench`
-#                                       # (~4 min) and kernel breakdowns take a second call.
+#                                       # may take): check, then switches. The full `bench`
+#                                       # and kernel breakdowns take a second call.
 #
 # The PTX JIT cache lives in /tmp/jc and is returned as $OUT/jitcache.tgz; carry it back in
 # .carry/ to skip the ~13 s JIT on the next fresh machine. Synthesized models stay in
@@ -58,6 +58,10 @@ all)
   # Each step is bounded so that one that hangs still leaves time to fold what the others wrote
   # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
   timeout 220 "$0" check || status=1
+  timeout 360 "$0" switches || status=1
+  exit $status
+  ;;
+switches)
   # Greedy decode of the three formats with the defaults, then with one decode switch flipped
   # at a time (ALL_SWITCHES, space-separated VAR=VALUE settings): speed, and greedy tokens
   # against the defaults'. The first bench also synthesizes the models (~70 s).
