@@ -181,17 +181,6 @@ __device__ __forceinline__ void let_next_kernel_launch() {
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
-// Asks L2 for `bytes` (a multiple of 16) from `p` (16-byte aligned), one instruction for the
-// whole range (sm_90's bulk prefetch) rather than one per 128-byte line. A product issues it
-// for weights it will read later in the kernel, before waiting for the previous kernel: the
-// memory keeps streaming through that kernel's tail and this one's prologue (forming x), and
-// the product's own loads then hit L2. A no-op before compute 9.0.
-__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bytes > 0)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
 // Both, for a kernel with nothing to prefetch.
 __device__ __forceinline__ void follow_previous_kernel() {
     wait_for_previous_kernel();

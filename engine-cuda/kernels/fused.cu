@@ -579,12 +579,9 @@ __device__ __forceinline__ float row_from(const uint4 *wr, const uint4 *xr, int 
 // resident blocks taking rows in turn (the seventh session's first try) left a bubble between
 // each warp's rows and made BF16 decode 0.21 ms slower.
 #define GEMV_NORM_MAX_COLS (16 * GEMV_WARPS * 32)
-// l2_bytes > 0: that many bytes of the warp's weights past the four chunks it loads ahead (the
-// rest of its row; with SWIGLU then its up row) are asked of L2 before the wait (prefetch_l2,
-// HELEXA_ENGINE_GEMV_L2_PREFETCH).
 template <typename T, bool SWIGLU, bool NORM>
 __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *delta,
-                     const T *norm_w, T *sum, float eps, int l2_bytes) {
+                     const T *norm_w, T *sum, float eps) {
     __shared__ __align__(16) T x_formed[NORM ? GEMV_NORM_MAX_COLS : 1];
     const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
@@ -596,19 +593,6 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *
     if (ahead) {
         p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
         p3 = __ldcs(wr + lane + 96);
-    }
-    if (l2_bytes > 0 && row < rows && lane < (SWIGLU ? 2 : 1)) {
-        const int row_bytes = cols * (int)sizeof(T);
-        // The warp's loads ahead cover the row's first 128 chunks (the lanes with lane + 96 <
-        // chunks take four each).
-        const int ahead_bytes = chunks > 96 ? min(row_bytes, 128 * 16) : 0;
-        // Lane 0: its row past what is loaded ahead; lane 1: the up row, from the budget left.
-        const int gate_bytes = min(row_bytes - ahead_bytes, l2_bytes);
-        if (lane == 0) {
-            prefetch_l2(reinterpret_cast<const uint8_t *>(wr) + ahead_bytes, gate_bytes);
-        } else {
-            prefetch_l2(wr + (size_t)rows * chunks, min(row_bytes, l2_bytes - gate_bytes));
-        }
     }
     follow_previous_kernel();
     if (NORM) { // every thread, before any returns: the block reduction needs them all
@@ -811,24 +795,22 @@ DECODE_ATTN_TR_ALL(__nv_bfloat16, bf16)
 DECODE_ATTN_TR_ALL(__half, f16)
 
 // gemv_<T>, gemv_swiglu_<T> (SWIGLU), and gemv_norm_<T> / gemv_norm_swiglu_<T> (NORM: the norm
-// input's delta, weight, residual output and eps after the common arguments; l2_bytes last in
-// every one; registers capped
+// input's delta, weight, residual output and eps after the common arguments; registers capped
 // at 64 for four blocks per SM, which the plain kernel's ~40 registers allow anyway).
 #define GEMV(T, SUF)                                                                                \
-    extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols,         \
-                                          int l2_bytes) {                                           \
-        gemv<T, false, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f, l2_bytes);     \
+    extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
+        gemv<T, false, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);               \
     }                                                                                               \
     extern "C" __global__ void gemv_swiglu_##SUF(const T *w, const T *x, T *y, int rows,            \
-                                                 int cols, int l2_bytes) {                          \
-        gemv<T, true, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f, l2_bytes);      \
+                                                 int cols) {                                        \
+        gemv<T, true, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);                \
     }                                                                                               \
     GEMV_NORM(T, gemv_norm_##SUF, false) GEMV_NORM(T, gemv_norm_swiglu_##SUF, true)
 #define GEMV_NORM(T, NAME, SWIGLU)                                                                  \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)                                \
         NAME(const T *w, const T *x, T *y, int rows, int cols, const T *delta, const T *norm_w,     \
-             T *sum, float eps, int l2_bytes) {                                                     \
-        gemv<T, SWIGLU, true>(w, x, y, rows, cols, delta, norm_w, sum, eps, l2_bytes);             \
+             T *sum, float eps) {                                                                   \
+        gemv<T, SWIGLU, true>(w, x, y, rows, cols, delta, norm_w, sum, eps);                       \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -290,12 +290,10 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
-// l2_bytes > 0: that many bytes of the warp's weights past the chunks staged before the wait
-// are asked of L2 too (prefetch_l2, HELEXA_ENGINE_GEMV_L2_PREFETCH).
 template <class F, typename T, int STAGES, bool NORM, bool SWIGLU>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
-                           T *sum, float eps, int l2_bytes) {
+                           T *sum, float eps) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
@@ -354,21 +352,6 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     };
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
-    if (l2_bytes > 0) {
-        // The warp's weights as one stream of rows (SWIGLU: gate, up, next gate…); the window
-        // after the staged chunks, lane p taking the part of its stream row p inside it.
-        constexpr int HALVES = SWIGLU ? 2 : 1;
-        const long total = (long)my_rows * HALVES * row_bytes;
-        const long from = min(total, (long)(STAGES - 1) * CHUNK_BYTES);
-        const long to = min(total, from + l2_bytes);
-        const long start = (long)lane * row_bytes;
-        const long lo = max(start, from), hi = min(start + row_bytes, to);
-        if (hi > lo) {
-            const int t = lane / HALVES, half = lane % HALVES;
-            const uint8_t *row = w + (size_t)(first_row + t * row_step + half * rows) * row_bytes;
-            prefetch_l2(row + (lo - start), static_cast<uint32_t>(hi - lo));
-        }
-    }
     follow_previous_kernel();
     if (NORM && cols <= 2 * QG_X_STEP) {
         float a[8], b[8];
@@ -412,22 +395,21 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>_s<stages> (l2_bytes the last argument of each); with
-// 16-bit activations also quant_gemv_norm_… (NORM above) and, at the default two stages only,
-// quant_gemv_swiglu_… and quant_gemv_norm_swiglu_… (SWIGLU).
+// quant_gemv_<format>_<activation type>_s<stages>; with 16-bit activations also
+// quant_gemv_norm_… (NORM above) and, at the default two stages only, quant_gemv_swiglu_… and
+// quant_gemv_norm_swiglu_… (SWIGLU).
 #define QUANT_GEMV_KERNEL(NAME, F, T, S, NORM, SWIGLU)                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
-             const T *norm_w, T *sum, float eps, int l2_bytes) {                                    \
-        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps,  \
-                                          l2_bytes);                                                \
+             const T *norm_w, T *sum, float eps) {                                                  \
+        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps); \
     }
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
-                                         int row_bytes, int l2_bytes) {                             \
+                                         int row_bytes) {                                           \
         quant_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
-                                          nullptr, 0.0f, l2_bytes);                                 \
+                                          nullptr, 0.0f);                                           \
     }
 #define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
     QUANT_GEMV_KERNEL(quant_gemv_norm_##FSUF##_##SUF##_s##S, F, T, S, true, false)

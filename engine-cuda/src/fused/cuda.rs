@@ -69,21 +69,6 @@ const ATTENTION_CLUSTER_MAX: usize = 8;
 const ATTENTION_THREADS: u32 = 256;
 /// Warps per block of the GEMV (`GEMV_WARPS` in the kernel), one row each.
 const GEMV_WARPS: usize = 8;
-
-/// Bytes of weights each warp of a decode product (dense or quantized) asks L2 for before it
-/// waits for the previous kernel, past what it loads ahead itself (`prefetch_l2` in
-/// `kernels/common.cuh`): `HELEXA_ENGINE_GEMV_L2_PREFETCH`, rounded down to 16; 0 (off) until
-/// measured. Aimed at the small products, whose time is mostly fixed cost: the memory idles
-/// while every block forms its x.
-fn gemv_l2_prefetch() -> i32 {
-    static BYTES: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
-    *BYTES.get_or_init(|| {
-        std::env::var("HELEXA_ENGINE_GEMV_L2_PREFETCH")
-            .ok()
-            .and_then(|v| v.parse::<i32>().ok())
-            .map_or(0, |b| b.max(0) / 16 * 16)
-    })
-}
 /// Warps per block of the q/k/v kernel (`ROPE_WARPS` in the kernel), one (token, head) each.
 const ROPE_WARPS: usize = 4;
 
@@ -1008,7 +993,6 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
     let eps = norm.map_or(0.0, |n| n.eps);
-    let l2_bytes = gemv_l2_prefetch();
     let name = match (norm.is_some(), swiglu) {
         (false, false) => "gemv",
         (false, true) => "gemv_swiglu",
@@ -1026,7 +1010,6 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         norm_args(&mut b, n);
         b.value(&eps);
     }
-    b.value(&l2_bytes);
     let cfg = LaunchConfig {
         grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
@@ -1036,8 +1019,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     // 16-byte aligned with cols % 8 == 0 (checked: the kernel reads 8 elements at a time); y
     // holds rows; with a norm input, delta, the norm weight and sum (if any) hold cols
     // elements, 16-byte aligned (checked), and cols fits the kernel's static shared row
-    // (checked); argument types match `gemv_[norm_][swiglu_]<T>` (l2_bytes last); the L2
-    // prefetch stays inside the rows each warp reads.
+    // (checked); argument types match `gemv_[norm_][swiglu_]<T>`.
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),
@@ -1141,7 +1123,6 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let eps = norm.map_or(0.0, |n| n.eps);
-    let l2_bytes = gemv_l2_prefetch();
     let mut b = Args::new(&stream);
     b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
@@ -1152,7 +1133,6 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         // quant_gemv_swiglu_… takes the norm parameters too, unused.
         b.null().null().null().value(&eps);
     }
-    b.value(&l2_bytes);
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
     let cfg = LaunchConfig {
@@ -1166,8 +1146,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // input, delta, the norm weight and sum (if any) hold cols elements, 16-byte aligned
     // (checked); shared_bytes is what the kernel lays out for cols (opted in above); argument
     // types match `quant_gemv_[norm_][swiglu_]<format>_<T>` (the weight pointer travels as a
-    // u64, the size of a device pointer; l2_bytes last); the L2 prefetch stays inside the rows
-    // each warp reads.
+    // u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),
