@@ -270,31 +270,6 @@ __device__ void quantize_x(Load load, int cols, int8_t *q, float *d, float *sum)
     }
 }
 
-// quantize_x for 16-bit x read as it is (no norm), with every load of the thread issued before
-// the first is used: up to QG_X_ONE_TRIP steps (12288 values, the down product's input in an
-// 8B model) in one round trip to L2, where quantize_x's loop takes one per two steps (three for
-// 12288 values) while the memory waits on the prologue. The same quantize8 per element, so the
-// same bytes.
-#define QG_X_ONE_TRIP 6
-template <typename T>
-__device__ void quantize_x_one_trip(const T *x, int cols, int8_t *q, float *d, float *sum) {
-    uint4 raw[QG_X_ONE_TRIP]; // 8 values each, as they are: 24 registers, not 48 floats
-#pragma unroll
-    for (int i = 0; i < QG_X_ONE_TRIP; i++) {
-        const int e = i * QG_X_STEP + 8 * threadIdx.x;
-        raw[i] = e < cols ? *reinterpret_cast<const uint4 *>(x + e) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int i = 0; i < QG_X_ONE_TRIP; i++) {
-        if (i * QG_X_STEP >= cols) break; // uniform over the block: quantize8's shuffles stay full
-        const T *h = reinterpret_cast<const T *>(&raw[i]);
-        float v[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++) v[k] = to_f<T>(h[k]);
-        quantize8(v, i * QG_X_STEP + 8 * threadIdx.x, cols, q, d, sum);
-    }
-}
-
 // 16 bytes global → shared, asynchronously, not cached in L1.
 __device__ __forceinline__ void copy16_async(void *dst, const void *src) {
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -315,12 +290,10 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
-// x_one_trip != 0: a 16-bit x without norm of up to QG_X_ONE_TRIP steps is quantized by
-// quantize_x_one_trip (HELEXA_ENGINE_QUANT_X_ONE_TRIP).
 template <class F, typename T, int STAGES, bool NORM, bool SWIGLU>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
-                           T *sum, float eps, int x_one_trip) {
+                           T *sum, float eps) {
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
@@ -390,8 +363,6 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
         const float scale = residual_norm_scale(x, delta, sum, cols, eps);
         quantize_x([&](int e, float v[8]) { normed8(x, delta, norm_w, scale, e, cols, v); }, cols,
                    xq, xd, xs);
-    } else if (sizeof(T) == 2 && x_one_trip && cols <= QG_X_ONE_TRIP * QG_X_STEP) {
-        quantize_x_one_trip(x, cols, xq, xd, xs);
     } else {
         quantize_x([&](int e, float v[8]) { load8(x, e, cols, v); }, cols, xq, xd, xs);
     }
@@ -424,22 +395,21 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     copies_wait<0>();
 }
 
-// quant_gemv_<format>_<activation type>_s<stages> (x_one_trip the last argument of each); with
-// 16-bit activations also quant_gemv_norm_… (NORM above) and, at the default two stages only,
-// quant_gemv_swiglu_… and quant_gemv_norm_swiglu_… (SWIGLU).
+// quant_gemv_<format>_<activation type>_s<stages>; with 16-bit activations also
+// quant_gemv_norm_… (NORM above) and, at the default two stages only, quant_gemv_swiglu_… and
+// quant_gemv_norm_swiglu_… (SWIGLU).
 #define QUANT_GEMV_KERNEL(NAME, F, T, S, NORM, SWIGLU)                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
-             const T *norm_w, T *sum, float eps, int x_one_trip) {                                  \
-        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps,  \
-                                          x_one_trip);                                              \
+             const T *norm_w, T *sum, float eps) {                                                  \
+        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps); \
     }
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
-                                         int row_bytes, int x_one_trip) {                           \
+                                         int row_bytes) {                                           \
         quant_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
-                                          nullptr, 0.0f, x_one_trip);                               \
+                                          nullptr, 0.0f);                                           \
     }
 #define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
     QUANT_GEMV_KERNEL(quant_gemv_norm_##FSUF##_##SUF##_s##S, F, T, S, true, false)

@@ -1043,14 +1043,6 @@ pub struct QuantGemv {
     pub swiglu: bool,
 }
 
-/// Whether the quantized GEMV quantizes a 16-bit input without norm (the down product's) with
-/// all of a thread's loads in one round trip (`quantize_x_one_trip` in the kernel):
-/// `HELEXA_ENGINE_QUANT_X_ONE_TRIP=1`, off until measured. Same bytes either way.
-fn quant_x_one_trip() -> i32 {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    i32::from(super::opt_in(&ON, "HELEXA_ENGINE_QUANT_X_ONE_TRIP"))
-}
-
 /// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
 const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
 /// Dynamic shared memory a block gets without opting in.
@@ -1131,7 +1123,6 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let eps = norm.map_or(0.0, |n| n.eps);
-    let x_one_trip = quant_x_one_trip();
     let mut b = Args::new(&stream);
     b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
@@ -1142,7 +1133,6 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         // quant_gemv_swiglu_… takes the norm parameters too, unused.
         b.null().null().null().value(&eps);
     }
-    b.value(&x_one_trip);
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
     let cfg = LaunchConfig {
@@ -1156,7 +1146,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // input, delta, the norm weight and sum (if any) hold cols elements, 16-byte aligned
     // (checked); shared_bytes is what the kernel lays out for cols (opted in above); argument
     // types match `quant_gemv_[norm_][swiglu_]<format>_<T>` (the weight pointer travels as a
-    // u64, the size of a device pointer; x_one_trip last).
+    // u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),
