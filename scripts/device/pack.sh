@@ -40,7 +40,8 @@ pack() { # pack SRC NAME: strip debug info, compress
 rm -rf /tmp/helexa-pack-cuda && mkdir -p /tmp/helexa-pack-cuda
 strip -o /tmp/helexa-pack-cuda/engine-cuda.so "$cuda_target/release/libhelexa_engine_cuda.so"
 strip -o /tmp/helexa-pack-cuda/engine-cuda-tests "$(tail -1 /tmp/helexa-cuda-tests-path)"
-tar -C /tmp/helexa-pack-cuda -cf - . | xz -9 -T1 > .carry/engine-cuda.tar.xz
+# A dictionary larger than both files, so the second is stored as matches into the first.
+tar -C /tmp/helexa-pack-cuda -cf - . | xz -T1 --lzma2=preset=9,dict=192MiB > .carry/engine-cuda.tar.xz
 rm -rf /tmp/helexa-pack-cuda .carry/engine-cuda.so.xz .carry/engine-cuda-tests.xz
 pack "$cpu_target/release/libhelexa_engine_cuda.so" engine-cpu.so
 pack "$cpu_target/release/helexa-node" helexa-node
