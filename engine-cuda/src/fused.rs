@@ -38,6 +38,8 @@ use crate::layers::{PendingNorm, RmsNorm, Rope};
 mod cuda;
 #[cfg(feature = "cuda")]
 mod launch;
+#[cfg(all(test, feature = "cuda"))]
+mod launch_sweep;
 
 /// A performance switch: on unless the environment variable `name` is `0`, read once.
 pub(crate) fn switch(cell: &'static OnceLock<bool>, name: &str) -> bool {
@@ -427,6 +429,7 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
         warps: QUANT_GEMV_WARPS,
         stages,
         swiglu,
+        blocks_per_sm: cuda::QUANT_GEMV_BLOCKS_PER_SM,
     })
 }
 

@@ -12,6 +12,10 @@
 #                                       # layer over one prompt (default bf16, 2048 tokens; ncu)
 #   scripts/device/gpu-check.sh gemv-profile [FORMATS]  # Nsight Compute sections (throughput,
 #                                       # memory, occupancy, warp stalls) per GEMV launch
+#   scripts/device/gpu-check.sh gemv-sweep   # µs per launch of each quantized product of a
+#                                       # Qwen3-8B layer at each launch shape (chunks in flight
+#                                       # per warp, blocks per SM), replayed from a CUDA graph
+#                                       # (src/fused/launch_sweep.rs; ~1-2 min)
 #   scripts/device/gpu-check.sh omit-sweep   # decode step time (graph on) with each kernel
 #                                       # class left out in turn, and without PDL (~5 min)
 #   scripts/device/gpu-check.sh switches  # decode-only benches of the three formats @0 and
@@ -94,6 +98,12 @@ switches)
   done
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
+  ;;
+gemv-sweep)
+  "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::quant_gemv_launch_sweep \
+    --nocapture --test-threads 1 > "$OUT/gemv-sweep.txt" 2>&1
+  status=$?
+  grep -E "µs|test result|panicked" "$OUT/gemv-sweep.txt"
   ;;
 omit-sweep)
   # What each kernel class costs inside a decode step replayed from a CUDA graph (the

@@ -1041,10 +1041,14 @@ pub struct QuantGemv {
     pub stages: usize,
     /// The weight is a stacked `[gate; up]` and the product writes `silu(gate) · up`.
     pub swiglu: bool,
+    /// Most blocks to keep resident per SM (the grid is that many per SM, or fewer where the
+    /// shared memory or the rows allow fewer): [`QUANT_GEMV_BLOCKS_PER_SM`] unless a launch
+    /// sweep asks for fewer.
+    pub blocks_per_sm: usize,
 }
 
 /// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
-const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+pub const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
 /// Dynamic shared memory a block gets without opting in.
 const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
@@ -1117,7 +1121,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // then take further rows in turn.
     let per_sm = (usize::try_from(sm_shared).unwrap_or(0)
         / (launch.shared_bytes + SHARED_MEMORY_RESERVED))
-        .clamp(1, QUANT_GEMV_BLOCKS_PER_SM);
+        .clamp(1, launch.blocks_per_sm.clamp(1, QUANT_GEMV_BLOCKS_PER_SM));
     let blocks = rows
         .div_ceil(launch.warps)
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
