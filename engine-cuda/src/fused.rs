@@ -160,6 +160,8 @@ pub fn forget_kernel_handles() {
 /// stages in shared memory at a time (`QG_CHUNK`).
 const QUANT_GEMV_WARPS: usize = 8;
 const QUANT_GEMV_CHUNK: usize = 2048;
+/// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
+const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
 
 /// Chunks each warp of [`quant_gemv`] has in flight: 2 to 4, from
 /// `HELEXA_ENGINE_QUANT_GEMV_STAGES` (a tuning knob; more stages hide more memory latency but
@@ -174,6 +176,83 @@ fn quant_gemv_stages() -> usize {
             .filter(|s| (2..=4).contains(s))
             .unwrap_or(2)
     })
+}
+
+/// How one quantized product launches: chunks in flight per warp (the kernel's `STAGES`) and
+/// most resident blocks per SM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct QuantLaunchShape {
+    stages: usize,
+    blocks_per_sm: usize,
+}
+
+/// One weight's entry in the launch table: its format (kernel name part), rows and columns as
+/// stored, and its launch.
+#[derive(Debug, PartialEq, Eq)]
+struct QuantLaunchEntry {
+    format: String,
+    rows: usize,
+    cols: usize,
+    shape: QuantLaunchShape,
+}
+
+/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH`: entries
+/// `FORMAT:ROWSxCOLS=STAGESxBLOCKS` separated by commas, e.g. `q8_0:4096x12288=3x3` (the weight
+/// as stored: a stacked gate/up weight has twice the output rows). A weight without an entry
+/// launches at [`quant_gemv_stages`] and every block an SM holds. Meant for trying the launch
+/// sweep's choices (`src/fused/launch_sweep.rs`) in a whole decode step without a rebuild.
+fn quant_launch_table() -> &'static [QuantLaunchEntry] {
+    static TABLE: OnceLock<Vec<QuantLaunchEntry>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        let spec = std::env::var("HELEXA_ENGINE_QUANT_GEMV_LAUNCH").unwrap_or_default();
+        parse_quant_launch_table(&spec).unwrap_or_else(|bad| {
+            eprintln!("helexa-engine-cuda: HELEXA_ENGINE_QUANT_GEMV_LAUNCH ignored: malformed entry {bad:?}");
+            Vec::new()
+        })
+    })
+}
+
+/// Parses a `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` value; a malformed entry is the error (stages
+/// 2–4, blocks 1–4).
+fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEntry>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|entry| {
+            let parse = || -> Option<QuantLaunchEntry> {
+                let (format, rest) = entry.split_once(':')?;
+                let (dims, shape) = rest.split_once('=')?;
+                let (rows, cols) = dims.split_once('x')?;
+                let (stages, blocks) = shape.split_once('x')?;
+                let shape = QuantLaunchShape {
+                    stages: stages.parse().ok().filter(|s| (2..=4).contains(s))?,
+                    blocks_per_sm: blocks.parse().ok().filter(|b| (1..=4).contains(b))?,
+                };
+                Some(QuantLaunchEntry {
+                    format: format.to_owned(),
+                    rows: rows.parse().ok()?,
+                    cols: cols.parse().ok()?,
+                    shape,
+                })
+            };
+            parse().ok_or_else(|| entry.to_owned())
+        })
+        .collect()
+}
+
+/// The launch shape of the quantized product over `w`: its table entry, else the default.
+fn quant_launch_shape(w: &QTensor) -> QuantLaunchShape {
+    let default = QuantLaunchShape {
+        stages: quant_gemv_stages(),
+        blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
+    };
+    let (Some(format), Ok((rows, cols))) = (quant_gemv_format(w.dtype()), w.shape().dims2()) else {
+        return default;
+    };
+    quant_launch_table()
+        .iter()
+        .find(|e| e.format == format && e.rows == rows && e.cols == cols)
+        .map_or(default, |e| e.shape)
 }
 
 /// Dynamic shared memory [`quant_gemv`] may ask for: what every GPU from compute 8.0 grants a
@@ -225,7 +304,8 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
         && x.layout().start_offset().is_multiple_of(8)
         && cols.is_multiple_of(64)
         && quant_row_bytes(w.dtype(), cols).is_multiple_of(16)
-        && quant_gemv_shared_bytes(w.dtype(), cols, quant_gemv_stages()) <= QUANT_GEMV_SHARED_MAX
+        && quant_gemv_shared_bytes(w.dtype(), cols, quant_launch_shape(w).stages)
+            <= QUANT_GEMV_SHARED_MAX
 }
 
 /// `x · wᵀ` for one row `x` (any shape of `cols` elements) and quantized `w` `(rows, cols)`, x
@@ -387,7 +467,7 @@ pub fn quant_gemv_swiglu_applies(x: &Tensor, w: &QTensor) -> bool {
     gate_in_product_enabled()
         && quant_gemv_applies(x, w)
         && matches!(x.dtype(), DType::BF16 | DType::F16)
-        && quant_gemv_stages() == 2
+        && quant_launch_shape(w).stages == 2
         && w.shape()
             .dims2()
             .is_ok_and(|(rows, _)| rows.is_multiple_of(2))
@@ -420,8 +500,9 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
     let format = quant_gemv_format(w.dtype())
         .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
     let (_, cols) = w.shape().dims2()?;
+    let shape = quant_launch_shape(w);
     // The SwiGLU kernels exist at two stages only.
-    let stages = if swiglu { 2 } else { quant_gemv_stages() };
+    let stages = if swiglu { 2 } else { shape.stages };
     Ok(cuda::QuantGemv {
         format,
         row_bytes: quant_row_bytes(w.dtype(), cols),
@@ -429,7 +510,7 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
         warps: QUANT_GEMV_WARPS,
         stages,
         swiglu,
-        blocks_per_sm: cuda::QUANT_GEMV_BLOCKS_PER_SM,
+        blocks_per_sm: shape.blocks_per_sm,
     })
 }
 
@@ -806,6 +887,36 @@ mod cpu_tests {
     fn argmax_takes_the_lowest_index_on_ties() {
         let logits = Tensor::new(&[[0.5f32, 2.0, -1.0, 2.0]], &Device::Cpu).expect("logits");
         assert_eq!(argmax(&logits).expect("argmax"), 1);
+    }
+
+    #[test]
+    fn quant_launch_table_reads_entries_and_refuses_malformed_ones() {
+        let entry = |format: &str, rows, cols, stages, blocks_per_sm| QuantLaunchEntry {
+            format: format.to_owned(),
+            rows,
+            cols,
+            shape: QuantLaunchShape {
+                stages,
+                blocks_per_sm,
+            },
+        };
+        assert_eq!(
+            parse_quant_launch_table(" q8_0:4096x12288=3x3, q4k:24576x4096=2x2 ,"),
+            Ok(vec![
+                entry("q8_0", 4096, 12288, 3, 3),
+                entry("q4k", 24576, 4096, 2, 2)
+            ])
+        );
+        assert_eq!(parse_quant_launch_table(""), Ok(Vec::new()));
+        for bad in [
+            "q8_0:4096x12288=5x3",
+            "q8_0:4096x12288=3x0",
+            "q8_0=3x3",
+            "q8_0:4096=3x3",
+            "x",
+        ] {
+            assert_eq!(parse_quant_launch_table(bad), Err(bad.to_owned()), "{bad}");
+        }
     }
 }
 

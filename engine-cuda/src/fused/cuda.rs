@@ -1047,8 +1047,7 @@ pub struct QuantGemv {
     pub blocks_per_sm: usize,
 }
 
-/// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
-pub const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+use super::QUANT_GEMV_BLOCKS_PER_SM;
 /// Dynamic shared memory a block gets without opting in.
 const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.

@@ -16,8 +16,11 @@ use candle_core::cuda_backend::cudarc::driver::sys;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::cuda::{self, NormInput, QUANT_GEMV_BLOCKS_PER_SM, QuantGemv};
-use super::{QUANT_GEMV_SHARED_MAX, quant_gemv_format, quant_gemv_shared_bytes, quant_row_bytes};
+use super::cuda::{self, NormInput, QuantGemv};
+use super::{
+    QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_SHARED_MAX, quant_gemv_format, quant_gemv_shared_bytes,
+    quant_row_bytes,
+};
 use crate::test_support::same_bits;
 
 /// Bytes the rotated weight copies span at least: twice the H200's 50 MB L2 and more.
