@@ -26,7 +26,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail};
 
 use super::launch::Args;
-use super::{DevicePosition, QkvInputs};
+use super::{DevicePosition, QUANT_GEMV_BLOCKS_PER_SM, QkvInputs};
 use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -1047,7 +1047,6 @@ pub struct QuantGemv {
     pub blocks_per_sm: usize,
 }
 
-use super::QUANT_GEMV_BLOCKS_PER_SM;
 /// Dynamic shared memory a block gets without opting in.
 const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.

@@ -110,13 +110,13 @@ fn time_launches(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .w()?;
     let scope = super::capture_scope();
-    // The outputs stay alive until the capture ends, so no launch reuses another's buffer.
-    let queued: Result<Vec<Tensor>> = (0..LAUNCHES)
-        .map(|i| run(&weights[i % weights.len()]))
-        .collect();
+    // Each output is freed inside the capture, as the decode step's are: a graph whose
+    // allocations outlive it cannot be launched again until they are freed.
+    let queued: Result<()> =
+        (0..LAUNCHES).try_for_each(|i| run(&weights[i % weights.len()]).map(drop));
     drop(scope);
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
-    drop(queued?);
+    queued?;
     let graph = graph?.ok_or_else(|| candle_core::Error::msg("the capture produced no graph"))?;
     graph.launch().w()?; // warm-up: first replay uploads the graph
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
