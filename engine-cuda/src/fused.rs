@@ -212,8 +212,8 @@ fn quant_launch_table() -> &'static [QuantLaunchEntry] {
     })
 }
 
-/// Parses a `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` value; a malformed entry is the error (stages
-/// 2–4, blocks 1–4).
+/// Parses a `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` value; a malformed entry is the error (a format
+/// the kernel reads, dimensions above 0, stages 2–4, blocks 1–4).
 fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEntry>, String> {
     spec.split(',')
         .map(str::trim)
@@ -221,17 +221,27 @@ fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEn
         .map(|entry| {
             let parse = || -> Option<QuantLaunchEntry> {
                 let (format, rest) = entry.split_once(':')?;
+                let known = [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K]
+                    .into_iter()
+                    .filter_map(quant_gemv_format)
+                    .any(|f| f == format);
+                if !known {
+                    return None;
+                }
                 let (dims, shape) = rest.split_once('=')?;
                 let (rows, cols) = dims.split_once('x')?;
                 let (stages, blocks) = shape.split_once('x')?;
                 let shape = QuantLaunchShape {
                     stages: stages.parse().ok().filter(|s| (2..=4).contains(s))?,
-                    blocks_per_sm: blocks.parse().ok().filter(|b| (1..=4).contains(b))?,
+                    blocks_per_sm: blocks
+                        .parse()
+                        .ok()
+                        .filter(|b| (1..=QUANT_GEMV_BLOCKS_PER_SM).contains(b))?,
                 };
                 Some(QuantLaunchEntry {
                     format: format.to_owned(),
-                    rows: rows.parse().ok()?,
-                    cols: cols.parse().ok()?,
+                    rows: rows.parse().ok().filter(|&r: &usize| r > 0)?,
+                    cols: cols.parse().ok().filter(|&c: &usize| c > 0)?,
                     shape,
                 })
             };
@@ -913,6 +923,8 @@ mod cpu_tests {
             "q8_0:4096x12288=3x0",
             "q8_0=3x3",
             "q8_0:4096=3x3",
+            "Q8_0:4096x12288=3x3",
+            "q8_0:0x12288=3x3",
             "x",
         ] {
             assert_eq!(parse_quant_launch_table(bad), Err(bad.to_owned()), "{bad}");

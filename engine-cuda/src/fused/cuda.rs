@@ -1052,6 +1052,19 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
+/// Blocks of the quantized GEMV resident per SM for `launch`: as many as the shared memory
+/// holds, at most `launch.blocks_per_sm` (itself at most what the registers allow).
+pub fn quant_gemv_blocks_per_sm(ctx: &CudaContext, launch: &QuantGemv) -> Result<usize> {
+    let sm_shared = device_attribute(
+        ctx,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+    )?;
+    Ok(
+        (usize::try_from(sm_shared).unwrap_or(0) / (launch.shared_bytes + SHARED_MEMORY_RESERVED))
+            .clamp(1, launch.blocks_per_sm.clamp(1, QUANT_GEMV_BLOCKS_PER_SM)),
+    )
+}
+
 pub fn quant_gemv(x: &Tensor, w: &QTensor, launch: &QuantGemv) -> Result<Tensor> {
     by_dtype!(x.dtype(), quant_gemv_t(x, w, launch, None)).map(|(y, _)| y)
 }
@@ -1111,15 +1124,8 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         ctx,
         CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
     )?;
-    let sm_shared = device_attribute(
-        ctx,
-        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
-    )?;
-    // As many blocks as are resident at once (shared memory or registers permitting); warps
-    // then take further rows in turn.
-    let per_sm = (usize::try_from(sm_shared).unwrap_or(0)
-        / (launch.shared_bytes + SHARED_MEMORY_RESERVED))
-        .clamp(1, launch.blocks_per_sm.clamp(1, QUANT_GEMV_BLOCKS_PER_SM));
+    // As many blocks as are resident at once; warps then take further rows in turn.
+    let per_sm = quant_gemv_blocks_per_sm(ctx, launch)?;
     let blocks = rows
         .div_ceil(launch.warps)
         .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));

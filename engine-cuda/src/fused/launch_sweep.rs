@@ -3,13 +3,15 @@
 //! chooses a launch per product instead of one for all (three and four stages lost when given
 //! to every product, eighth session, yet the down product runs at 63% of the bandwidth).
 //!
-//! An ignored GPU test, run by `scripts/device/gpu-check.sh gemv-sweep`: for the four products
-//! of a Qwen3-8B layer (q/k/v and gate/up with the RMSNorm formed in the product, gate/up with
-//! the SwiGLU gate folded in, o and down plain) in Q8_0, Q4_K and Q6_K, it captures a graph of
-//! back-to-back launches, replays it, and prints µs per launch and the share of 4.4 TB/s. The
-//! weights rotate over copies that together exceed the L2 cache, so each launch reads its bytes
-//! from memory as a decode step does. Every launch shape must give the default's bits (the
-//! arithmetic does not depend on it): the one assertion, which makes it a test as well.
+//! An ignored GPU test, run by `scripts/device/gpu-check.sh gemv-sweep`: for each quantized
+//! product of the synthesized Qwen3-8B models' decode step ([`PRODUCTS`]: Q8_0 and Q4_K_M, with
+//! the RMSNorm formed in the product and the SwiGLU gate folded in where the step does), it
+//! captures a graph of back-to-back launches, replays it, and prints µs per launch and the
+//! share of 4.4 TB/s, with the blocks per SM as launched (shared memory may hold fewer than
+//! asked for). The weights rotate over copies that together exceed the L2 cache, so each launch
+//! reads its bytes from memory as a decode step does. Every launch shape must give the
+//! default's bits (the arithmetic does not depend on it): the one assertion, which makes it a
+//! test as well.
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::sys;
@@ -31,45 +33,54 @@ const REPLAYS: usize = 10;
 /// The bandwidth the ratios are taken against (the ceiling).
 const BANDWIDTH: f64 = 4.4e12;
 
-/// One product of a layer: output rows, input columns, and how its input arrives.
+/// One product of a decode step: its weight's block type, output rows, input columns, and how
+/// its input arrives.
 struct Product {
     name: &'static str,
+    dtype: GgmlDType,
     rows: usize,
     cols: usize,
     norm: bool,
     swiglu: bool,
 }
 
-const PRODUCTS: [Product; 4] = [
+const fn product(
+    name: &'static str,
+    dtype: GgmlDType,
+    (rows, cols): (usize, usize),
+    norm: bool,
+    swiglu: bool,
+) -> Product {
     Product {
-        name: "q/k/v",
-        rows: 6144,
-        cols: 4096,
-        norm: true,
-        swiglu: false,
-    },
-    Product {
-        name: "o",
-        rows: 4096,
-        cols: 4096,
-        norm: false,
-        swiglu: false,
-    },
-    Product {
-        name: "gate/up",
-        rows: 12288,
-        cols: 4096,
-        norm: true,
-        swiglu: true,
-    },
-    Product {
-        name: "down",
-        rows: 4096,
-        cols: 12288,
-        norm: false,
-        swiglu: false,
-    },
-];
+        name,
+        dtype,
+        rows,
+        cols,
+        norm,
+        swiglu,
+    }
+}
+
+/// The quantized products of the synthesized Qwen3-8B models' decode step (`helexa-node synth`,
+/// `model-synth/src/format.rs`): Q8_0 throughout; Q4_K_M with q/k stacked in Q4_K, v and down
+/// in Q6_K in the layers llama.cpp gives more bits (Q4_K in the others), Q6_K for the output.
+const PRODUCTS: [Product; 12] = {
+    use GgmlDType::{Q4K, Q6K, Q8_0};
+    [
+        product("q/k/v", Q8_0, (6144, 4096), true, false),
+        product("o", Q8_0, (4096, 4096), false, false),
+        product("gate/up", Q8_0, (12288, 4096), true, true),
+        product("down", Q8_0, (4096, 12288), false, false),
+        product("output", Q8_0, (151_936, 4096), false, false),
+        product("q/k", Q4K, (5120, 4096), true, false),
+        product("v", Q6K, (1024, 4096), true, false),
+        product("o", Q4K, (4096, 4096), false, false),
+        product("gate/up", Q4K, (12288, 4096), true, true),
+        product("down", Q6K, (4096, 12288), false, false),
+        product("down", Q4K, (4096, 12288), false, false),
+        product("output", Q6K, (151_936, 4096), false, false),
+    ]
+};
 
 /// `copies` weights of `rows × cols` in `dtype`, each on its own device memory: 256 random
 /// rows quantized once, their bytes tiled (quantizing 100M weights per copy would take minutes).
@@ -115,8 +126,12 @@ fn time_launches(
     let queued: Result<()> =
         (0..LAUNCHES).try_for_each(|i| run(&weights[i % weights.len()]).map(drop));
     drop(scope);
+    // As the decode step's capture does: an error recorded during the capture is taken before
+    // ending it (cudarc's `end_capture` would return it and leave the stream capturing).
+    let pending = stream.context().check_err().w();
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
     queued?;
+    pending?;
     let graph = graph?.ok_or_else(|| candle_core::Error::msg("the capture produced no graph"))?;
     graph.launch().w()?; // warm-up: first replay uploads the graph
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
@@ -138,63 +153,69 @@ fn quant_gemv_launch_sweep() {
             .and_then(|t| t.to_dtype(DType::BF16))
             .expect("row")
     };
+    let ctx = dev
+        .as_cuda_device()
+        .expect("cuda")
+        .cuda_stream()
+        .context()
+        .clone();
     println!("format product rows×cols stages blocks/SM: µs per launch, share of 4.4 TB/s");
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-        let format = quant_gemv_format(dtype).expect("a format the kernel reads");
-        for p in &PRODUCTS {
-            let w_rows = if p.swiglu { 2 * p.rows } else { p.rows };
-            let weight_bytes = w_rows * quant_row_bytes(dtype, p.cols);
-            let weights = rotated_weights(
-                dtype,
-                w_rows,
-                p.cols,
-                ROTATION_BYTES.div_ceil(weight_bytes).max(2),
-                &dev,
-            );
-            let (x, delta) = (randn(p.cols), randn(p.cols));
-            let norm_weight = randn(p.cols).flatten_all().expect("norm weight");
-            let norm = p.norm.then_some(NormInput {
-                delta: &delta,
-                weight: &norm_weight,
-                eps: 1e-6,
-                write_sum: false,
-            });
-            let launch_with = |stages: usize, blocks_per_sm: usize| QuantGemv {
-                format,
-                row_bytes: quant_row_bytes(dtype, p.cols),
-                shared_bytes: quant_gemv_shared_bytes(dtype, p.cols, stages),
-                warps: super::QUANT_GEMV_WARPS,
-                stages,
-                swiglu: p.swiglu,
-                blocks_per_sm,
-            };
-            let product = |launch: &QuantGemv, w: &QTensor| {
-                cuda::quant_gemv_with(&x, w, launch, norm.as_ref()).map(|(y, _)| y)
-            };
-            let want = product(&launch_with(2, QUANT_GEMV_BLOCKS_PER_SM), &weights[0])
-                .expect("default launch");
-            // The SwiGLU kernels exist at two stages only.
-            let stages: &[usize] = if p.swiglu { &[2] } else { &[2, 3, 4] };
-            for &s in stages {
-                if quant_gemv_shared_bytes(dtype, p.cols, s) > QUANT_GEMV_SHARED_MAX {
+    for p in &PRODUCTS {
+        let format = quant_gemv_format(p.dtype).expect("a format the kernel reads");
+        let w_rows = if p.swiglu { 2 * p.rows } else { p.rows };
+        let weight_bytes = w_rows * quant_row_bytes(p.dtype, p.cols);
+        let copies = ROTATION_BYTES.div_ceil(weight_bytes).max(2);
+        let weights = rotated_weights(p.dtype, w_rows, p.cols, copies, &dev);
+        let (x, delta) = (randn(p.cols), randn(p.cols));
+        let norm_weight = randn(p.cols).flatten_all().expect("norm weight");
+        let norm = p.norm.then_some(NormInput {
+            delta: &delta,
+            weight: &norm_weight,
+            eps: 1e-6,
+            write_sum: false,
+        });
+        let launch_with = |stages: usize, blocks_per_sm: usize| QuantGemv {
+            format,
+            row_bytes: quant_row_bytes(p.dtype, p.cols),
+            shared_bytes: quant_gemv_shared_bytes(p.dtype, p.cols, stages),
+            warps: super::QUANT_GEMV_WARPS,
+            stages,
+            swiglu: p.swiglu,
+            blocks_per_sm,
+        };
+        let product = |launch: &QuantGemv, w: &QTensor| {
+            cuda::quant_gemv_with(&x, w, launch, norm.as_ref()).map(|(y, _)| y)
+        };
+        let want = product(&launch_with(2, QUANT_GEMV_BLOCKS_PER_SM), &weights[0])
+            .expect("default launch");
+        // The SwiGLU kernels exist at two stages only.
+        let stages: &[usize] = if p.swiglu { &[2] } else { &[2, 3, 4] };
+        for &s in stages {
+            if quant_gemv_shared_bytes(p.dtype, p.cols, s) > QUANT_GEMV_SHARED_MAX {
+                continue;
+            }
+            // Blocks per SM as launched: shared memory may hold fewer than asked for, and
+            // then larger asks launch the same grid again (not timed twice).
+            let mut timed = Vec::new();
+            for blocks in 1..=QUANT_GEMV_BLOCKS_PER_SM {
+                let launch = launch_with(s, blocks);
+                let resident = cuda::quant_gemv_blocks_per_sm(&ctx, &launch).expect("blocks");
+                if timed.contains(&resident) {
                     continue;
                 }
-                for blocks in 1..=QUANT_GEMV_BLOCKS_PER_SM {
-                    let launch = launch_with(s, blocks);
-                    let case = format!(
-                        "{format} {} {}×{} stages {s} blocks/SM {blocks}",
-                        p.name, p.rows, p.cols
-                    );
-                    let got = product(&launch, &weights[0]).expect("launch");
-                    assert!(
-                        same_bits(&got, &want),
-                        "{case}: not the default launch's bits"
-                    );
-                    let us =
-                        time_launches(&dev, &weights, &|w| product(&launch, w)).expect("timed");
-                    let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
-                    println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
-                }
+                timed.push(resident);
+                let case = format!(
+                    "{format} {} {}×{} stages {s} blocks/SM {resident}",
+                    p.name, p.rows, p.cols
+                );
+                let got = product(&launch, &weights[0]).expect("launch");
+                assert!(
+                    same_bits(&got, &want),
+                    "{case}: not the default launch's bits"
+                );
+                let us = time_launches(&dev, &weights, &|w| product(&launch, w)).expect("timed");
+                let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
+                println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
             }
         }
     }
