@@ -300,11 +300,17 @@ impl Projections {
             vec![rows, inp],
             device,
         )?;
-        Ok(Some(Self::Fused {
+        Ok(Some(Self::fused_quantized(stacked, widths)))
+    }
+
+    /// Projections already stacked into one block-quantized weight of `Σ widths` rows (by
+    /// [`Projections::stack_quantized`], or read stacked from a GGUF file).
+    pub fn fused_quantized(stacked: QTensor, widths: Vec<usize>) -> Self {
+        Self::Fused {
             linear: Linear::new(QMatMul::QTensor(std::sync::Arc::new(stacked)), None),
             widths,
             views: Vec::new(),
-        }))
+        }
     }
 
     /// Each projection of `x` (`(…, in)` → `(…, out_i)`), in the order given to `new`. Fused

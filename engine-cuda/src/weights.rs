@@ -18,6 +18,22 @@ pub struct GgufFile {
     pub path: PathBuf,
     pub content: gguf_file::Content,
     reader: RefCell<BufReader<File>>,
+    /// The staging buffers of [`GgufFile::staged`], made on first use (boxed: a GGUF source
+    /// should not make every `Weights` as large as the loader).
+    #[cfg(feature = "cuda")]
+    staged: RefCell<Option<Box<crate::staged_load::Loader>>>,
+}
+
+/// Where in a GGUF file the data of one or more block-quantized tensors of one type and width
+/// lies: stacked, they are a `(rows, cols)` tensor.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct StackedRanges {
+    pub dtype: candle_core::quantized::GgmlDType,
+    /// `(offset in the file, bytes)` of each tensor, in order.
+    pub parts: Vec<(u64, usize)>,
+    pub rows: usize,
+    pub cols: usize,
 }
 
 impl GgufFile {
@@ -33,6 +49,8 @@ impl GgufFile {
             path: path.to_path_buf(),
             content,
             reader: RefCell::new(reader),
+            #[cfg(feature = "cuda")]
+            staged: RefCell::new(None),
         })
     }
 
@@ -68,6 +86,75 @@ impl GgufFile {
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let mut reader = self.reader.borrow_mut();
         self.content.tensor(&mut *reader, name, device)
+    }
+
+    /// The file ranges of the tensors `names` stacked by rows, or `None` unless they are all
+    /// 2-D, block-quantized, of one type and one width.
+    #[cfg(feature = "cuda")]
+    pub fn stacked_ranges(&self, names: &[&str]) -> Option<StackedRanges> {
+        let infos: Vec<_> = names
+            .iter()
+            .map(|n| self.content.tensor_infos.get(*n))
+            .collect::<Option<_>>()?;
+        let first = infos.first()?;
+        let (dtype, cols) = (first.ggml_dtype, *first.shape.dims().get(1)?);
+        let mut stacked = StackedRanges {
+            dtype,
+            parts: Vec::with_capacity(infos.len()),
+            rows: 0,
+            cols,
+        };
+        for info in infos {
+            let &[rows, c] = info.shape.dims() else {
+                return None;
+            };
+            if info.ggml_dtype != dtype || c != cols || !is_block_quantized(dtype) {
+                return None;
+            }
+            let bytes = rows * cols / dtype.block_size() * dtype.type_size();
+            stacked
+                .parts
+                .push((self.content.tensor_data_offset + info.offset, bytes));
+            stacked.rows += rows;
+        }
+        Some(stacked)
+    }
+
+    /// The block-quantized tensors `names` stacked by rows into one tensor on `device`, read
+    /// straight from the file through page-locked staging buffers ([`crate::staged_load`],
+    /// `HELEXA_ENGINE_STAGED_GGUF=1`); `None` where that path does not apply (not a CUDA
+    /// device, the switch off, not [`GgufFile::stacked_ranges`]): the caller reads them
+    /// through candle.
+    #[cfg(feature = "cuda")]
+    pub fn staged(&self, names: &[&str], device: &Device) -> Result<Option<QTensor>> {
+        if !device.is_cuda() || !crate::staged_load::gguf_enabled() {
+            return Ok(None);
+        }
+        let Some(ranges) = self.stacked_ranges(names) else {
+            return Ok(None);
+        };
+        let mut loader = self.staged.borrow_mut();
+        if !loader
+            .as_ref()
+            .is_some_and(|l| l.device().same_device(device))
+        {
+            *loader = Some(Box::new(crate::staged_load::Loader::new(
+                device,
+                crate::staged_load::STAGE_BYTES,
+            )?));
+        }
+        let loader = loader.as_mut().expect("made above");
+        // The reader's buffer is discarded by its next seek (candle seeks before every read),
+        // so reading the file underneath it is safe.
+        let mut reader = self.reader.borrow_mut();
+        loader
+            .quantized(
+                reader.get_mut(),
+                &ranges.parts,
+                ranges.dtype,
+                &[ranges.rows, ranges.cols],
+            )
+            .map(Some)
     }
 
     /// The dimensions of a tensor, candle order (outermost first).
@@ -221,6 +308,10 @@ impl Weights {
                 return Projections::new(linears.collect::<Result<_>>()?);
             }
         };
+        #[cfg(feature = "cuda")]
+        if let Some(stacked) = self.staged_projections(g, parts, inp)? {
+            return Ok(stacked);
+        }
         let host: Vec<(QTensor, usize)> = parts
             .iter()
             .map(|&(p, out)| {
@@ -314,6 +405,36 @@ impl Weights {
         Projections::new(linears)
     }
 
+    /// The projections `parts` stacked into one product straight from the file
+    /// ([`GgufFile::staged`]) when they would be stacked at all (fusion on, two or more, one
+    /// block type and width), else `None`.
+    #[cfg(feature = "cuda")]
+    fn staged_projections(
+        &self,
+        g: &GgufFile,
+        parts: &[(&str, usize)],
+        inp: usize,
+    ) -> Result<Option<Projections>> {
+        if !fusion_enabled() || parts.len() < 2 {
+            return Ok(None);
+        }
+        let names: Vec<String> = parts
+            .iter()
+            .map(|&(p, _)| gguf_name(&format!("{p}.weight")).ok_or_else(|| missing(p)))
+            .collect::<Result<_>>()?;
+        for (n, &(_, out)) in names.iter().zip(parts) {
+            if g.tensor_dims(n).as_deref() != Some(&[out, inp][..]) {
+                return Ok(None); // missing or misshapen: the host path says which
+            }
+        }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let Some(stacked) = g.staged(&names, &self.device)? else {
+            return Ok(None);
+        };
+        let widths = parts.iter().map(|&(_, out)| out).collect();
+        Ok(Some(Projections::fused_quantized(stacked, widths)))
+    }
+
     /// A host-side GGUF weight as a linear layer on the device, uploaded as stored (float types
     /// too: `qmatmul` then widens them on the device, which moves half the bytes of widening on
     /// the host).
@@ -350,7 +471,14 @@ impl Weights {
         if !g.has_tensor(&n) {
             return Err(missing(&format!("{n} (for {name})")));
         }
-        let q = g.qtensor(&n, device)?;
+        #[cfg(feature = "cuda")]
+        let staged = g.staged(&[&n], device)?;
+        #[cfg(not(feature = "cuda"))]
+        let staged = None;
+        let q = match staged {
+            Some(q) => q,
+            None => g.qtensor(&n, device)?,
+        };
         if q.shape().dims() != shape {
             candle_core::bail!("tensor {n} has shape {:?}, expected {shape:?}", q.shape());
         }
