@@ -17,7 +17,8 @@
 #                                       # per warp, blocks per SM), replayed from a CUDA graph
 #                                       # (src/fused/launch_sweep.rs; ~1-2 min)
 #   scripts/device/gpu-check.sh omit-sweep   # decode step time (graph on) with each kernel
-#                                       # class left out in turn, and without PDL (~5 min)
+#                                       # class left out in turn (OMIT_VARIANTS), and without
+#                                       # PDL (~5 min; ALL_CONTEXTS=0 halves it)
 #   scripts/device/gpu-check.sh switches  # decode-only benches of the three formats @0 and
 #                                       # @4096 (ALL_CONTEXTS) with the defaults, then with
 #                                       # each setting of ALL_SWITCHES (default: the cluster
@@ -128,13 +129,18 @@ omit-sweep)
       > /dev/null 2>&1 || status=1
     grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
   }
-  run_variant graph
-  run_variant no-norm HELEXA_ENGINE_OMIT=add_rms_norm
-  run_variant no-silu HELEXA_ENGINE_OMIT=silu_mul
-  run_variant no-rope HELEXA_ENGINE_OMIT=qk_norm_rope_cache
-  run_variant no-attention HELEXA_ENGINE_OMIT=decode_attention,attn_combine
-  run_variant gemv-only HELEXA_ENGINE_OMIT=add_rms_norm,silu_mul,qk_norm_rope_cache,decode_attention,attn_combine,gather_rows,argmax
-  run_variant no-pdl HELEXA_ENGINE_PDL=0
+  # OMIT_VARIANTS (space-separated TAG[:VAR=VALUE]): the variants to run. By default the
+  # classes of the landed step (the norms, the SwiGLU gate and the rope are folded into the
+  # products and the attention, so each product role is a class of its own): the attention,
+  # q/k/v, gate/up, and o + down + the output product (the plain products).
+  gemv_only="add_rms_norm,silu_mul,qk_norm_rope_cache,decode_attention,attn_combine,gather_rows,argmax"
+  for variant in ${OMIT_VARIANTS:-graph no-attention:HELEXA_ENGINE_OMIT=decode_attention,attn_combine \
+    no-qkv:HELEXA_ENGINE_OMIT=quant_gemv_norm_q,gemv_norm_bf16 \
+    no-gate-up:HELEXA_ENGINE_OMIT=quant_gemv_norm_swiglu,gemv_norm_swiglu \
+    no-o-down-output:HELEXA_ENGINE_OMIT=quant_gemv_q,gemv_bf16 \
+    gemv-only:HELEXA_ENGINE_OMIT=$gemv_only no-pdl:HELEXA_ENGINE_PDL=0}; do
+    if [ "${variant#*:}" = "$variant" ]; then run_variant "$variant"; else run_variant "${variant%%:*}" "${variant#*:}"; fi
+  done
   python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;
