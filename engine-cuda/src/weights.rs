@@ -89,7 +89,7 @@ impl GgufFile {
     }
 
     /// The file ranges of the tensors `names` stacked by rows, or `None` unless they are all
-    /// 2-D, block-quantized, of one type and one width.
+    /// 2-D, of one type and one width, and of a block type candle uploads as raw bytes.
     #[cfg(feature = "cuda")]
     pub fn stacked_ranges(&self, names: &[&str]) -> Option<StackedRanges> {
         let infos: Vec<_> = names
@@ -108,7 +108,7 @@ impl GgufFile {
             let &[rows, c] = info.shape.dims() else {
                 return None;
             };
-            if info.ggml_dtype != dtype || c != cols || !is_block_quantized(dtype) {
+            if info.ggml_dtype != dtype || c != cols || !stageable(dtype) {
                 return None;
             }
             let bytes = rows * cols / dtype.block_size() * dtype.type_size();
@@ -121,13 +121,22 @@ impl GgufFile {
     }
 
     /// The block-quantized tensors `names` stacked by rows into one tensor on `device`, read
-    /// straight from the file through page-locked staging buffers ([`crate::staged_load`],
-    /// `HELEXA_ENGINE_STAGED_GGUF=1`); `None` where that path does not apply (not a CUDA
-    /// device, the switch off, not [`GgufFile::stacked_ranges`]): the caller reads them
-    /// through candle.
+    /// straight from the file through page-locked staging buffers ([`crate::staged_load`]) when
+    /// `HELEXA_ENGINE_STAGED_GGUF=1`; `None` where that path does not apply (not a CUDA
+    /// device, the switch off, not [`GgufFile::stacked_ranges`], no page-locked memory): the
+    /// caller reads them through candle.
     #[cfg(feature = "cuda")]
     pub fn staged(&self, names: &[&str], device: &Device) -> Result<Option<QTensor>> {
-        if !device.is_cuda() || !crate::staged_load::gguf_enabled() {
+        if !crate::staged_load::gguf_enabled() {
+            return Ok(None);
+        }
+        self.staged_with(names, device)
+    }
+
+    /// [`GgufFile::staged`] whatever the switch says.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn staged_with(&self, names: &[&str], device: &Device) -> Result<Option<QTensor>> {
+        if !device.is_cuda() {
             return Ok(None);
         }
         let Some(ranges) = self.stacked_ranges(names) else {
@@ -138,10 +147,17 @@ impl GgufFile {
             .as_ref()
             .is_some_and(|l| l.device().same_device(device))
         {
-            *loader = Some(Box::new(crate::staged_load::Loader::new(
-                device,
-                crate::staged_load::STAGE_BYTES,
-            )?));
+            match crate::staged_load::Loader::new(device, crate::staged_load::STAGE_BYTES) {
+                Ok(made) => *loader = Some(Box::new(made)),
+                Err(e) => {
+                    // Page-locked memory is a speed-up, not a requirement: candle's reader then.
+                    eprintln!(
+                        "helexa-engine-cuda: no staging buffers ({}), GGUF read through candle",
+                        crate::describe(&e)
+                    );
+                    return Ok(None);
+                }
+            }
         }
         let loader = loader.as_mut().expect("made above");
         // The reader's buffer is discarded by its next seek (candle seeks before every read),
@@ -558,6 +574,26 @@ impl Weights {
                 .map_or_else(|| "unknown".to_owned(), |i| format!("{:?}", i.ggml_dtype)),
         }
     }
+}
+
+/// Whether GGUF tensors of `dtype` go to the device as their raw bytes in candle's reader
+/// (`qtensor_from_ggml`'s block types), so the staged load can copy those bytes itself.
+#[cfg(feature = "cuda")]
+fn stageable(dtype: candle_core::quantized::GgmlDType) -> bool {
+    use candle_core::quantized::GgmlDType as G;
+    matches!(
+        dtype,
+        G::Q4_0
+            | G::Q4_1
+            | G::Q5_0
+            | G::Q5_1
+            | G::Q8_0
+            | G::Q2K
+            | G::Q3K
+            | G::Q4K
+            | G::Q5K
+            | G::Q6K
+    )
 }
 
 /// Where safetensors shards come from: on a GPU (unless `HELEXA_ENGINE_STAGED_LOAD=0`), read
