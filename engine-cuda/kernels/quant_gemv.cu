@@ -290,10 +290,19 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
-template <class F, typename T, int STAGES, bool NORM, bool SWIGLU>
+// SPLIT (not with SWIGLU; the launcher asks for chunks per row a multiple of 2): the warps of a
+// block work in pairs, each row shared by a pair, the first warp taking its even chunks and the
+// second its odd ones; the second's sum reaches the first through shared memory, which writes
+// first + second. For products with between one and two rows per warp of the grid (the q/k/v
+// product of an 8B model: 6144 rows over 4224 warps), where half the warps take two rows and
+// set the product's time at four chunks in a row, the pairs take three. The sum is taken in
+// another order than the plain kernel's, so the output can differ in the last bit.
+template <class F, typename T, int STAGES, bool NORM, bool SWIGLU, bool SPLIT = false>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
                            T *sum, float eps) {
+    static_assert(!(SPLIT && SWIGLU), "a split row is not a gate/up pair");
+    constexpr int WAYS = SPLIT ? 2 : 1; // warps per row
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
     static_assert(CHUNK_BYTES % 16 == 0, "chunks must be whole 16-byte copies");
     extern __shared__ __align__(16) uint8_t smem[];
@@ -307,13 +316,15 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     // are counters stepped per chunk, not t / chunks and t % chunks: an integer division is a
     // ~25-instruction sequence, and two per chunk were a third of the Q4_K loop's instructions.
     const int chunks = (cols + QG_CHUNK - 1) / QG_CHUNK;
-    const int first_row = blockIdx.x * QG_WARPS + warp, row_step = gridDim.x * QG_WARPS;
+    const int part = warp % WAYS; // SPLIT: the chunks part, part + 2, … of each row
+    const int first_row = blockIdx.x * (QG_WARPS / WAYS) + warp / WAYS;
+    const int row_step = gridDim.x * (QG_WARPS / WAYS);
     const int my_rows = first_row < rows ? (rows - first_row + row_step - 1) / row_step : 0;
     // The next chunk to request: its row (ordinal among the warp's), chunk and stage (and with
     // SWIGLU, whether the row's up half).
-    int next_row = 0, next_chunk = 0, next_stage = 0;
+    int next_row = 0, next_chunk = part, next_stage = 0;
     bool next_up = false;
-    const uint8_t *next_src = w + (size_t)first_row * row_bytes;
+    const uint8_t *next_src = w + (size_t)first_row * row_bytes + part * CHUNK_BYTES;
     // Starts copying the next chunk into its stage (one commit group per chunk, empty past the
     // end, so the groups in flight always count STAGES - 1).
     auto issue = [&]() {
@@ -334,16 +345,17 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
             } else {
                 for (int i = lane; i < left / 16; i += 32) copy16_async(dst + 16 * i, next_src + 16 * i);
             }
-            next_src += CHUNK_BYTES;
-            if (++next_chunk == chunks) {
-                next_chunk = 0;
+            next_src += WAYS * CHUNK_BYTES;
+            if ((next_chunk += WAYS) >= chunks) {
+                next_chunk = part;
                 if (SWIGLU && !next_up) { // the gate row done: its up row next
                     next_up = true;
                     next_src = w + (size_t)(first_row + next_row * row_step + rows) * row_bytes;
                 } else {
                     next_up = false;
                     ++next_row;
-                    next_src = w + (size_t)(first_row + next_row * row_step) * row_bytes;
+                    next_src = w + (size_t)(first_row + next_row * row_step) * row_bytes +
+                               part * CHUNK_BYTES;
                 }
             }
         }
@@ -370,12 +382,13 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     const QuantX qx{xq, xd, xs};
 
     int stage = 0;
+    __shared__ float second_part[SPLIT ? QG_WARPS / 2 : 1]; // SPLIT: each pair's second sum
     for (int r = 0; r < my_rows; r++) {
         float gate = 0.0f;
 #pragma unroll
         for (int half = 0; half < (SWIGLU ? 2 : 1); half++) { // SWIGLU: the gate row, then up
             float acc = 0.0f;
-            for (int c = 0; c < chunks; c++) {
+            for (int c = part; c < chunks; c += WAYS) {
                 issue(); // into the stage computed last round
                 copies_wait<STAGES - 1>();
                 __syncwarp(); // every lane's copies of this chunk have landed
@@ -385,7 +398,15 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
                 __syncwarp(); // the stage is refilled next round
             }
             acc = warp_sum(acc);
-            if (SWIGLU && half == 0) {
+            if (SPLIT) {
+                // The pair's own barrier (ids 1-4; 0 is __syncthreads): both warps of a pair
+                // take the same rows, so they meet here equally often.
+                const int pair = warp / 2;
+                if (part == 1 && lane == 0) second_part[pair] = acc;
+                asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
+                if (part == 0 && lane == 0) y[first_row + r * row_step] = from_f<T>(acc + second_part[pair]);
+                asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory"); // read before rewritten
+            } else if (SWIGLU && half == 0) {
                 gate = acc;
             } else if (lane == 0) {
                 y[first_row + r * row_step] = SWIGLU ? swiglu<T>(gate, acc) : from_f<T>(acc);
@@ -397,7 +418,8 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 
 // quant_gemv_<format>_<activation type>_s<stages>; with 16-bit activations also
 // quant_gemv_norm_… (NORM above) and, at the default two stages only, quant_gemv_swiglu_… and
-// quant_gemv_norm_swiglu_… (SWIGLU).
+// quant_gemv_norm_swiglu_… (SWIGLU), and quant_gemv_split_… and quant_gemv_norm_split_…
+// (SPLIT; both take the norm parameters, unused without NORM).
 #define QUANT_GEMV_KERNEL(NAME, F, T, S, NORM, SWIGLU)                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
@@ -417,7 +439,17 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     KERNEL(F, FSUF, T, SUF, 2) KERNEL(F, FSUF, T, SUF, 3) KERNEL(F, FSUF, T, SUF, 4)
 #define QUANT_GEMV_SWIGLU(F, FSUF, T, SUF)                                                          \
     QUANT_GEMV_KERNEL(quant_gemv_swiglu_##FSUF##_##SUF##_s2, F, T, 2, false, true)                  \
-    QUANT_GEMV_KERNEL(quant_gemv_norm_swiglu_##FSUF##_##SUF##_s2, F, T, 2, true, true)
+    QUANT_GEMV_KERNEL(quant_gemv_norm_swiglu_##FSUF##_##SUF##_s2, F, T, 2, true, true)              \
+    QUANT_GEMV_SPLIT_KERNEL(quant_gemv_split_##FSUF##_##SUF##_s2, F, T, false)                      \
+    QUANT_GEMV_SPLIT_KERNEL(quant_gemv_norm_split_##FSUF##_##SUF##_s2, F, T, true)
+// SPLIT, at two stages and 16-bit activations only.
+#define QUANT_GEMV_SPLIT_KERNEL(NAME, F, T, NORM)                                                   \
+    extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
+        NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
+             const T *norm_w, T *sum, float eps) {                                                  \
+        quant_gemv<F, T, 2, NORM, false, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum,  \
+                                               eps);                                                \
+    }
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, float, f32)                                              \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, __nv_bfloat16, bf16)                                     \

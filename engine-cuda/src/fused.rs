@@ -521,7 +521,17 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
         stages,
         swiglu,
         blocks_per_sm: shape.blocks_per_sm,
+        split_rows: quant_gemv_split_rows(),
     })
+}
+
+/// Whether the quantized GEMV shares each row between two warps in the products that gain
+/// (`cuda::split_rows_pay`: the q/k/v product of an 8B model): `HELEXA_ENGINE_QUANT_GEMV_SPLIT=1`,
+/// off until measured (it sums a row in another order, so outputs can differ in the last bit).
+#[cfg(feature = "cuda")]
+fn quant_gemv_split_rows() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    opt_in(&ON, "HELEXA_ENGINE_QUANT_GEMV_SPLIT")
 }
 
 /// The greedy pick from f32 logits `(1, vocab)`: the index of the largest, the lowest on ties
@@ -1160,6 +1170,57 @@ mod gpu_tests {
                     .expect("matmul");
                 let e = rel_diff(&got.reshape((1, rows)).expect("shape"), &want);
                 assert!(e <= tolerance(dtype), "{dtype:?} {rows}×{cols}: {e}");
+            }
+        }
+    }
+
+    /// Rows shared by two warps (`HELEXA_ENGINE_QUANT_GEMV_SPLIT`) give the plain product up
+    /// to the order of one addition per row: within one bf16 step of it. The shapes are the
+    /// q/k/v product of the 8B models (Q8_0's stacked 6144 rows, Q4_K_M's q/k 5120), with and
+    /// without the norm formed in the product; the test also checks the split kernel ran.
+    #[test]
+    fn rows_shared_by_two_warps_match_the_plain_product() {
+        let dev = device();
+        let ctx = dev
+            .as_cuda_device()
+            .expect("cuda")
+            .cuda_stream()
+            .context()
+            .clone();
+        let sms = cuda::sm_count(&ctx).expect("SMs");
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            for (rows, cols) in [(6144, 4096), (5120, 4096)] {
+                let case = format!("{dtype:?} {rows}×{cols}");
+                let w = random(&[rows, cols], DType::F32, &dev);
+                let q = QTensor::quantize(&w, dtype).expect("quantize");
+                let plain = quant_gemv_launch(&q, false).expect("launch");
+                let split = cuda::QuantGemv {
+                    split_rows: true,
+                    ..quant_gemv_launch(&q, false).expect("launch")
+                };
+                let resident = cuda::quant_gemv_blocks_per_sm(&ctx, &plain).expect("blocks")
+                    * sms
+                    * plain.warps;
+                assert!(
+                    cuda::split_rows_pay(rows, cols, resident),
+                    "{case}: {resident} warps, so the split kernel would not run"
+                );
+                let (residual, delta, norm) = pending_parts(cols, DType::BF16, &dev);
+                let pending = PendingNorm {
+                    residual: &residual,
+                    delta: &delta,
+                    norm: &norm,
+                };
+                let normed = norm_input(&pending, false);
+                for input in [None, Some(&normed)] {
+                    let run = |launch: &cuda::QuantGemv| {
+                        cuda::quant_gemv_with(&residual, &q, launch, input)
+                            .expect("product")
+                            .0
+                    };
+                    let e = rel_diff(&run(&split), &run(&plain));
+                    assert!(e < 1e-2, "{case} norm {}: {e}", input.is_some());
+                }
             }
         }
     }

@@ -24,7 +24,8 @@
 #                                       # each setting of ALL_SWITCHES (default: the cluster
 #                                       # merge on, the warp sums off, the staged safetensors
 #                                       # load off, the staged GGUF load on: their `load`
-#                                       # lines), greedy tokens
+#                                       # lines; the quantized GEMV's split rows on), greedy
+#                                       # tokens
 #                                       # compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
 #                                       # folded into three files (fold_outputs.py)
@@ -85,10 +86,12 @@ switches)
       "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" > "$OUT/greedy-defaults-vs-ref.txt" 2>&1
     tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref-switches.json: /"
   fi
-  # By default each optional switch against the defaults: the cluster merge and the staged
-  # GGUF load (off by default) turned on, the warp sums and the staged safetensors load off.
+  # By default each optional switch against the defaults: the cluster merge, the staged GGUF
+  # load and the split rows (off by default) turned on, the warp sums and the staged
+  # safetensors load off.
   default_settings="HELEXA_ENGINE_ATTENTION_CLUSTER=1 HELEXA_ENGINE_ATTENTION_SUMS=0"
   default_settings+=" HELEXA_ENGINE_STAGED_LOAD=0 HELEXA_ENGINE_STAGED_GGUF=1"
+  default_settings+=" HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
   for setting in ${ALL_SWITCHES:-$default_settings}; do
     # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')

@@ -1045,12 +1045,35 @@ pub struct QuantGemv {
     /// shared memory or the rows allow fewer): [`QUANT_GEMV_BLOCKS_PER_SM`] unless a launch
     /// sweep asks for fewer.
     pub blocks_per_sm: usize,
+    /// Share each row between two warps where that pays ([`split_rows_pay`]; 16-bit
+    /// activations, two stages, not with `swiglu`).
+    pub split_rows: bool,
 }
 
 /// Dynamic shared memory a block gets without opting in.
 const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
+
+/// Whether a product of `rows` × `cols` gains from sharing each row between two warps (the
+/// kernel's SPLIT) on a grid of `resident_warps`: with between one and two rows per warp, half
+/// the warps take two rows and set the time at twice a row's chunks; shared, a warp takes
+/// `rows / resident_warps` row halves, rounded up (three for 6144 rows over 4224 warps, against
+/// four). The row's chunks must split evenly.
+pub fn split_rows_pay(rows: usize, cols: usize, resident_warps: usize) -> bool {
+    cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK)
+        && rows > resident_warps
+        && rows < 2 * resident_warps
+}
+
+/// The device's multiprocessors (at least 1).
+pub fn sm_count(ctx: &CudaContext) -> Result<usize> {
+    let n = device_attribute(
+        ctx,
+        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+    )?;
+    Ok(usize::try_from(n).unwrap_or(1).max(1))
+}
 
 /// Blocks of the quantized GEMV resident per SM for `launch`: as many as the shared memory
 /// holds, at most `launch.blocks_per_sm` (itself at most what the registers allow).
@@ -1100,11 +1123,22 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         (Some(n), Some(g)) => Some(norm_buffers::<T>("quant_gemv", x, n, g, dev)?),
         _ => None,
     };
-    let name = match (norm.is_some(), launch.swiglu) {
-        (false, false) => "quant_gemv",
-        (true, false) => "quant_gemv_norm",
-        (false, true) => "quant_gemv_swiglu",
-        (true, true) => "quant_gemv_norm_swiglu",
+    let ctx = dev.cuda_stream().context().clone();
+    let sms = sm_count(&ctx)?;
+    // As many blocks as are resident at once; warps then take further rows in turn.
+    let per_sm = quant_gemv_blocks_per_sm(&ctx, launch)?;
+    let split = launch.split_rows
+        && sfx != "f32"
+        && launch.stages == 2
+        && !launch.swiglu
+        && split_rows_pay(rows, cols, per_sm * sms * launch.warps);
+    let name = match (norm.is_some(), launch.swiglu, split) {
+        (false, false, false) => "quant_gemv",
+        (true, false, false) => "quant_gemv_norm",
+        (false, true, _) => "quant_gemv_swiglu",
+        (true, true, _) => "quant_gemv_norm_swiglu",
+        (false, false, true) => "quant_gemv_split",
+        (true, false, true) => "quant_gemv_norm_split",
     };
     let (f, stream) = module_function(
         dev,
@@ -1119,16 +1153,13 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     }
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
-    let ctx = stream.context();
-    let sms = device_attribute(
-        ctx,
-        CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-    )?;
-    // As many blocks as are resident at once; warps then take further rows in turn.
-    let per_sm = quant_gemv_blocks_per_sm(ctx, launch)?;
-    let blocks = rows
-        .div_ceil(launch.warps)
-        .min(per_sm * usize::try_from(sms).unwrap_or(1).max(1));
+    // A split row takes two warps.
+    let rows_per_block = if split {
+        launch.warps / 2
+    } else {
+        launch.warps
+    };
+    let blocks = rows.div_ceil(rows_per_block).min(per_sm * sms);
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let eps = norm.map_or(0.0, |n| n.eps);
     let mut b = Args::new(&stream);
@@ -1137,8 +1168,8 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     if let Some(n) = norm_bufs.as_mut() {
         norm_args(&mut b, n);
         b.value(&eps);
-    } else if launch.swiglu {
-        // quant_gemv_swiglu_… takes the norm parameters too, unused.
+    } else if launch.swiglu || split {
+        // quant_gemv_swiglu_… and quant_gemv_split_… take the norm parameters too, unused.
         b.null().null().null().value(&eps);
     }
     // At the default two stages most products stay under 48 KB and skip the opt-in.

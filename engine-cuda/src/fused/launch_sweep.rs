@@ -182,6 +182,7 @@ fn quant_gemv_launch_sweep() {
             stages,
             swiglu: p.swiglu,
             blocks_per_sm,
+            split_rows: false,
         };
         let product = |launch: &QuantGemv, w: &QTensor| {
             cuda::quant_gemv_with(&x, w, launch, norm.as_ref()).map(|(y, _)| y)
@@ -218,5 +219,44 @@ fn quant_gemv_launch_sweep() {
                 println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
             }
         }
+        // Rows shared by two warps (HELEXA_ENGINE_QUANT_GEMV_SPLIT) where the launcher would
+        // share them: the same sums in another order, so within a bf16 step, not the same bits.
+        let split = QuantGemv {
+            split_rows: true,
+            ..launch_with(2, QUANT_GEMV_BLOCKS_PER_SM)
+        };
+        let resident = cuda::quant_gemv_blocks_per_sm(&ctx, &split).expect("blocks");
+        let sms = cuda::sm_count(&ctx).expect("SMs");
+        if !p.swiglu && cuda::split_rows_pay(p.rows, p.cols, resident * sms * split.warps) {
+            let got = product(&split, &weights[0]).expect("split launch");
+            let e = max_rel_diff(&got, &want);
+            assert!(e < 1e-2, "{format} {} split: {e}", p.name);
+            let us = time_launches(&dev, &weights, &|w| product(&split, w)).expect("timed");
+            let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
+            println!(
+                "{format} {} {}×{} stages 2 blocks/SM {resident} rows split: {us:.2} µs, {:.0}%",
+                p.name,
+                p.rows,
+                p.cols,
+                share * 100.0
+            );
+        }
     }
+}
+
+/// Largest difference relative to the largest magnitude of `want`.
+fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    let values = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1())
+            .expect("values")
+    };
+    let (g, w) = (values(got), values(want));
+    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let diff = g
+        .iter()
+        .zip(&w)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    diff / scale
 }
