@@ -25,8 +25,7 @@
 #                                       # merge on, the warp sums off, the staged safetensors
 #                                       # load off, the staged GGUF load on: their `load`
 #                                       # lines; the quantized GEMV's split rows on), greedy
-#                                       # tokens
-#                                       # compared with the defaults' (where they part, both
+#                                       # tokens compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
 #                                       # folded into three files (fold_outputs.py)
 #   scripts/device/gpu-check.sh all     # a visit's first call (~8 min of the 10 a call
