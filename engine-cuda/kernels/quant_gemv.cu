@@ -290,6 +290,18 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
+// A barrier for the two warps of pair `pair` (0-3) of a block, by a constant id (1-4; 0 is
+// __syncthreads): with an id in a register, ptxas may reserve every named barrier for the
+// kernel, which can cost resident blocks.
+__device__ __forceinline__ void pair_barrier(int pair) {
+    switch (pair) {
+    case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+    case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+    case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+    default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+    }
+}
+
 // SPLIT (not with SWIGLU; the launcher asks for chunks per row a multiple of 2): the warps of a
 // block work in pairs, each row shared by a pair, the first warp taking its even chunks and the
 // second its odd ones; the second's sum reaches the first through shared memory, which writes
@@ -403,9 +415,9 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
                 // take the same rows, so they meet here equally often.
                 const int pair = warp / 2;
                 if (part == 1 && lane == 0) second_part[pair] = acc;
-                asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory");
+                pair_barrier(pair);
                 if (part == 0 && lane == 0) y[first_row + r * row_step] = from_f<T>(acc + second_part[pair]);
-                asm volatile("bar.sync %0, 64;" ::"r"(1 + pair) : "memory"); // read before rewritten
+                pair_barrier(pair); // read before rewritten
             } else if (SWIGLU && half == 0) {
                 gate = acc;
             } else if (lane == 0) {

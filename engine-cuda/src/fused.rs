@@ -950,7 +950,7 @@ mod gpu_tests {
 
     use super::*;
     use crate::layers::{RopeScaling, RopeStyle};
-    use crate::test_support::same_bits;
+    use crate::test_support::{rel_diff, same_bits};
 
     fn device() -> Device {
         Device::new_cuda(0).expect("a CUDA device")
@@ -970,23 +970,6 @@ mod gpu_tests {
             row(),
             RmsNorm::new(random(&[cols], dtype, dev), 1e-6),
         )
-    }
-
-    /// Largest difference relative to the largest reference magnitude.
-    fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-        let f = |t: &Tensor| {
-            t.to_dtype(DType::F32)
-                .and_then(|t| t.flatten_all())
-                .expect("f32")
-        };
-        let (g, w) = (f(got), f(want));
-        assert_eq!(g.dims(), w.dims());
-        let scale = w
-            .abs()
-            .and_then(|t| t.max(0))
-            .and_then(|t| t.to_scalar::<f32>());
-        let diff = (g - &w).and_then(|t| t.abs()).and_then(|t| t.max(0));
-        diff.and_then(|t| t.to_scalar::<f32>()).expect("diff") / scale.expect("scale").max(1e-6)
     }
 
     /// bf16 keeps 8 bits of mantissa: a different summation order may move a value by an ulp.
@@ -1193,17 +1176,23 @@ mod gpu_tests {
                 let case = format!("{dtype:?} {rows}×{cols}");
                 let w = random(&[rows, cols], DType::F32, &dev);
                 let q = QTensor::quantize(&w, dtype).expect("quantize");
-                let plain = quant_gemv_launch(&q, false).expect("launch");
-                let split = cuda::QuantGemv {
-                    split_rows: true,
+                // Both launches spelled out: the environment's stages or split switch must
+                // not make them the same kernel.
+                let launch = |split_rows| cuda::QuantGemv {
+                    stages: 2,
+                    shared_bytes: quant_gemv_shared_bytes(dtype, cols, 2),
+                    blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
+                    split_rows,
                     ..quant_gemv_launch(&q, false).expect("launch")
                 };
+                let (plain, split) = (launch(false), launch(true));
                 let resident = cuda::quant_gemv_blocks_per_sm(&ctx, &plain).expect("blocks")
                     * sms
                     * plain.warps;
                 assert!(
-                    cuda::split_rows_pay(rows, cols, resident),
-                    "{case}: {resident} warps, so the split kernel would not run"
+                    cuda::uses_split_kernel(&split, rows, cols, true, resident)
+                        && !cuda::uses_split_kernel(&plain, rows, cols, true, resident),
+                    "{case}: over {resident} warps the split kernel would not run"
                 );
                 let (residual, delta, norm) = pending_parts(cols, DType::BF16, &dev);
                 let pending = PendingNorm {

@@ -23,3 +23,20 @@ pub fn same_bits(a: &Tensor, b: &Tensor) -> bool {
     };
     a.dtype() == b.dtype() && a.dims() == b.dims() && bits(a) == bits(b)
 }
+
+/// Largest difference relative to the largest reference magnitude.
+pub fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
+    let f = |t: &Tensor| {
+        t.to_dtype(DType::F32)
+            .and_then(|t| t.flatten_all())
+            .expect("f32")
+    };
+    let (g, w) = (f(got), f(want));
+    assert_eq!(g.dims(), w.dims());
+    let scale = w
+        .abs()
+        .and_then(|t| t.max(0))
+        .and_then(|t| t.to_scalar::<f32>());
+    let diff = (g - &w).and_then(|t| t.abs()).and_then(|t| t.max(0));
+    diff.and_then(|t| t.to_scalar::<f32>()).expect("diff") / scale.expect("scale").max(1e-6)
+}

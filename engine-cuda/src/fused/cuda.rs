@@ -1056,14 +1056,31 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
 /// Whether a product of `rows` × `cols` gains from sharing each row between two warps (the
-/// kernel's SPLIT) on a grid of `resident_warps`: with between one and two rows per warp, half
-/// the warps take two rows and set the time at twice a row's chunks; shared, a warp takes
-/// `rows / resident_warps` row halves, rounded up (three for 6144 rows over 4224 warps, against
-/// four). The row's chunks must split evenly.
+/// kernel's SPLIT) on a grid of `resident_warps`: the busiest warp takes ⌈rows / warps⌉ rows
+/// plain and ⌈2·rows / warps⌉ half rows shared, so sharing pays where the second is less than
+/// twice the first (over 4224 warps, 6144 or 5120 rows: three half rows against two rows; 1024
+/// rows: one half row against one row; not 4096 rows: two half rows against one row). The
+/// row's chunks must split evenly.
 pub fn split_rows_pay(rows: usize, cols: usize, resident_warps: usize) -> bool {
+    let warps = resident_warps.max(1);
     cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK)
-        && rows > resident_warps
-        && rows < 2 * resident_warps
+        && (2 * rows).div_ceil(warps) < 2 * rows.div_ceil(warps)
+}
+
+/// Whether `launch` over `rows` × `cols` runs the split-row kernel: asked for, 16-bit
+/// activations, two stages, not SwiGLU (the kernels that exist), and [`split_rows_pay`].
+pub fn uses_split_kernel(
+    launch: &QuantGemv,
+    rows: usize,
+    cols: usize,
+    sixteen_bit: bool,
+    resident_warps: usize,
+) -> bool {
+    launch.split_rows
+        && sixteen_bit
+        && launch.stages == 2
+        && !launch.swiglu
+        && split_rows_pay(rows, cols, resident_warps)
 }
 
 /// The device's multiprocessors (at least 1).
@@ -1127,11 +1144,13 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     let sms = sm_count(&ctx)?;
     // As many blocks as are resident at once; warps then take further rows in turn.
     let per_sm = quant_gemv_blocks_per_sm(&ctx, launch)?;
-    let split = launch.split_rows
-        && sfx != "f32"
-        && launch.stages == 2
-        && !launch.swiglu
-        && split_rows_pay(rows, cols, per_sm * sms * launch.warps);
+    let split = uses_split_kernel(
+        launch,
+        rows,
+        cols,
+        sfx != "f32",
+        per_sm * sms * launch.warps,
+    );
     let name = match (norm.is_some(), launch.swiglu, split) {
         (false, false, false) => "quant_gemv",
         (true, false, false) => "quant_gemv_norm",
@@ -1184,7 +1203,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // holds cols elements and y rows (with swiglu the weight has 2·rows, checked); with a norm
     // input, delta, the norm weight and sum (if any) hold cols elements, 16-byte aligned
     // (checked); shared_bytes is what the kernel lays out for cols (opted in above); argument
-    // types match `quant_gemv_[norm_][swiglu_]<format>_<T>` (the weight pointer travels as a
+    // types match `quant_gemv_[norm_][swiglu_|split_]<format>_<T>` (the weight pointer travels as a
     // u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((

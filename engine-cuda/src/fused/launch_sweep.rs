@@ -23,7 +23,7 @@ use super::{
     QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_SHARED_MAX, quant_gemv_format, quant_gemv_shared_bytes,
     quant_row_bytes,
 };
-use crate::test_support::same_bits;
+use crate::test_support::{rel_diff, same_bits};
 
 /// Bytes the rotated weight copies span at least: twice the H200's 50 MB L2 and more.
 const ROTATION_BYTES: usize = 256 << 20;
@@ -227,9 +227,9 @@ fn quant_gemv_launch_sweep() {
         };
         let resident = cuda::quant_gemv_blocks_per_sm(&ctx, &split).expect("blocks");
         let sms = cuda::sm_count(&ctx).expect("SMs");
-        if !p.swiglu && cuda::split_rows_pay(p.rows, p.cols, resident * sms * split.warps) {
+        if cuda::uses_split_kernel(&split, p.rows, p.cols, true, resident * sms * split.warps) {
             let got = product(&split, &weights[0]).expect("split launch");
-            let e = max_rel_diff(&got, &want);
+            let e = rel_diff(&got, &want);
             assert!(e < 1e-2, "{format} {} split: {e}", p.name);
             let us = time_launches(&dev, &weights, &|w| product(&split, w)).expect("timed");
             let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
@@ -242,21 +242,4 @@ fn quant_gemv_launch_sweep() {
             );
         }
     }
-}
-
-/// Largest difference relative to the largest magnitude of `want`.
-fn max_rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-    let values = |t: &Tensor| -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1())
-            .expect("values")
-    };
-    let (g, w) = (values(got), values(want));
-    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let diff = g
-        .iter()
-        .zip(&w)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    diff / scale
 }
