@@ -164,6 +164,18 @@ __device__ __forceinline__ T swiglu(float gate, float up) {
     return from_f<T>(s * rnd<T>(up));
 }
 
+// A barrier for the two warps of pair `pair` (0-3) of a block, by a constant id (1-4; 0 is
+// __syncthreads): with an id in a register, ptxas may reserve every named barrier for the
+// kernel, which can cost resident blocks.
+__device__ __forceinline__ void pair_barrier(int pair) {
+    switch (pair) {
+    case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
+    case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
+    case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
+    default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
+    }
+}
+
 // ---- programmatic dependent launch ---------------------------------------------------------------
 // The launcher (src/fused/launch.rs) lets each kernel start while the previous one on the stream
 // is finishing (compute 9.0+). So that this is safe, every kernel calls `wait_for_previous_kernel`

@@ -579,14 +579,25 @@ __device__ __forceinline__ float row_from(const uint4 *wr, const uint4 *xr, int 
 // resident blocks taking rows in turn (the seventh session's first try) left a bubble between
 // each warp's rows and made BF16 decode 0.21 ms slower.
 #define GEMV_NORM_MAX_COLS (16 * GEMV_WARPS * 32)
-template <typename T, bool SWIGLU, bool NORM>
+// SPLIT (not with SWIGLU; the launcher asks for cols a multiple of 16): the warps of a block
+// work in pairs, each row shared by a pair, the first warp taking its first half and the second
+// its second; the second's sum reaches the first through shared memory, which writes first +
+// second. For products whose rows fill the resident warps one and a half times or so (the q/k/v
+// product of an 8B model: 6144 rows of 4096), where the last wave of whole rows sets the time,
+// half rows come in shorter waves. The sum is taken in another order than the plain kernel's,
+// so the output can differ in the last bit.
+template <typename T, bool SWIGLU, bool NORM, bool SPLIT = false>
 __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *delta,
                      const T *norm_w, T *sum, float eps) {
+    static_assert(!(SPLIT && SWIGLU), "a split row is not a gate/up pair");
+    constexpr int WAYS = SPLIT ? 2 : 1; // warps per row
     __shared__ __align__(16) T x_formed[NORM ? GEMV_NORM_MAX_COLS : 1];
-    const int row = blockIdx.x * GEMV_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols);
-    const uint4 *xr = reinterpret_cast<const uint4 *>(NORM ? x_formed : x);
-    const int chunks = cols / 8;
+    __shared__ float second_part[SPLIT ? GEMV_WARPS / 2 : 1]; // SPLIT: each pair's second sum
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, part = warp % WAYS;
+    const int row = blockIdx.x * (GEMV_WARPS / WAYS) + warp / WAYS;
+    const int chunks = cols / 8 / WAYS; // this warp's 16-byte chunks of the row
+    const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols) + part * chunks;
+    const uint4 *xr = reinterpret_cast<const uint4 *>(NORM ? x_formed : x) + part * chunks;
     // The first four chunks are requested while the previous kernel may still be writing x.
     const bool ahead = row < rows && lane + 96 < chunks;
     uint4 p0, p1, p2, p3;
@@ -612,7 +623,13 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *
         c += 128;
     }
     acc = warp_sum(row_from<T, NORM>(wr, xr, c, chunks, acc));
-    if (SWIGLU) {
+    if (SPLIT) {
+        // Both warps of a pair have the same row, so both got here (or both returned above).
+        const int pair = warp / 2;
+        if (part == 1 && lane == 0) second_part[pair] = acc;
+        pair_barrier(pair);
+        if (part == 0 && lane == 0) y[row] = from_f<T>(acc + second_part[pair]);
+    } else if (SWIGLU) {
         const float up =
             warp_sum(row_from<T, NORM>(wr + (size_t)rows * chunks, xr, lane, chunks, 0.0f));
         if (lane == 0) y[row] = swiglu<T>(acc, up);
@@ -794,9 +811,10 @@ ENTRY_POINTS(__half, f16)
 DECODE_ATTN_TR_ALL(__nv_bfloat16, bf16)
 DECODE_ATTN_TR_ALL(__half, f16)
 
-// gemv_<T>, gemv_swiglu_<T> (SWIGLU), and gemv_norm_<T> / gemv_norm_swiglu_<T> (NORM: the norm
-// input's delta, weight, residual output and eps after the common arguments; registers capped
-// at 64 for four blocks per SM, which the plain kernel's ~40 registers allow anyway).
+// gemv_<T>, gemv_swiglu_<T> (SWIGLU), gemv_split_<T> (SPLIT), and gemv_norm_<T> /
+// gemv_norm_swiglu_<T> / gemv_norm_split_<T> (NORM: the norm input's delta, weight, residual
+// output and eps after the common arguments; registers capped at 64 for four blocks per SM,
+// which the plain kernel's ~40 registers allow anyway).
 #define GEMV(T, SUF)                                                                                \
     extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
         gemv<T, false, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);               \
@@ -805,12 +823,16 @@ DECODE_ATTN_TR_ALL(__half, f16)
                                                  int cols) {                                        \
         gemv<T, true, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);                \
     }                                                                                               \
-    GEMV_NORM(T, gemv_norm_##SUF, false) GEMV_NORM(T, gemv_norm_swiglu_##SUF, true)
-#define GEMV_NORM(T, NAME, SWIGLU)                                                                  \
+    extern "C" __global__ void gemv_split_##SUF(const T *w, const T *x, T *y, int rows, int cols) { \
+        gemv<T, false, false, true>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);         \
+    }                                                                                               \
+    GEMV_NORM(T, gemv_norm_##SUF, false, false) GEMV_NORM(T, gemv_norm_swiglu_##SUF, true, false)   \
+    GEMV_NORM(T, gemv_norm_split_##SUF, false, true)
+#define GEMV_NORM(T, NAME, SWIGLU, SPLIT)                                                           \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)                                \
         NAME(const T *w, const T *x, T *y, int rows, int cols, const T *delta, const T *norm_w,     \
              T *sum, float eps) {                                                                   \
-        gemv<T, SWIGLU, true>(w, x, y, rows, cols, delta, norm_w, sum, eps);                       \
+        gemv<T, SWIGLU, true, SPLIT>(w, x, y, rows, cols, delta, norm_w, sum, eps);                \
     }
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

@@ -290,18 +290,6 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
-// A barrier for the two warps of pair `pair` (0-3) of a block, by a constant id (1-4; 0 is
-// __syncthreads): with an id in a register, ptxas may reserve every named barrier for the
-// kernel, which can cost resident blocks.
-__device__ __forceinline__ void pair_barrier(int pair) {
-    switch (pair) {
-    case 0: asm volatile("bar.sync 1, 64;" ::: "memory"); break;
-    case 1: asm volatile("bar.sync 2, 64;" ::: "memory"); break;
-    case 2: asm volatile("bar.sync 3, 64;" ::: "memory"); break;
-    default: asm volatile("bar.sync 4, 64;" ::: "memory"); break;
-    }
-}
-
 // SPLIT (not with SWIGLU; the launcher asks for chunks per row a multiple of 2): the warps of a
 // block work in pairs, each row shared by a pair, the first warp taking its even chunks and the
 // second its odd ones; the second's sum reaches the first through shared memory, which writes

@@ -1157,6 +1157,38 @@ mod gpu_tests {
         }
     }
 
+    /// Dense rows shared by two warps (`HELEXA_ENGINE_GEMV_SPLIT`) give the plain product
+    /// within a bf16 step, with and without the norm formed in the product, where the launcher
+    /// shares them (the 8B models' q/k/v: 6144 rows of 4096); and it does share them there.
+    #[test]
+    fn dense_rows_shared_by_two_warps_match_the_plain_product() {
+        let dev = device();
+        let (rows, cols) = (6144, 4096);
+        let w = random(&[rows, cols], DType::BF16, &dev);
+        let (residual, delta, norm) = pending_parts(cols, DType::BF16, &dev);
+        let pending = PendingNorm {
+            residual: &residual,
+            delta: &delta,
+            norm: &norm,
+        };
+        let normed = norm_input(&pending, false);
+        let (plain, _) =
+            cuda::gemv_sharing_rows(&residual, &w, Some(&normed), false).expect("plain");
+        let (split, shared) =
+            cuda::gemv_sharing_rows(&residual, &w, Some(&normed), true).expect("split");
+        assert!(shared, "the normed q/k/v product's rows were not shared");
+        let e = rel_diff(&split, &plain);
+        assert!(e < 1e-2, "norm: {e}");
+        // Without the norm the kernel may hold more blocks per SM (4 to 8): 9216 rows are
+        // shared with any of those.
+        let w = random(&[9216, cols], DType::BF16, &dev);
+        let (plain, _) = cuda::gemv_sharing_rows(&residual, &w, None, false).expect("plain");
+        let (split, shared) = cuda::gemv_sharing_rows(&residual, &w, None, true).expect("split");
+        assert!(shared, "the 9216-row product's rows were not shared");
+        let e = rel_diff(&split, &plain);
+        assert!(e < 1e-2, "plain: {e}");
+    }
+
     /// Rows shared by two warps (`HELEXA_ENGINE_QUANT_GEMV_SPLIT`) give the plain product up
     /// to the order of one addition per row: within one bf16 step of it. The shapes are the
     /// q/k/v product of the 8B models (Q8_0's stacked 6144 rows, Q4_K_M's q/k 5120), with and

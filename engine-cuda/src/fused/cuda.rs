@@ -855,7 +855,7 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w, false, None)).map(|(y, _)| y)
+    by_dtype!(x.dtype(), gemv_t(x, w, false, None, dense_split_rows())).map(|(y, _, _)| y)
 }
 
 /// `gemv` with the SwiGLU gate folded in when `swiglu` (`w` the stacked `[gate; up]`, an even
@@ -867,7 +867,19 @@ pub fn gemv_with(
     swiglu: bool,
     norm: Option<&NormInput<'_>>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    by_dtype!(x.dtype(), gemv_t(x, w, swiglu, norm))
+    by_dtype!(x.dtype(), gemv_t(x, w, swiglu, norm, dense_split_rows())).map(|(y, r, _)| (y, r))
+}
+
+/// `gemv_with` without the SwiGLU gate, its rows shared between two warps where that pays
+/// whatever `HELEXA_ENGINE_GEMV_SPLIT` says (`share`), or never; and whether they were.
+#[cfg(test)]
+pub fn gemv_sharing_rows(
+    x: &Tensor,
+    w: &Tensor,
+    norm: Option<&NormInput<'_>>,
+    share: bool,
+) -> Result<(Tensor, bool)> {
+    by_dtype!(x.dtype(), gemv_t(x, w, false, norm, share)).map(|(y, _, shared)| (y, shared))
 }
 
 /// A product's input formed in its prologue: `norm(x + delta)` with the norm's `weight` and
@@ -959,13 +971,16 @@ fn residual<T: CudaDType>(
         .map(|sum| wrap(sum, dev, x.shape().clone()))
 }
 
+/// The dense batch-1 product; with `share_rows`, rows shared by two warps where that pays.
+/// Also whether they were.
 fn gemv_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
     w: &Tensor,
     swiglu: bool,
     norm: Option<&NormInput<'_>>,
+    share_rows: bool,
     sfx: &str,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<(Tensor, Option<Tensor>, bool)> {
     let dev = x.device().as_cuda_device()?;
     let (w_rows, cols) = w.dims2()?;
     if x.elem_count() != cols || cols % 8 != 0 || !x.is_contiguous() || !w.is_contiguous() {
@@ -993,13 +1008,32 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
     let eps = norm.map_or(0.0, |n| n.eps);
-    let name = match (norm.is_some(), swiglu) {
+    let plain = match (norm.is_some(), swiglu) {
         (false, false) => "gemv",
         (false, true) => "gemv_swiglu",
         (true, false) => "gemv_norm",
         (true, true) => "gemv_norm_swiglu",
     };
-    let (f, stream) = function(dev, &format!("{name}_{sfx}"))?;
+    let (mut f, stream) = function(dev, &format!("{plain}_{sfx}"))?;
+    let split = share_rows && !swiglu && cols.is_multiple_of(16) && {
+        // The plain kernel's waves of whole rows against the split one's of half rows.
+        let resident = f
+            .occupancy_max_active_blocks_per_multiprocessor(grid(GEMV_WARPS * 32)?, 0, None)
+            .w()?;
+        let sms = sm_count(stream.context())?;
+        sharing_rows_pays(
+            rows,
+            usize::try_from(resident).unwrap_or(0) * sms * GEMV_WARPS,
+        )
+    };
+    if split {
+        let name = if norm.is_some() {
+            "gemv_norm_split"
+        } else {
+            "gemv_split"
+        };
+        f = function(dev, &format!("{name}_{sfx}"))?.0;
+    }
     let mut b = Args::new(&stream);
     b.input(&wv)
         .input(&xv)
@@ -1010,8 +1044,10 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         norm_args(&mut b, n);
         b.value(&eps);
     }
+    // A split row takes two warps.
+    let rows_per_block = if split { GEMV_WARPS / 2 } else { GEMV_WARPS };
     let cfg = LaunchConfig {
-        grid_dim: (grid(rows.div_ceil(GEMV_WARPS))?, 1, 1),
+        grid_dim: (grid(rows.div_ceil(rows_per_block))?, 1, 1),
         block_dim: (grid(GEMV_WARPS * 32)?, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -1019,11 +1055,12 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     // 16-byte aligned with cols % 8 == 0 (checked: the kernel reads 8 elements at a time); y
     // holds rows; with a norm input, delta, the norm weight and sum (if any) hold cols
     // elements, 16-byte aligned (checked), and cols fits the kernel's static shared row
-    // (checked); argument types match `gemv_[norm_][swiglu_]<T>`.
+    // (checked); argument types match `gemv_[norm_][swiglu_|split_]<T>`.
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),
         residual(norm_bufs, dev, x),
+        split,
     ))
 }
 
@@ -1062,9 +1099,22 @@ const SHARED_MEMORY_RESERVED: usize = 1024;
 /// rows: one half row against one row; not 4096 rows: two half rows against one row). The
 /// row's chunks must split evenly.
 pub fn split_rows_pay(rows: usize, cols: usize, resident_warps: usize) -> bool {
+    cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK) && sharing_rows_pays(rows, resident_warps)
+}
+
+/// Whether `rows` shared two warps to a row finish in fewer rounds than whole rows one to a
+/// warp, over `resident_warps` (for the dense product a round is a wave of blocks).
+pub fn sharing_rows_pays(rows: usize, resident_warps: usize) -> bool {
     let warps = resident_warps.max(1);
-    cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK)
-        && (2 * rows).div_ceil(warps) < 2 * rows.div_ceil(warps)
+    (2 * rows).div_ceil(warps) < 2 * rows.div_ceil(warps)
+}
+
+/// Whether the dense batch-1 GEMV shares rows between two warps where that pays
+/// ([`sharing_rows_pays`]; not with the SwiGLU gate): `HELEXA_ENGINE_GEMV_SPLIT=1`, off until
+/// measured (a row is summed in another order, so outputs can differ in the last bit).
+fn dense_split_rows() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::opt_in(&ON, "HELEXA_ENGINE_GEMV_SPLIT")
 }
 
 /// Whether `launch` over `rows` × `cols` runs the split-row kernel: asked for, 16-bit
