@@ -24,7 +24,7 @@
 #                                       # each setting of ALL_SWITCHES (default: the cluster
 #                                       # merge on, the warp sums off, the staged safetensors
 #                                       # load off, the staged GGUF load on: their `load`
-#                                       # lines; the quantized GEMV's split rows on), greedy
+#                                       # lines; the GEMVs' shared rows on), greedy
 #                                       # tokens compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
 #                                       # folded into three files (fold_outputs.py)
@@ -86,11 +86,11 @@ switches)
     tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref-switches.json: /"
   fi
   # By default each optional switch against the defaults: the cluster merge, the staged GGUF
-  # load and the split rows (off by default) turned on, the warp sums and the staged
-  # safetensors load off.
+  # load and the shared rows of both GEMVs (off by default) turned on, the warp sums and the
+  # staged safetensors load off. With ALL_CONTEXTS=0 it fits a call; both contexts may not.
   default_settings="HELEXA_ENGINE_ATTENTION_CLUSTER=1 HELEXA_ENGINE_ATTENTION_SUMS=0"
   default_settings+=" HELEXA_ENGINE_STAGED_LOAD=0 HELEXA_ENGINE_STAGED_GGUF=1"
-  default_settings+=" HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
+  default_settings+=" HELEXA_ENGINE_QUANT_GEMV_SPLIT=1 HELEXA_ENGINE_GEMV_SPLIT=1"
   for setting in ${ALL_SWITCHES:-$default_settings}; do
     # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')
