@@ -28,9 +28,11 @@
 #                                       # tokens compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
 #                                       # folded into three files (fold_outputs.py)
-#   scripts/device/gpu-check.sh all     # a visit's first call (~8 min of the 10 a call
-#                                       # may take): check, then switches. The full `bench`
-#                                       # and kernel breakdowns take a second call.
+#   scripts/device/gpu-check.sh all     # a visit's first call (~9 min of the 10 a call
+#                                       # may take): check, then switches at @0 (set
+#                                       # ALL_CONTEXTS for more, or ALL_SWITCHES for fewer
+#                                       # settings). The full `bench`, the sweeps and kernel
+#                                       # breakdowns take further calls.
 #
 # The PTX JIT cache lives in /tmp/jc and is returned as $OUT/jitcache.tgz; carry it back in
 # .carry/ to skip the ~13 s JIT on the next fresh machine. Synthesized models stay in
@@ -64,7 +66,8 @@ all)
   # Each step is bounded so that one that hangs still leaves time to fold what the others wrote
   # (a call is cut at 10 minutes, and unfolded outputs are more files than come back).
   timeout 200 "$0" check || status=1
-  timeout 340 "$0" switches || status=1
+  # Seven decode-only benches of three formats fit the call at @0 only.
+  ALL_CONTEXTS=${ALL_CONTEXTS:-0} timeout 340 "$0" switches || status=1
   # A switches run cut short never folded its outputs (and unfolded, they are more files than
   # come back).
   [ -f "$OUT/summary.txt" ] || python3 scripts/device/fold_outputs.py "$OUT"
