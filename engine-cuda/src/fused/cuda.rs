@@ -101,6 +101,30 @@ thread_local! {
 /// a fresh one created) once nothing holds it.
 pub fn forget_kernel_handles() {
     FUNCTIONS.with_borrow_mut(HashMap::clear);
+    RESIDENT_WARPS.with_borrow_mut(HashMap::clear);
+}
+
+thread_local! {
+    /// Warps of a 256-thread kernel of `fused.cu` resident on the whole device at once, by
+    /// device and name: the driver's occupancy answer, asked once rather than per launch.
+    static RESIDENT_WARPS: RefCell<HashMap<(DeviceId, String), usize>> =
+        RefCell::new(HashMap::new());
+}
+
+/// [`RESIDENT_WARPS`] for the kernel `name` of `fused.cu`, launched in blocks of
+/// `GEMV_WARPS` warps.
+fn resident_gemv_warps(dev: &CudaDevice, name: &str) -> Result<usize> {
+    let key = (dev.id(), name.to_owned());
+    if let Some(w) = RESIDENT_WARPS.with_borrow(|m| m.get(&key).copied()) {
+        return Ok(w);
+    }
+    let (f, stream) = function(dev, name)?;
+    let per_sm = f
+        .occupancy_max_active_blocks_per_multiprocessor(grid(GEMV_WARPS * 32)?, 0, None)
+        .w()?;
+    let warps = usize::try_from(per_sm).unwrap_or(0) * sm_count(stream.context())? * GEMV_WARPS;
+    RESIDENT_WARPS.with_borrow_mut(|m| m.insert(key, warps));
+    Ok(warps)
 }
 
 /// A kernel of the PTX module `module` (loaded on first use) and the stream to launch it on.
@@ -1004,7 +1028,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         (Some(n), Some(g)) => Some(norm_buffers::<T>("gemv", x, n, g, dev)?),
         _ => None,
     };
-    // SAFETY: every element is written by the kernel below (one warp per row).
+    // SAFETY: every element is written by the kernel below (one warp or pair of warps per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
     let eps = norm.map_or(0.0, |n| n.eps);
@@ -1014,26 +1038,23 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         (true, false) => "gemv_norm",
         (true, true) => "gemv_norm_swiglu",
     };
-    let (mut f, stream) = function(dev, &format!("{plain}_{sfx}"))?;
-    let split = share_rows && !swiglu && cols.is_multiple_of(16) && {
-        // The plain kernel's waves of whole rows against the split one's of half rows.
-        let resident = f
-            .occupancy_max_active_blocks_per_multiprocessor(grid(GEMV_WARPS * 32)?, 0, None)
-            .w()?;
-        let sms = sm_count(stream.context())?;
-        sharing_rows_pays(
-            rows,
-            usize::try_from(resident).unwrap_or(0) * sms * GEMV_WARPS,
-        )
+    let split_name = if norm.is_some() {
+        "gemv_norm_split"
+    } else {
+        "gemv_split"
     };
-    if split {
-        let name = if norm.is_some() {
-            "gemv_norm_split"
-        } else {
-            "gemv_split"
-        };
-        f = function(dev, &format!("{name}_{sfx}"))?.0;
-    }
+    let (plain, split_name) = (format!("{plain}_{sfx}"), format!("{split_name}_{sfx}"));
+    // Whole rows in waves of the plain kernel's resident warps against half rows in waves of
+    // the split kernel's (it may hold fewer blocks per SM).
+    let split = share_rows
+        && !swiglu
+        && cols.is_multiple_of(16)
+        && sharing_rows_pays(
+            rows,
+            resident_gemv_warps(dev, &plain)?,
+            resident_gemv_warps(dev, &split_name)?,
+        );
+    let (f, stream) = function(dev, if split { &split_name } else { &plain })?;
     let mut b = Args::new(&stream);
     b.input(&wv)
         .input(&xv)
@@ -1099,14 +1120,15 @@ const SHARED_MEMORY_RESERVED: usize = 1024;
 /// rows: one half row against one row; not 4096 rows: two half rows against one row). The
 /// row's chunks must split evenly.
 pub fn split_rows_pay(rows: usize, cols: usize, resident_warps: usize) -> bool {
-    cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK) && sharing_rows_pays(rows, resident_warps)
+    cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK)
+        && sharing_rows_pays(rows, resident_warps, resident_warps)
 }
 
-/// Whether `rows` shared two warps to a row finish in fewer rounds than whole rows one to a
-/// warp, over `resident_warps` (for the dense product a round is a wave of blocks).
-pub fn sharing_rows_pays(rows: usize, resident_warps: usize) -> bool {
-    let warps = resident_warps.max(1);
-    (2 * rows).div_ceil(warps) < 2 * rows.div_ceil(warps)
+/// Whether `rows` shared two warps to a row, over `split_warps` resident warps, finish in
+/// fewer rounds of half rows than whole rows one to a warp take over `plain_warps` (for the
+/// dense product a round is a wave of blocks).
+pub fn sharing_rows_pays(rows: usize, plain_warps: usize, split_warps: usize) -> bool {
+    (2 * rows).div_ceil(split_warps.max(1)) < 2 * rows.div_ceil(plain_warps.max(1))
 }
 
 /// Whether the dense batch-1 GEMV shares rows between two warps where that pays
