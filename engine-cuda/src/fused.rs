@@ -950,7 +950,7 @@ mod gpu_tests {
 
     use super::*;
     use crate::layers::{RopeScaling, RopeStyle};
-    use crate::test_support::{rel_diff, same_bits};
+    use crate::test_support::{cuda_context, rel_diff, same_bits};
 
     fn device() -> Device {
         Device::new_cuda(0).expect("a CUDA device")
@@ -970,6 +970,15 @@ mod gpu_tests {
             row(),
             RmsNorm::new(random(&[cols], dtype, dev), 1e-6),
         )
+    }
+
+    /// The pending input of [`pending_parts`].
+    fn pending(parts: &(Tensor, Tensor, RmsNorm)) -> PendingNorm<'_> {
+        PendingNorm {
+            residual: &parts.0,
+            delta: &parts.1,
+            norm: &parts.2,
+        }
     }
 
     /// bf16 keeps 8 bits of mantissa: a different summation order may move a value by an ulp.
@@ -1165,17 +1174,12 @@ mod gpu_tests {
         let dev = device();
         let (rows, cols) = (6144, 4096);
         let w = random(&[rows, cols], DType::BF16, &dev);
-        let (residual, delta, norm) = pending_parts(cols, DType::BF16, &dev);
-        let pending = PendingNorm {
-            residual: &residual,
-            delta: &delta,
-            norm: &norm,
-        };
-        let normed = norm_input(&pending, false);
+        let parts = pending_parts(cols, DType::BF16, &dev);
+        let (residual, normed) = (&parts.0, norm_input(&pending(&parts), false));
         let (plain, _) =
-            cuda::gemv_sharing_rows(&residual, &w, Some(&normed), false).expect("plain");
+            cuda::gemv_sharing_rows(residual, &w, Some(&normed), false).expect("plain");
         let (split, shared) =
-            cuda::gemv_sharing_rows(&residual, &w, Some(&normed), true).expect("split");
+            cuda::gemv_sharing_rows(residual, &w, Some(&normed), true).expect("split");
         // 61 registers: four blocks per SM, 4224 warps on an H200, so 6144 rows are shared.
         assert!(shared, "the normed q/k/v product's rows were not shared");
         let e = rel_diff(&split, &plain);
@@ -1183,8 +1187,8 @@ mod gpu_tests {
         // Without the norm the kernel holds more blocks per SM (38 registers: six; 9216 rows
         // are shared at four, six, seven or eight, not five, on 132 SMs).
         let w = random(&[9216, cols], DType::BF16, &dev);
-        let (plain, _) = cuda::gemv_sharing_rows(&residual, &w, None, false).expect("plain");
-        let (split, shared) = cuda::gemv_sharing_rows(&residual, &w, None, true).expect("split");
+        let (plain, _) = cuda::gemv_sharing_rows(residual, &w, None, false).expect("plain");
+        let (split, shared) = cuda::gemv_sharing_rows(residual, &w, None, true).expect("split");
         assert!(shared, "the 9216-row product's rows were not shared");
         let e = rel_diff(&split, &plain);
         assert!(e < 1e-2, "plain: {e}");
@@ -1197,12 +1201,7 @@ mod gpu_tests {
     #[test]
     fn rows_shared_by_two_warps_match_the_plain_product() {
         let dev = device();
-        let ctx = dev
-            .as_cuda_device()
-            .expect("cuda")
-            .cuda_stream()
-            .context()
-            .clone();
+        let ctx = cuda_context(&dev);
         let sms = cuda::sm_count(&ctx).expect("SMs");
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
             for (rows, cols) in [(6144, 4096), (5120, 4096)] {
@@ -1227,16 +1226,11 @@ mod gpu_tests {
                         && !cuda::uses_split_kernel(&plain, rows, cols, true, resident),
                     "{case}: over {resident} warps the split kernel would not run"
                 );
-                let (residual, delta, norm) = pending_parts(cols, DType::BF16, &dev);
-                let pending = PendingNorm {
-                    residual: &residual,
-                    delta: &delta,
-                    norm: &norm,
-                };
-                let normed = norm_input(&pending, false);
+                let parts = pending_parts(cols, DType::BF16, &dev);
+                let (residual, normed) = (&parts.0, norm_input(&pending(&parts), false));
                 for input in [None, Some(&normed)] {
                     let run = |launch: &cuda::QuantGemv| {
-                        cuda::quant_gemv_with(&residual, &q, launch, input)
+                        cuda::quant_gemv_with(residual, &q, launch, input)
                             .expect("product")
                             .0
                     };

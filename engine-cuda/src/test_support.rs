@@ -1,6 +1,9 @@
 //! Helpers shared by the GPU tests of several modules.
 
-use candle_core::{DType, Tensor};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::CudaContext;
+use candle_core::{DType, Device, Tensor};
 
 /// Whether two tensors hold the same values bit for bit (signed zeros and NaN payloads
 /// included).
@@ -39,4 +42,13 @@ pub fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
         .and_then(|t| t.to_scalar::<f32>());
     let diff = (g - &w).and_then(|t| t.abs()).and_then(|t| t.max(0));
     diff.and_then(|t| t.to_scalar::<f32>()).expect("diff") / scale.expect("scale").max(1e-6)
+}
+
+/// The CUDA context of a CUDA device.
+pub fn cuda_context(dev: &Device) -> Arc<CudaContext> {
+    dev.as_cuda_device()
+        .expect("a CUDA device")
+        .cuda_stream()
+        .context()
+        .clone()
 }

@@ -23,7 +23,7 @@ use super::{
     QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_SHARED_MAX, quant_gemv_format, quant_gemv_shared_bytes,
     quant_row_bytes,
 };
-use crate::test_support::{rel_diff, same_bits};
+use crate::test_support::{cuda_context, rel_diff, same_bits};
 
 /// Bytes the rotated weight copies span at least: twice the H200's 50 MB L2 and more.
 const ROTATION_BYTES: usize = 256 << 20;
@@ -153,12 +153,7 @@ fn quant_gemv_launch_sweep() {
             .and_then(|t| t.to_dtype(DType::BF16))
             .expect("row")
     };
-    let ctx = dev
-        .as_cuda_device()
-        .expect("cuda")
-        .cuda_stream()
-        .context()
-        .clone();
+    let ctx = cuda_context(&dev);
     println!("format product rows×cols stages blocks/SM: µs per launch, share of 4.4 TB/s");
     for p in &PRODUCTS {
         let format = quant_gemv_format(p.dtype).expect("a format the kernel reads");
