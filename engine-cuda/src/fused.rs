@@ -1547,8 +1547,10 @@ mod gpu_tests {
             let want = run(SplitMerge::Kernel);
             let before = planned_launches(0);
             let got = run(SplitMerge::Cluster);
-            let splits = if on_device { 8 } else { len.div_ceil(32) };
-            let expected = usize::from(splits > 1 && can_cluster);
+            let per_split = cuda::attention_split_positions();
+            let splits = if on_device { 256 } else { len }.div_ceil(per_split);
+            let expected =
+                usize::from((2..=cuda::ATTENTION_CLUSTER_MAX).contains(&splits) && can_cluster);
             assert_eq!(planned_launches(0) - before, expected, "{case}: clustered");
             assert!(same_bits(&got, &want), "{case}");
         }
@@ -1571,9 +1573,11 @@ mod gpu_tests {
                 let name = format!("rope offset {offset} graph {graph}");
                 let before = planned_launches(0);
                 case.expect_same(plan, &name);
-                let splits = if graph { 8 } else { (offset + 1).div_ceil(32) };
+                let per_split = cuda::attention_split_positions();
+                let splits = if graph { 256 } else { offset + 1 }.div_ceil(per_split);
                 let clustered = planned_launches(0) - before;
-                let expected = usize::from(splits > 1 && can_cluster);
+                let expected =
+                    usize::from((2..=cuda::ATTENTION_CLUSTER_MAX).contains(&splits) && can_cluster);
                 assert_eq!(clustered, expected, "{name}: clustered");
             }
         }

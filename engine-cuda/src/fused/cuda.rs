@@ -64,7 +64,7 @@ pub(super) static PLANNED_LAUNCHES: [std::sync::atomic::AtomicUsize; 2] =
 
 /// Most splits the decode attention merges inside a cluster (the kernel's `merge_in_cluster`;
 /// 8 is the portable cluster size).
-const ATTENTION_CLUSTER_MAX: usize = 8;
+pub(super) const ATTENTION_CLUSTER_MAX: usize = 8;
 /// Threads per decode-attention block (`ATTN_WARPS` in the kernel).
 const ATTENTION_THREADS: u32 = 256;
 /// Warps per block of the GEMV (`GEMV_WARPS` in the kernel), one row each.
@@ -547,11 +547,28 @@ fn raw_token_dims(i: &QkvInputs<'_>) -> Result<(usize, usize, usize, usize, usiz
     Ok((h, 1, kvh, cap, hd))
 }
 
+/// Fewest positions per split of the decode attention (below it a context is not split
+/// further): `HELEXA_ENGINE_ATTENTION_SPLIT_POSITIONS`, default 32, a tuning knob. At short
+/// contexts it trades the merge launch (none with one split) against fewer blocks each taking
+/// more positions: a replayed step's first band (256 positions) has 8 splits at 32, one at 256.
+pub(super) fn attention_split_positions() -> usize {
+    static POSITIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *POSITIONS.get_or_init(|| {
+        std::env::var("HELEXA_ENGINE_ATTENTION_SPLIT_POSITIONS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|p| (1..=4096).contains(p))
+            .unwrap_or(32)
+    })
+}
+
 /// Splits of the decode attention over `len` positions: enough blocks to fill the GPU at long
-/// contexts, whole below 32 positions per block. Returns (splits, positions per split); the
-/// kernel repeats this for a device length (`decode_attention`'s `pos_at`).
+/// contexts, whole below [`attention_split_positions`] per block. Returns (splits, positions
+/// per split); the kernel repeats this for a device length (`decode_attention`'s `pos_at`).
 fn attention_splits(len: usize, max_splits: usize) -> (usize, usize) {
-    let splits = len.div_ceil(32).clamp(1, max_splits);
+    let splits = len
+        .div_ceil(attention_split_positions())
+        .clamp(1, max_splits);
     let chunk = len.div_ceil(splits);
     (len.div_ceil(chunk), chunk)
 }
@@ -592,7 +609,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // the graph serves: the unreduced count, which no shorter length exceeds (the reduced
     // `attention_splits(longest).0` can be smaller than a shorter length's).
     let splits = if at.is_some() {
-        longest.div_ceil(32).clamp(1, max_splits)
+        longest
+            .div_ceil(attention_split_positions())
+            .clamp(1, max_splits)
     } else {
         splits
     };
