@@ -431,8 +431,8 @@ impl Weights {
         parts: &[(&str, usize)],
         inp: usize,
     ) -> Result<Option<Projections>> {
-        if !fusion_enabled() || parts.len() < 2 {
-            return Ok(None);
+        if !crate::staged_load::gguf_enabled() || !fusion_enabled() || parts.len() < 2 {
+            return Ok(None); // the switch first: off, the load is as it was
         }
         let names: Vec<String> = parts
             .iter()
