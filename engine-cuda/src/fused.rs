@@ -178,6 +178,32 @@ fn quant_gemv_stages() -> usize {
     })
 }
 
+/// Whether a product of `rows` × `cols` gains from sharing each row between two warps (the
+/// kernel's SPLIT) on a grid of `resident_warps`: the busiest warp takes ⌈rows / warps⌉ rows
+/// plain and ⌈2·rows / warps⌉ half rows shared, so sharing pays where the second is less than
+/// twice the first (over 4224 warps, 6144 or 5120 rows: three half rows against two rows; 1024
+/// rows: one half row against one row; not 4096 rows: two half rows against one row). The
+/// row's chunks must split evenly.
+#[cfg_attr(
+    not(feature = "cuda"),
+    allow(dead_code, reason = "the CUDA launcher's choice, tested on the CPU")
+)]
+pub(crate) fn split_rows_pay(rows: usize, cols: usize, resident_warps: usize) -> bool {
+    cols.is_multiple_of(2 * QUANT_GEMV_CHUNK)
+        && sharing_rows_pays(rows, resident_warps, resident_warps)
+}
+
+/// Whether `rows` shared two warps to a row, over `split_warps` resident warps, finish in
+/// fewer rounds of half rows than whole rows one to a warp take over `plain_warps` (for the
+/// dense product a round is a wave of blocks).
+#[cfg_attr(
+    not(feature = "cuda"),
+    allow(dead_code, reason = "the CUDA launcher's choice, tested on the CPU")
+)]
+pub(crate) fn sharing_rows_pays(rows: usize, plain_warps: usize, split_warps: usize) -> bool {
+    (2 * rows).div_ceil(split_warps.max(1)) < 2 * rows.div_ceil(plain_warps.max(1))
+}
+
 /// How one quantized product launches: chunks in flight per warp (the kernel's `STAGES`) and
 /// most resident blocks per SM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -907,6 +933,33 @@ mod cpu_tests {
     fn argmax_takes_the_lowest_index_on_ties() {
         let logits = Tensor::new(&[[0.5f32, 2.0, -1.0, 2.0]], &Device::Cpu).expect("logits");
         assert_eq!(argmax(&logits).expect("argmax"), 1);
+    }
+
+    #[test]
+    fn rows_are_shared_where_that_shortens_the_busiest_warp() {
+        // Over 4224 warps (an H200 at four blocks of eight warps per SM): the 8B q/k/v (6144),
+        // Q4_K_M's q/k (5120) and v (1024) gain; o and down (4096), the output (151936) do not.
+        for (rows, pays) in [
+            (6144, true),
+            (5120, true),
+            (1024, true),
+            (4096, false),
+            (151_936, false),
+        ] {
+            assert_eq!(split_rows_pay(rows, 4096, 4224), pays, "{rows} rows");
+        }
+        // A row's chunks must split evenly.
+        assert!(!split_rows_pay(6144, 2048, 4224));
+        // The dense kernel: its split twin may hold fewer blocks per SM. 9216 rows over
+        // 132 SMs of eight-warp blocks gain at four or six blocks, not at five.
+        let warps = |blocks: usize| blocks * 132 * 8;
+        assert!(sharing_rows_pays(9216, warps(4), warps(4)));
+        assert!(!sharing_rows_pays(9216, warps(5), warps(5)));
+        assert!(sharing_rows_pays(9216, warps(6), warps(6)));
+        assert!(sharing_rows_pays(6144, warps(4), warps(4)));
+        // The plain kernel at six blocks, its twin at five: 6144 rows take one wave whole and
+        // two halved, so not shared.
+        assert!(!sharing_rows_pays(6144, warps(6), warps(5)));
     }
 
     #[test]

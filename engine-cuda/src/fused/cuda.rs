@@ -1068,7 +1068,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
     let split = share_rows
         && !swiglu
         && cols.is_multiple_of(16)
-        && sharing_rows_pays(
+        && super::sharing_rows_pays(
             rows,
             resident_gemv_warps(dev, &plain)?,
             resident_gemv_warps(dev, &split_name)?,
@@ -1122,7 +1122,7 @@ pub struct QuantGemv {
     /// shared memory or the rows allow fewer): [`QUANT_GEMV_BLOCKS_PER_SM`] unless a launch
     /// sweep asks for fewer.
     pub blocks_per_sm: usize,
-    /// Share each row between two warps where that pays ([`split_rows_pay`]; 16-bit
+    /// Share each row between two warps where that pays ([`super::split_rows_pay`]; 16-bit
     /// activations, two stages, not with `swiglu`).
     pub split_rows: bool,
 }
@@ -1132,26 +1132,8 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
-/// Whether a product of `rows` × `cols` gains from sharing each row between two warps (the
-/// kernel's SPLIT) on a grid of `resident_warps`: the busiest warp takes ⌈rows / warps⌉ rows
-/// plain and ⌈2·rows / warps⌉ half rows shared, so sharing pays where the second is less than
-/// twice the first (over 4224 warps, 6144 or 5120 rows: three half rows against two rows; 1024
-/// rows: one half row against one row; not 4096 rows: two half rows against one row). The
-/// row's chunks must split evenly.
-pub fn split_rows_pay(rows: usize, cols: usize, resident_warps: usize) -> bool {
-    cols.is_multiple_of(2 * super::QUANT_GEMV_CHUNK)
-        && sharing_rows_pays(rows, resident_warps, resident_warps)
-}
-
-/// Whether `rows` shared two warps to a row, over `split_warps` resident warps, finish in
-/// fewer rounds of half rows than whole rows one to a warp take over `plain_warps` (for the
-/// dense product a round is a wave of blocks).
-pub fn sharing_rows_pays(rows: usize, plain_warps: usize, split_warps: usize) -> bool {
-    (2 * rows).div_ceil(split_warps.max(1)) < 2 * rows.div_ceil(plain_warps.max(1))
-}
-
 /// Whether the dense batch-1 GEMV shares rows between two warps where that pays
-/// ([`sharing_rows_pays`]; not with the SwiGLU gate): `HELEXA_ENGINE_GEMV_SPLIT=1`, off until
+/// ([`super::sharing_rows_pays`]; not with the SwiGLU gate): `HELEXA_ENGINE_GEMV_SPLIT=1`, off until
 /// measured (a row is summed in another order, so outputs can differ in the last bit).
 fn dense_split_rows() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -1159,7 +1141,7 @@ fn dense_split_rows() -> bool {
 }
 
 /// Whether `launch` over `rows` × `cols` runs the split-row kernel: asked for, 16-bit
-/// activations, two stages, not SwiGLU (the kernels that exist), and [`split_rows_pay`].
+/// activations, two stages, not SwiGLU (the kernels that exist), and [`super::split_rows_pay`].
 pub fn uses_split_kernel(
     launch: &QuantGemv,
     rows: usize,
@@ -1171,7 +1153,7 @@ pub fn uses_split_kernel(
         && sixteen_bit
         && launch.stages == 2
         && !launch.swiglu
-        && split_rows_pay(rows, cols, resident_warps)
+        && super::split_rows_pay(rows, cols, resident_warps)
 }
 
 /// The device's multiprocessors (at least 1).
