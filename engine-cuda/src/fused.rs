@@ -51,6 +51,23 @@ pub(crate) fn opt_in(cell: &'static OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var(name).is_ok_and(|v| v == "1"))
 }
 
+/// A tuning number: the environment variable `name` when it parses into `range`, else
+/// `default`, read once.
+pub(crate) fn tuning(
+    cell: &'static OnceLock<usize>,
+    name: &str,
+    range: std::ops::RangeInclusive<usize>,
+    default: usize,
+) -> usize {
+    *cell.get_or_init(|| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|n| range.contains(n))
+            .unwrap_or(default)
+    })
+}
+
 /// Whether the fused kernels are switched on (`HELEXA_ENGINE_KERNELS=0` turns them off).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -169,13 +186,7 @@ const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
 /// and four were slower than two on the H200, eighth session).
 fn quant_gemv_stages() -> usize {
     static STAGES: OnceLock<usize> = OnceLock::new();
-    *STAGES.get_or_init(|| {
-        std::env::var("HELEXA_ENGINE_QUANT_GEMV_STAGES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|s| (2..=4).contains(s))
-            .unwrap_or(2)
-    })
+    tuning(&STAGES, "HELEXA_ENGINE_QUANT_GEMV_STAGES", 2..=4, 2)
 }
 
 /// Whether a product of `rows` × `cols` gains from sharing each row between two warps (the

@@ -15,14 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def decodes(path):
-    doc = json.load(open(path))
-    return {
-        (m["path"].rstrip("/").rsplit("/", 1)[-1], d["context"]): d
-        for m in doc["models"]
-        for d in m["decode"]
-    }
+from compare_greedy import decodes  # this directory: each decode of a report by model and context
 
 
 def model_files(directory):

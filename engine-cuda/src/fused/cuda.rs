@@ -553,13 +553,12 @@ fn raw_token_dims(i: &QkvInputs<'_>) -> Result<(usize, usize, usize, usize, usiz
 /// more positions: a replayed step's first band (256 positions) has 8 splits at 32, one at 256.
 pub(super) fn attention_split_positions() -> usize {
     static POSITIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *POSITIONS.get_or_init(|| {
-        std::env::var("HELEXA_ENGINE_ATTENTION_SPLIT_POSITIONS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|p| (1..=4096).contains(p))
-            .unwrap_or(32)
-    })
+    super::tuning(
+        &POSITIONS,
+        "HELEXA_ENGINE_ATTENTION_SPLIT_POSITIONS",
+        1..=4096,
+        32,
+    )
 }
 
 /// Splits of the decode attention over `len` positions: enough blocks to fill the GPU at long
@@ -1057,23 +1056,24 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         (true, false) => "gemv_norm",
         (true, true) => "gemv_norm_swiglu",
     };
-    let split_name = if norm.is_some() {
-        "gemv_norm_split"
-    } else {
-        "gemv_split"
-    };
-    let (plain, split_name) = (format!("{plain}_{sfx}"), format!("{split_name}_{sfx}"));
-    // Whole rows in waves of the plain kernel's resident warps against half rows in waves of
-    // the split kernel's (it may hold fewer blocks per SM).
-    let split = share_rows
-        && !swiglu
-        && cols.is_multiple_of(16)
-        && super::sharing_rows_pays(
+    let (mut name, mut split) = (format!("{plain}_{sfx}"), false);
+    if share_rows && !swiglu && cols.is_multiple_of(16) {
+        let split_name = if norm.is_some() {
+            format!("gemv_norm_split_{sfx}")
+        } else {
+            format!("gemv_split_{sfx}")
+        };
+        // Whole rows in waves of the plain kernel's resident warps against half rows in waves
+        // of the split kernel's (it may hold fewer blocks per SM).
+        if super::sharing_rows_pays(
             rows,
-            resident_gemv_warps(dev, &plain)?,
+            resident_gemv_warps(dev, &name)?,
             resident_gemv_warps(dev, &split_name)?,
-        );
-    let (f, stream) = function(dev, if split { &split_name } else { &plain })?;
+        ) {
+            (name, split) = (split_name, true);
+        }
+    }
+    let (f, stream) = function(dev, &name)?;
     let mut b = Args::new(&stream);
     b.input(&wv)
         .input(&xv)
