@@ -159,7 +159,8 @@ __device__ void gather_rows(const T *table, const unsigned *ids, T *out, int col
 // block: `merge_in_cluster`). Replaces q·Kᵀ, the scale, the softmax and p·V.
 // `pos_at`, when not null (the `_at` entry points), is the device position of the query (a decode step replayed from a
 // CUDA graph, whose grid and arguments are fixed at capture): L is that plus one and `chunk` is
-// worked out as the launcher does for L with at most `max_splits` splits. The grid then has
+// worked out as the launcher does for L: one split up to `one_split` positions, else one per 32
+// positions, at most `max_splits` (`attention_split_count`). The grid then has
 // the splits of the longest L the graph serves; splits past L see no position and write an
 // empty partial (max −inf, sum 0), which the merge weighs 0, so the result is the same as a
 // launch sized for L.
@@ -281,12 +282,12 @@ template <typename T, int EPL, int G, bool ROPE, bool TR = false>
 __device__ void decode_attention(const T *q, const T *k_cache, const T *v_cache, T *out,
                                  float *part_o, float *part_ml, int cap, int L, int chunk,
                                  float scale, const int *pos_at, int max_splits,
-                                 RawToken<T> raw) {
+                                 int one_split, RawToken<T> raw) {
     // The device position is read before waiting for the previous kernel: the host writes it
     // before the graph's replay, and no kernel writes it.
     if (pos_at != nullptr) {
         L = *pos_at + 1;
-        const int splits_for_l = min(max((L + 31) / 32, 1), max_splits);
+        const int splits_for_l = L <= one_split ? 1 : min((L + 31) / 32, max_splits);
         chunk = (L + splits_for_l - 1) / splits_for_l;
     }
     constexpr int HD = EPL * 32;
@@ -760,29 +761,30 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale) {                                                   \
         decode_attention<T, EPL, G, false>(q, k_cache, v_cache, out, part_o, part_ml, cap, L,       \
-                                           chunk, scale, nullptr, 0, RawToken<T>{});                \
+                                           chunk, scale, nullptr, 0, 0, RawToken<T>{});             \
     }                                                                                               \
     extern "C" __global__ void decode_attention_at_##SUF##_e##EPL##_g##G(                           \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
-        int cap, int L, int chunk, float scale, const int *pos_at, int max_splits) {                \
+        int cap, int L, int chunk, float scale, const int *pos_at, int max_splits, int one_split) { \
         decode_attention<T, EPL, G, false>(q, k_cache, v_cache, out, part_o, part_ml, cap, L,       \
-                                           chunk, scale, pos_at, max_splits, RawToken<T>{});        \
+                                           chunk, scale, pos_at, max_splits, one_split,             \
+                                           RawToken<T>{});                                          \
     }                                                                                               \
     extern "C" __global__ void decode_attention_rope_##SUF##_e##EPL##_g##G(                         \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale, const T *k, const T *v, const T *q_w,               \
         const T *k_w, const T *cos, const T *sin, float eps, int style) {                           \
         decode_attention<T, EPL, G, true>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk, \
-                                          scale, nullptr, 0,                                        \
+                                          scale, nullptr, 0, 0,                                     \
                                           RawToken<T>{k, v, q_w, k_w, cos, sin, eps, style});       \
     }                                                                                               \
     extern "C" __global__ void decode_attention_rope_at_##SUF##_e##EPL##_g##G(                      \
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale, const T *k, const T *v, const T *q_w,               \
         const T *k_w, const T *cos, const T *sin, float eps, int style, const int *pos_at,          \
-        int max_splits) {                                                                           \
+        int max_splits, int one_split) {                                                            \
         decode_attention<T, EPL, G, true>(q, k_cache, v_cache, out, part_o, part_ml, cap, L, chunk, \
-                                          scale, pos_at, max_splits,                                \
+                                          scale, pos_at, max_splits, one_split,                     \
                                           RawToken<T>{k, v, q_w, k_w, cos, sin, eps, style});       \
     }
 
@@ -798,9 +800,9 @@ ENTRY_POINTS(__half, f16)
         const T *q, const T *k_cache, const T *v_cache, T *out, float *part_o, float *part_ml,      \
         int cap, int L, int chunk, float scale, const T *k, const T *v, const T *q_w,               \
         const T *k_w, const T *cos, const T *sin, float eps, int style, const int *pos_at,          \
-        int max_splits) {                                                                           \
+        int max_splits, int one_split) {                                                            \
         decode_attention<T, EPL, G, true, true>(q, k_cache, v_cache, out, part_o, part_ml, cap, L,  \
-                                                chunk, scale, pos_at, max_splits,                   \
+                                                chunk, scale, pos_at, max_splits, one_split,        \
                                                 RawToken<T>{k, v, q_w, k_w, cos, sin, eps, style}); \
     }
 #define DECODE_ATTN_TR_ALL(T, SUF)                                                                  \

@@ -233,15 +233,25 @@ struct QuantLaunchEntry {
     shape: QuantLaunchShape,
 }
 
-/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH`: entries
+/// The launch table used unless `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` is set: the launch sweep's
+/// choices on the H200 (tenth session, `gpu-check.sh tune`) for the 8B weights where one beat
+/// the default launch by over 2% alone, e.g. Q8_0 q/k/v 10.12 → 9.51 µs, Q4_K q/k 7.90 → 7.15
+/// µs. In a whole decode step: Q8_0 2.69 → 2.67 ms, Q4_K_M 2.16 → 2.13 ms, same tokens.
+const DEFAULT_QUANT_LAUNCH: &str =
+    "q8_0:6144x4096=3x3,q4k:5120x4096=3x1,q4k:4096x4096=2x2,q4k:4096x12288=4x2";
+
+/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset:
+/// [`DEFAULT_QUANT_LAUNCH`]; empty or `none`: no table): entries
 /// `FORMAT:ROWSxCOLS=STAGESxBLOCKS` separated by commas, e.g. `q8_0:4096x12288=3x3` (the weight
 /// as stored: a stacked gate/up weight has twice the output rows). A weight without an entry
-/// launches at [`quant_gemv_stages`] and every block an SM holds. Meant for trying the launch
-/// sweep's choices (`src/fused/launch_sweep.rs`) in a whole decode step without a rebuild.
+/// launches at [`quant_gemv_stages`] and every block an SM holds. The launch sweep
+/// (`src/fused/launch_sweep.rs`) measures the choices; this tries them in a whole decode step
+/// without a rebuild.
 fn quant_launch_table() -> &'static [QuantLaunchEntry] {
     static TABLE: OnceLock<Vec<QuantLaunchEntry>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let spec = std::env::var("HELEXA_ENGINE_QUANT_GEMV_LAUNCH").unwrap_or_default();
+        let spec = std::env::var("HELEXA_ENGINE_QUANT_GEMV_LAUNCH")
+            .unwrap_or_else(|_| DEFAULT_QUANT_LAUNCH.to_owned());
         parse_quant_launch_table(&spec).unwrap_or_else(|bad| {
             eprintln!("helexa-engine-cuda: HELEXA_ENGINE_QUANT_GEMV_LAUNCH ignored: malformed entry {bad:?}");
             Vec::new()
@@ -254,7 +264,7 @@ fn quant_launch_table() -> &'static [QuantLaunchEntry] {
 fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEntry>, String> {
     spec.split(',')
         .map(str::trim)
-        .filter(|e| !e.is_empty())
+        .filter(|e| !e.is_empty() && *e != "none")
         .map(|entry| {
             let parse = || -> Option<QuantLaunchEntry> {
                 let (format, rest) = entry.split_once(':')?;
@@ -821,6 +831,13 @@ pub(crate) struct AttentionPlan {
     /// instructions, 80 of a round's ~470 being shuffles. Ninth session, H200: @4096 step
     /// 4.75 / 3.10 / 2.59 → 4.61 / 2.94 / 2.43 ms (BF16 / Q8_0 / Q4_K_M), same tokens.
     pub warp_sums: bool,
+    /// Positions up to which the decode attention runs one split per KV head
+    /// (`HELEXA_ENGINE_ATTENTION_ONE_SPLIT=N`, default 256, the graph's band; 32 is the
+    /// first measured path): no merge launch, each block taking every position, so a
+    /// replayed step's first 256 positions launch one kernel for the attention instead of
+    /// two. Past it the attention splits one per 32 positions, up to the blocks that fill the
+    /// GPU, as before.
+    pub one_split: usize,
 }
 
 #[cfg(feature = "cuda")]
@@ -830,6 +847,7 @@ impl AttentionPlan {
     pub(crate) const PLAIN: Self = Self {
         merge: SplitMerge::Kernel,
         warp_sums: false,
+        one_split: 32,
     };
 }
 
@@ -838,6 +856,7 @@ impl AttentionPlan {
 pub(crate) fn attention_plan() -> AttentionPlan {
     static CLUSTER: OnceLock<bool> = OnceLock::new();
     static SUMS: OnceLock<bool> = OnceLock::new();
+    static ONE_SPLIT: OnceLock<usize> = OnceLock::new();
     AttentionPlan {
         merge: if opt_in(&CLUSTER, "HELEXA_ENGINE_ATTENTION_CLUSTER") {
             SplitMerge::Cluster
@@ -845,6 +864,12 @@ pub(crate) fn attention_plan() -> AttentionPlan {
             SplitMerge::Kernel
         },
         warp_sums: switch(&SUMS, "HELEXA_ENGINE_ATTENTION_SUMS"),
+        one_split: tuning(
+            &ONE_SPLIT,
+            "HELEXA_ENGINE_ATTENTION_ONE_SPLIT",
+            1..=65536,
+            256,
+        ),
     }
 }
 
@@ -992,6 +1017,12 @@ mod cpu_tests {
             ])
         );
         assert_eq!(parse_quant_launch_table(""), Ok(Vec::new()));
+        assert_eq!(parse_quant_launch_table("none"), Ok(Vec::new()));
+        assert_eq!(
+            parse_quant_launch_table(DEFAULT_QUANT_LAUNCH).map(|t| t.len()),
+            Ok(4),
+            "the default table"
+        );
         for bad in [
             "q8_0:4096x12288=5x3",
             "q8_0:4096x12288=3x0",
@@ -1611,8 +1642,8 @@ mod gpu_tests {
             let want = run(SplitMerge::Kernel);
             let before = planned_launches(0);
             let got = run(SplitMerge::Cluster);
-            let per_split = cuda::attention_split_positions();
-            let splits = if on_device { 256 } else { len }.div_ceil(per_split);
+            let longest = if on_device { 256 } else { len };
+            let splits = cuda::attention_split_count(longest, kvh, AttentionPlan::PLAIN.one_split);
             let expected =
                 usize::from((2..=cuda::ATTENTION_CLUSTER_MAX).contains(&splits) && can_cluster);
             assert_eq!(planned_launches(0) - before, expected, "{case}: clustered");
@@ -1637,12 +1668,53 @@ mod gpu_tests {
                 let name = format!("rope offset {offset} graph {graph}");
                 let before = planned_launches(0);
                 case.expect_same(plan, &name);
-                let per_split = cuda::attention_split_positions();
-                let splits = if graph { 256 } else { offset + 1 }.div_ceil(per_split);
+                let longest = if graph { 256 } else { offset + 1 };
+                let splits = cuda::attention_split_count(
+                    longest,
+                    shapes[0].1,
+                    AttentionPlan::PLAIN.one_split,
+                );
                 let clustered = planned_launches(0) - before;
                 let expected =
                     usize::from((2..=cuda::ATTENTION_CLUSTER_MAX).contains(&splits) && can_cluster);
                 assert_eq!(clustered, expected, "{name}: clustered");
+            }
+        }
+    }
+
+    #[test]
+    fn one_split_up_to_a_length_is_the_same_on_the_device_and_close_to_split() {
+        // One split up to 256 positions (a graph's first band) against the plain split every
+        // 32: the same attention summed in another order. A replayed step's attention (its
+        // position on the device, the grid sized for the band's end) must give the bits of a
+        // launch with the position as an argument: the kernel counts its splits as the
+        // launcher does (a device kernel that split every 32 regardless covered only the first
+        // split's positions, caught on the H200 in the tenth session).
+        for one_split in [1, 100, 256] {
+            let plan = AttentionPlan {
+                warp_sums: true,
+                one_split,
+                ..AttentionPlan::PLAIN
+            };
+            for shape in [(32, 8, 128), (16, 4, 64)] {
+                for offset in [0usize, 31, 40, 99, 100, 200, 255, 256, 700] {
+                    let name = format!("one split to {one_split} {shape:?} offset {offset}");
+                    let band_end = (offset + 1).next_multiple_of(256);
+                    let case =
+                        RopedCase::new(DType::BF16, RopeStyle::Half, shape, offset, true, None);
+                    let [want, ..] = case.run(AttentionPlan::PLAIN);
+                    let [arg, k_arg, v_arg] = case.run(plan);
+                    let [dev, k_dev, v_dev] = case.with_band(Some(band_end)).run(plan);
+                    let e = rel_diff(&arg, &want);
+                    assert!(e < 1e-2, "{name}: {e} against the plain split");
+                    for (what, (g, w)) in [
+                        ("output", (&dev, &arg)),
+                        ("k", (&k_dev, &k_arg)),
+                        ("v", (&v_dev, &v_arg)),
+                    ] {
+                        assert!(same_bits(g, w), "{name}: {what} on the device");
+                    }
+                }
             }
         }
     }
@@ -1721,11 +1793,6 @@ mod gpu_tests {
             let qkv = random(&[1, 1, (h + 2 * kvh) * hd], dtype, &dev);
             let part = |from, n| qkv.narrow(D::Minus1, from, n).expect("part");
             let norm = || RmsNorm::new(random(&[hd], dtype, &dev), 1e-6);
-            let at = band_end.map(|max_len| DevicePosition {
-                position: Tensor::new(&[u32::try_from(offset).expect("offset")], &dev)
-                    .expect("position"),
-                max_len,
-            });
             Self {
                 shape,
                 offset,
@@ -1735,7 +1802,22 @@ mod gpu_tests {
                 norms: norms.then(|| (norm(), norm())),
                 rope,
                 history: random(&[1, kvh, Self::CAP, hd], dtype, &dev),
-                at,
+                at: device_position(offset, band_end, &dev),
+            }
+        }
+
+        /// The same inputs with the position on the device (a graph's band ending at
+        /// `band_end`), or as an argument (`None`).
+        fn with_band(&self, band_end: Option<usize>) -> Self {
+            Self {
+                q: self.q.clone(),
+                k: self.k.clone(),
+                v: self.v.clone(),
+                norms: self.norms.clone(),
+                rope: self.rope.clone(),
+                history: self.history.clone(),
+                at: device_position(self.offset, band_end, self.q.device()),
+                ..*self
             }
         }
 
@@ -1794,6 +1876,20 @@ mod gpu_tests {
                 assert!(same_bits(g, w), "{case}: {what}");
             }
         }
+    }
+
+    /// A decode step's position `offset` on the device, for a graph's band ending at
+    /// `band_end` (`None`: the position is an argument).
+    fn device_position(
+        offset: usize,
+        band_end: Option<usize>,
+        dev: &Device,
+    ) -> Option<DevicePosition> {
+        band_end.map(|max_len| DevicePosition {
+            position: Tensor::new(&[u32::try_from(offset).expect("offset")], dev)
+                .expect("position"),
+            max_len,
+        })
     }
 
     /// Launches of the attention that took a plan's path so far (0: clustered, 1: summing).

@@ -16,15 +16,18 @@
 #                                       # Qwen3-8B layer at each launch shape (chunks in flight
 #                                       # per warp, blocks per SM), replayed from a CUDA graph
 #                                       # (src/fused/launch_sweep.rs; ~1-2 min)
+#   scripts/device/gpu-check.sh tune    # gemv-sweep, its choices as a launch table
+#                                       # (launch_table.py), then switches at @0 over the
+#                                       # table and TUNE_SWITCHES (~8 min)
 #   scripts/device/gpu-check.sh omit-sweep   # decode step time (graph on) with each kernel
 #                                       # class left out in turn (OMIT_VARIANTS), and without
 #                                       # PDL (~5 min; ALL_CONTEXTS=0 halves it)
 #   scripts/device/gpu-check.sh switches  # decode-only benches of the three formats @0 and
 #                                       # @4096 (ALL_CONTEXTS) with the defaults, then with
-#                                       # each setting of ALL_SWITCHES (default: the cluster
-#                                       # merge on, the warp sums off, the staged safetensors
-#                                       # load off, the staged GGUF load on: their `load`
-#                                       # lines; the GEMVs' shared rows on), greedy
+#                                       # each setting of ALL_SWITCHES (default: the
+#                                       # attention split every 32 positions, no launch
+#                                       # table, the cluster merge on, the GEMVs' shared
+#                                       # rows on; VAR=VALUE+VAR=VALUE flips two), greedy
 #                                       # tokens compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
 #                                       # folded into three files (fold_outputs.py)
@@ -88,16 +91,18 @@ switches)
       "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" > "$OUT/greedy-defaults-vs-ref.txt" 2>&1
     tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref-switches.json: /"
   fi
-  # By default each optional switch against the defaults: the cluster merge, the staged GGUF
-  # load and the shared rows of both GEMVs (off by default) turned on, the warp sums and the
-  # staged safetensors load off. With ALL_CONTEXTS=0 it fits a call; both contexts may not.
-  default_settings="HELEXA_ENGINE_ATTENTION_CLUSTER=1 HELEXA_ENGINE_ATTENTION_SUMS=0"
-  default_settings+=" HELEXA_ENGINE_STAGED_LOAD=0 HELEXA_ENGINE_STAGED_GGUF=1"
-  default_settings+=" HELEXA_ENGINE_QUANT_GEMV_SPLIT=1 HELEXA_ENGINE_GEMV_SPLIT=1"
+  # By default each optional switch against the defaults: the attention split every 32
+  # positions from the start and no launch table (the paths before the tenth session), the
+  # cluster merge and the shared rows of both GEMVs (off by default) turned on.
+  default_settings="HELEXA_ENGINE_ATTENTION_ONE_SPLIT=32 HELEXA_ENGINE_QUANT_GEMV_LAUNCH=none"
+  default_settings+=" HELEXA_ENGINE_ATTENTION_CLUSTER=1 HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
+  default_settings+=" HELEXA_ENGINE_GEMV_SPLIT=1"
   for setting in ${ALL_SWITCHES:-$default_settings}; do
-    # A setting is VAR=VALUE[,VAR=VALUE…]: flipped together.
-    tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/[_=]/-/g; s/,/-and-/g' | tr 'A-Z' 'a-z')
-    env ${setting//,/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
+    # A setting is VAR=VALUE[+VAR=VALUE…]: flipped together (a value may hold commas: the
+    # launch table). Its tag names the files; a long one is cut and told apart by a checksum.
+    tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/+/-and-/g; s/[^A-Za-z0-9-]/-/g' | tr 'A-Z' 'a-z')
+    [ ${#tag} -gt 48 ] && tag="${tag:0:40}-$(echo "$setting" | md5sum | cut -c1-6)"
+    env ${setting//+/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
     grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
     python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" \
       "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" > "$OUT/greedy-$tag.txt" 2>&1
@@ -106,13 +111,26 @@ switches)
       mkdir -p /tmp/margins
       timeout 240 python3 scripts/device/parting_margins.py \
         "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" \
-        "${setting//,/ }" /tmp/bench-models "$bin/engine-cuda-tests" /tmp/margins \
+        "${setting//+/ }" /tmp/bench-models "$bin/engine-cuda-tests" /tmp/margins \
         >> "$OUT/greedy-$tag.txt" 2>&1
     fi
     grep -E "identical, |parts at step|failed|not comparable" "$OUT/greedy-$tag.txt" \
       | sed "s/^/$tag greedy vs defaults: /"
   done
   python3 scripts/device/fold_outputs.py "$OUT"
+  exit $status
+  ;;
+tune)
+  # The launch sweep, its choices as a launch table (launch_table.py), then `switches` at @0
+  # over that table and the other decode switches (TUNE_SWITCHES), in one call (~8 min).
+  timeout 200 "$0" gemv-sweep > /dev/null || status=1
+  table=$(python3 scripts/device/launch_table.py "$OUT/gemv-sweep.txt" 2> "$OUT/launch-table.txt")
+  echo "launch table: ${table:-(nothing beats the default)}" >> "$OUT/launch-table.txt"
+  cat "$OUT/launch-table.txt"
+  settings=${TUNE_SWITCHES:-"HELEXA_ENGINE_QUANT_GEMV_SPLIT=1 HELEXA_ENGINE_GEMV_SPLIT=1 HELEXA_ENGINE_ATTENTION_ONE_SPLIT=32"}
+  [ -n "$table" ] && settings+=" HELEXA_ENGINE_QUANT_GEMV_LAUNCH=$table HELEXA_ENGINE_QUANT_GEMV_LAUNCH=$table+HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
+  ALL_CONTEXTS=${ALL_CONTEXTS:-0} ALL_SWITCHES="$settings" timeout 380 "$0" switches || status=1
+  [ -f "$OUT/summary.txt" ] || python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;
 gemv-sweep)

@@ -547,29 +547,27 @@ fn raw_token_dims(i: &QkvInputs<'_>) -> Result<(usize, usize, usize, usize, usiz
     Ok((h, 1, kvh, cap, hd))
 }
 
-/// Fewest positions per split of the decode attention (below it a context is not split
-/// further): `HELEXA_ENGINE_ATTENTION_SPLIT_POSITIONS`, default 32, a tuning knob. At short
-/// contexts it trades the merge launch (none with one split) against fewer blocks each taking
-/// more positions: a replayed step's first band (256 positions) has 8 splits at 32, one at 256.
-pub(super) fn attention_split_positions() -> usize {
-    static POSITIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    super::tuning(
-        &POSITIONS,
-        "HELEXA_ENGINE_ATTENTION_SPLIT_POSITIONS",
-        1..=4096,
-        32,
-    )
+/// Positions per split of the decode attention past its one-split length: splits enough to
+/// fill the GPU at long contexts.
+const ATTENTION_SPLIT_POSITIONS: usize = 32;
+
+/// Splits of the decode attention over `len` positions for `kv_heads` KV heads: one up to
+/// `one_split` positions ([`super::AttentionPlan::one_split`]: no merge launch), else one per
+/// [`ATTENTION_SPLIT_POSITIONS`], at most the blocks that fill the GPU. The kernel counts the
+/// same for a device length (`decode_attention`'s `pos_at`), and no length below `len` counts
+/// more, so a graph's grid sized for the longest length it serves holds every shorter one's.
+pub(super) fn attention_split_count(len: usize, kv_heads: usize, one_split: usize) -> usize {
+    if len <= one_split {
+        1
+    } else {
+        len.div_ceil(ATTENTION_SPLIT_POSITIONS)
+            .clamp(1, attention_max_splits(kv_heads))
+    }
 }
 
-/// Splits of the decode attention over `len` positions: enough blocks to fill the GPU at long
-/// contexts, whole below [`attention_split_positions`] per block. Returns (splits, positions
-/// per split); the kernel repeats this for a device length (`decode_attention`'s `pos_at`).
-fn attention_splits(len: usize, max_splits: usize) -> (usize, usize) {
-    let splits = len
-        .div_ceil(attention_split_positions())
-        .clamp(1, max_splits);
-    let chunk = len.div_ceil(splits);
-    (len.div_ceil(chunk), chunk)
+/// Most splits per KV head: [`ATTENTION_TARGET_BLOCKS`] over the KV heads.
+fn attention_max_splits(kv_heads: usize) -> usize {
+    ATTENTION_TARGET_BLOCKS.div_ceil(kv_heads)
 }
 
 #[allow(
@@ -602,17 +600,16 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     if !super::decode_attention_supported(hd, groups) {
         bail!("decode_attention: no kernel for head_dim {hd} with {groups} heads per KV head");
     }
-    let max_splits = ATTENTION_TARGET_BLOCKS.div_ceil(kvh);
-    let (splits, chunk) = attention_splits(len, max_splits);
+    let max_splits = attention_max_splits(kvh);
+    // Positions per split for this length; their count reduced to what that chunk needs.
+    let chunk = len.div_ceil(attention_split_count(len, kvh, plan.one_split));
     // With a device position the grid must hold the splits of every length up to the longest
     // the graph serves: the unreduced count, which no shorter length exceeds (the reduced
-    // `attention_splits(longest).0` can be smaller than a shorter length's).
+    // count of the longest can be smaller than a shorter length's).
     let splits = if at.is_some() {
-        longest
-            .div_ceil(attention_split_positions())
-            .clamp(1, max_splits)
+        attention_split_count(longest, kvh, plan.one_split)
     } else {
-        splits
+        len.div_ceil(chunk)
     };
     let guards = [q, k_cache, v_cache].map(Tensor::storage_and_layout);
     // Each lane moves its hd/32 elements of a row in one vector load.
@@ -637,8 +634,13 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     let mut part_o = unsafe { dev.alloc::<f32>(h * parts * hd) }?;
     // SAFETY: as `out`.
     let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
-    let (cap_a, len_a, chunk_a, max_splits_a) =
-        (int(cap)?, int(len)?, int(chunk)?, int(max_splits)?);
+    let (cap_a, len_a, chunk_a, max_splits_a, one_split_a) = (
+        int(cap)?,
+        int(len)?,
+        int(chunk)?,
+        int(max_splits)?,
+        int(plan.one_split)?,
+    );
     let at_part = if pos.is_some() { "at_" } else { "" };
     let rope_part = if rope.is_some() { "rope_" } else { "" };
     // The warp_sums kernels exist for the graph's attention with the rope folded in, 16-bit.
@@ -688,7 +690,7 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         b.input(cos).input(sin).value(&eps).value(&style);
     }
     if let Some(pos) = &pos {
-        b.input(pos).value(&max_splits_a);
+        b.input(pos).value(&max_splits_a).value(&one_split_a);
     }
     // The split blocks of each KV head as one cluster, merged inside the launch (the kernel's
     // `merge_in_cluster`), when asked, the GPU launches clusters and the kernel was compiled

@@ -1,0 +1,53 @@
+#!/usr/bin/env python3
+"""The launch sweep's choices as a HELEXA_ENGINE_QUANT_GEMV_LAUNCH value.
+
+Reads `gpu-check.sh gemv-sweep`'s output (lines like
+`q8_0 down 4096×12288 stages 3 blocks/SM 2: 18.10 µs, 69%`) and, for each weight, picks the
+fastest launch shape; the weight gets an entry only where that beats the default launch
+(stages 2, the most blocks an SM holds) by more than MARGIN, so noise does not make the table.
+Rows are the weight's as stored: a stacked gate/up weight has twice the product's rows.
+
+    launch_table.py gemv-sweep.txt [MARGIN]   # prints the value (empty when nothing pays),
+                                              # and on stderr each weight's default and best
+"""
+import re
+import sys
+
+LINE = re.compile(
+    r"^(?P<fmt>\S+) (?P<name>\S+) (?P<rows>\d+)×(?P<cols>\d+) stages (?P<stages>\d) "
+    r"blocks/SM (?P<blocks>\d): (?P<us>[\d.]+) µs"
+)
+
+
+def main() -> None:
+    path = sys.argv[1]
+    margin = float(sys.argv[2]) if len(sys.argv) > 2 else 0.02
+    weights: dict[tuple[str, int, int], list[tuple[float, int, int]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            m = LINE.match(line.strip())
+            if not m:  # the header, split-row lines, test harness lines
+                continue
+            rows = int(m["rows"]) * (2 if m["name"] == "gate/up" else 1)
+            key = (m["fmt"], rows, int(m["cols"]))
+            weights.setdefault(key, []).append((float(m["us"]), int(m["stages"]), int(m["blocks"])))
+    entries = []
+    for (fmt, rows, cols), shapes in weights.items():
+        # The default: two stages at the most blocks the sweep launched with two stages.
+        default = max((s for s in shapes if s[1] == 2), key=lambda s: s[2], default=None)
+        best = min(shapes)
+        if default is None:
+            continue
+        pays = best[0] < default[0] * (1 - margin)
+        print(
+            f"{fmt}:{rows}x{cols}: default {default[1]}x{default[2]} {default[0]:.2f} µs, "
+            f"best {best[1]}x{best[2]} {best[0]:.2f} µs{' (taken)' if pays else ''}",
+            file=sys.stderr,
+        )
+        if pays:
+            entries.append(f"{fmt}:{rows}x{cols}={best[1]}x{best[2]}")
+    print(",".join(entries))
+
+
+if __name__ == "__main__":
+    main()
