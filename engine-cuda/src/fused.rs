@@ -1279,14 +1279,20 @@ mod gpu_tests {
         assert!(shared, "the normed q/k/v product's rows were not shared");
         let e = rel_diff(&split, &plain);
         assert!(e < 1e-2, "norm: {e}");
-        // Without the norm the kernel holds more blocks per SM (38 registers: six; 9216 rows
-        // are shared at four, six, seven or eight, not five, on 132 SMs).
-        let w = random(&[9216, cols], DType::BF16, &dev);
-        let (plain, _) = cuda::gemv_sharing_rows(residual, &w, None, false).expect("plain");
-        let (split, shared) = cuda::gemv_sharing_rows(residual, &w, None, true).expect("split");
-        assert!(shared, "the 9216-row product's rows were not shared");
-        let e = rel_diff(&split, &plain);
-        assert!(e < 1e-2, "plain: {e}");
+        // Without the norm the kernel holds more blocks per SM, how many depends on the
+        // compiled registers (the tenth session's H200 did not share 9216 rows, as estimated
+        // from 38 registers): one past a whole wave of rows is shared at any occupancy near
+        // it, so of these counts at least one must be.
+        let mut shared_any = false;
+        for rows in [9216, 4225, 6337, 8449, 12673] {
+            let w = random(&[rows, cols], DType::BF16, &dev);
+            let (plain, _) = cuda::gemv_sharing_rows(residual, &w, None, false).expect("plain");
+            let (split, shared) = cuda::gemv_sharing_rows(residual, &w, None, true).expect("split");
+            let e = rel_diff(&split, &plain);
+            assert!(e < 1e-2, "plain {rows} rows (shared: {shared}): {e}");
+            shared_any |= shared;
+        }
+        assert!(shared_any, "no product without the norm shared its rows");
     }
 
     /// Rows shared by two warps (`HELEXA_ENGINE_QUANT_GEMV_SPLIT`) give the plain product up
