@@ -674,8 +674,8 @@ __device__ __forceinline__ void argmax_merge(float &v, int &idx, int n) {
     }
 }
 
-extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
-    follow_previous_kernel();
+// The block's argmax of x, valid in thread 0 (the block must be the whole grid).
+__device__ __forceinline__ uint32_t argmax_block(const float *x, int n) {
     __shared__ float best_v[32];
     __shared__ int best_i[32];
     float v = -INFINITY;
@@ -699,7 +699,29 @@ extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
         v = lane < blockDim.x / 32 ? best_v[lane] : -INFINITY;
         idx = lane < blockDim.x / 32 ? best_i[lane] : n;
         argmax_merge(v, idx, n);
-        if (lane == 0) *out = idx < n ? idx : 0;
+    }
+    return idx < n ? idx : 0;
+}
+
+extern "C" __global__ void argmax_f32(const float *x, int n, uint32_t *out) {
+    follow_previous_kernel();
+    const uint32_t picked = argmax_block(x, n);
+    if (threadIdx.x == 0) *out = picked;
+}
+
+// The argmax of a replayed decode step that also feeds the next replay: the pick becomes the
+// next step's token id (`ids`) and the position moves on by one, so a replay queued before
+// this one's pick is read needs nothing from the host (`HELEXA_ENGINE_GRAPH_AHEAD`). Every
+// earlier kernel of the step has finished before this one passes its wait (each waits on the
+// one before), so none still reads the words.
+extern "C" __global__ void argmax_feed_f32(const float *x, int n, uint32_t *out, uint32_t *ids,
+                                           uint32_t *position) {
+    follow_previous_kernel();
+    const uint32_t picked = argmax_block(x, n);
+    if (threadIdx.x == 0) {
+        *out = picked;
+        *ids = picked;
+        *position += 1;
     }
 }
 

@@ -195,6 +195,16 @@ impl WorkerModel {
         }
     }
 
+    /// Forgets a decode step queued ahead of its token (`HELEXA_ENGINE_GRAPH_AHEAD`): it
+    /// serves only the decode that queued it, since the next call may change what the cache
+    /// holds before the same position comes round. Its replay finishes on the stream unread.
+    fn forget_queued_step(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(graph) = &mut self.step_graph {
+            graph.forget_queued();
+        }
+    }
+
     /// The greedy token after `token`, a decode step: replayed from the captured graph when
     /// there is one, else a plain forward pass.
     fn decode_greedy(&mut self, token: u32, timing: &mut StepTiming) -> Result<u32, EngineError> {
@@ -585,6 +595,7 @@ impl WorkerState {
         }
         self.current = Some(handle);
         let result = f(model, inject.as_deref());
+        model.forget_queued_step();
         self.current = None;
         model
             .cache_bytes
@@ -1051,25 +1062,32 @@ mod gpu_tests {
             };
             let cache = || Arc::new(AtomicUsize::new(0));
             let mut plain = WorkerModel::new(model(), "plain".into(), PrefillChunks::Auto, cache());
-            let mut replayed =
-                WorkerModel::new(model(), "replayed".into(), PrefillChunks::Auto, cache());
-            replayed.replay_steps_on(&dev);
             let want = decode(&mut plain, &prompt);
-            let got = decode(&mut replayed, &prompt);
-            assert_eq!(got, want, "{name}");
-            if !captured {
-                assert!(replayed.step_graph.is_none(), "{name}: captured after all");
-                continue;
+            // Replayed, then replayed with each next step queued before the token is read
+            // (`HELEXA_ENGINE_GRAPH_AHEAD`): the first request's last queued step is left
+            // unread, and the second request's position moves back past it.
+            for ahead in [false, true] {
+                let name = format!("{name} ahead {ahead}");
+                let mut replayed =
+                    WorkerModel::new(model(), "replayed".into(), PrefillChunks::Auto, cache());
+                let graph = crate::step_graph::StepGraph::queuing_ahead(&dev, ahead);
+                replayed.step_graph = Some(graph.expect("graph"));
+                let got = decode(&mut replayed, &prompt);
+                assert_eq!(got, want, "{name}");
+                if !captured {
+                    assert!(replayed.step_graph.is_none(), "{name}: captured after all");
+                    continue;
+                }
+                let graph = replayed
+                    .step_graph
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: the graph went off"));
+                // 299 decode steps a request (the first token comes from the prompt's last
+                // chunk): lengths 60..=358 cross the band end at 256; the second request (19
+                // positions reused, lengths 21..=319) replays the second capture.
+                assert!(graph.captures >= 2, "{name}: {} captures", graph.captures);
+                assert_eq!(graph.replays, 2 * 299, "{name}");
             }
-            let graph = replayed
-                .step_graph
-                .as_ref()
-                .unwrap_or_else(|| panic!("{name}: the graph went off"));
-            // 299 decode steps a request (the first token comes from the prompt's last chunk):
-            // lengths 60..=358 cross the band end at 256; the second request (19 positions
-            // reused, lengths 21..=319) replays the second capture.
-            assert!(graph.captures >= 2, "{name}: {} captures", graph.captures);
-            assert_eq!(graph.replays, 2 * 299, "{name}");
         }
     }
 }

@@ -141,13 +141,16 @@ pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Queues the argmax of f32 `logits` into `out[0]` without waiting: a CUDA graph's last kernel,
-/// whose result outlives the graph's own allocations.
+/// whose result outlives the graph's own allocations. With `feed` (the graph's token id and
+/// position words) the pick also becomes the next step's token and the position moves on, so
+/// a replay queued before this pick is read runs the next step.
 #[cfg(feature = "cuda")]
 pub fn argmax_into(
     logits: &Tensor,
     out: &mut candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+    feed: Option<[&Tensor; 2]>,
 ) -> Result<()> {
-    cuda::argmax_into(logits, out)
+    cuda::argmax_into(logits, out, feed)
 }
 
 /// Rows `ids` (`u32` on the device) of `table` `(rows, cols)`, as `(n, cols)`: an embedding

@@ -19,13 +19,23 @@
 //! - The argmax writes into a device word that outlives the graph, read back after each replay.
 //! - A replay runs only device work: the host's count of cached positions is advanced by hand
 //!   ([`CausalLm::advance`]).
+//! - With `HELEXA_ENGINE_GRAPH_AHEAD=1` (off until measured) the next step's replay is queued
+//!   before this step's token is read: the argmax feeds its pick and the next position into the
+//!   device words (`argmax_feed_f32`), and each pick is copied into its own page-locked word.
+//!   The GPU then goes from one step to the next without waiting for the host to read a token,
+//!   queue the inputs and launch (~10 µs of host time a step, plus the copy and the launch's
+//!   latency). A step queued ahead that the decode does not take (it stopped) wrote its
+//!   position's cache row and nothing else the host counts: the next use of the model writes
+//!   the inputs again and that row before it reads it.
 //!
 //! The kernels do for a device position what they do for the same position as an argument, so
 //! tokens with and without the graph are expected to be the same bit for bit (the attention
 //! grid's extra splits see no position and weigh 0 in the merge).
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaSlice, sys};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaEvent, CudaGraph, CudaSlice, PinnedHostSlice, sys,
+};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -40,6 +50,26 @@ const BAND: usize = 256;
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH")
+}
+
+/// Whether the next step's replay is queued before this step's token is read
+/// (`HELEXA_ENGINE_GRAPH_AHEAD=1`; off until measured on a GPU).
+pub fn ahead_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::fused::opt_in(&ON, "HELEXA_ENGINE_GRAPH_AHEAD")
+}
+
+/// A replay queued ahead: the step at `position`, whose token is the pick of the replay before
+/// it; its own pick is copied into pick slot `slot`.
+struct Ahead {
+    position: usize,
+    slot: usize,
+}
+
+/// A page-locked word a replay's pick is copied into, and the event recorded after each copy.
+struct PickSlot {
+    word: PinnedHostSlice<u32>,
+    copied: CudaEvent,
 }
 
 /// What a [`StepGraph::step`] did.
@@ -59,6 +89,15 @@ pub struct StepGraph {
     /// The greedy pick, written by the graph's last kernel.
     token: CudaSlice<u32>,
     graph: Option<CudaGraph>,
+    /// Whether replays are queued ahead ([`ahead_enabled`]): the graph's argmax then feeds
+    /// the next step's inputs.
+    ahead: bool,
+    /// The replay queued ahead, if any, and the pick of the last replay read (its input).
+    queued_ahead: Option<Ahead>,
+    last_pick: Option<u32>,
+    /// Where picks are copied with replays queued ahead: two, taken in turn, so the copy of one
+    /// step's pick is not overwritten by the next step's.
+    picks: Vec<PickSlot>,
     /// The caches' size when the graph was captured: it changes only when they grow, and so
     /// move.
     cache_bytes: usize,
@@ -75,6 +114,11 @@ impl StepGraph {
     /// events (it does when it manages several streams: event waits recorded before the
     /// capture do not belong in it).
     pub fn new(device: &Device) -> Result<Self> {
+        Self::queuing_ahead(device, ahead_enabled())
+    }
+
+    /// As [`StepGraph::new`], with replays queued ahead or not whatever the environment says.
+    pub fn queuing_ahead(device: &Device, ahead: bool) -> Result<Self> {
         let dev = device.as_cuda_device()?;
         let ctx = dev.cuda_stream().context().clone();
         if !ctx.has_async_alloc() || ctx.is_managing_stream_synchronization() {
@@ -90,6 +134,10 @@ impl StepGraph {
             },
             token: dev.cuda_stream().alloc_zeros::<u32>(1).w()?,
             graph: None,
+            ahead,
+            queued_ahead: None,
+            last_pick: None,
+            picks: Vec::new(),
             cache_bytes: 0,
             queued: Duration::ZERO,
             captures: 0,
@@ -105,19 +153,27 @@ impl StepGraph {
         let start = Instant::now();
         let position = model.cache_len();
         let len = position + 1;
-        self.write_inputs(token, position)?;
-        let serves = self.graph.is_some()
-            && len <= self.at.max_len
-            && model.cache_bytes() == self.cache_bytes;
-        if serves {
+        // A replay queued ahead runs this step when it is the one for this position and token;
+        // any other is left to finish (it wrote only its position's cache row, and the inputs
+        // are written again below).
+        let queued = self.queued_ahead.take().filter(|a| {
+            a.position == position && self.last_pick == Some(token) && self.serves(model, len)
+        });
+        let slot = if let Some(a) = queued {
+            model.advance(1);
+            a.slot
+        } else if self.serves(model, len) {
+            self.write_inputs(token, position)?;
             self.launch()?;
             model.advance(1);
+            self.copy_pick(0)?
         } else {
             self.graph = None;
             let stream = self.token.stream().clone();
             // An error recorded before the capture belongs to earlier work: it fails the step
             // as any device error does, rather than passing for a refused capture.
             stream.context().check_err().w()?;
+            self.write_inputs(token, position)?;
             let captured = self.capture(model, len);
             // A stream left capturing would fail every later step: not a refusal either.
             if stream.capture_status().w()?
@@ -134,16 +190,71 @@ impl StepGraph {
             // nothing; the first replay is this step's work.
             self.captures += 1;
             self.launch()?;
+            self.copy_pick(0)?
+        };
+        // The next step queued before this one's pick is read, where the graph serves it.
+        if self.ahead && self.serves(model, len + 1) {
+            self.launch()?;
+            let next = self.copy_pick(1 - slot)?;
+            self.queued_ahead = Some(Ahead {
+                position: len,
+                slot: next,
+            });
         }
         self.replays += 1;
         self.queued = start.elapsed();
+        let picked = self.read_pick(slot)?;
+        self.last_pick = Some(picked);
+        Ok(Stepped::Token(picked))
+    }
+
+    /// Forgets the replay queued ahead, if any: the next step writes its inputs again.
+    pub fn forget_queued(&mut self) {
+        self.queued_ahead = None;
+    }
+
+    /// Whether the captured graph serves a step at attention length `len`: its band holds it
+    /// and the caches have not moved since the capture.
+    fn serves(&self, model: &dyn CausalLm, len: usize) -> bool {
+        self.graph.is_some() && len <= self.at.max_len && model.cache_bytes() == self.cache_bytes
+    }
+
+    /// With replays queued ahead, queues the copy of the last replay's pick into pick slot
+    /// `slot` (0 or 1), allocating the slots on first use. Returns the slot.
+    fn copy_pick(&mut self, slot: usize) -> Result<usize> {
+        if !self.ahead {
+            return Ok(slot); // read by `read_pick` once the stream is done
+        }
         let stream = self.token.stream().clone();
-        let picked = stream.clone_dtoh(&self.token).w()?;
-        picked
-            .first()
-            .copied()
-            .map(Stepped::Token)
-            .ok_or_else(|| candle_core::Error::msg("the graph's argmax returned nothing"))
+        while self.picks.len() <= slot {
+            // SAFETY: a word the copy below writes before anything reads it.
+            #[allow(unsafe_code, reason = "page-locked memory comes uninitialised")]
+            let word = unsafe { stream.context().alloc_pinned::<u32>(1) }.w()?;
+            // The default flags: waiting on it spins as a stream synchronisation does (the
+            // page-locked word's own event blocks the thread, which the OS wakes later).
+            let copied = stream.context().new_event(None).w()?;
+            self.picks.push(PickSlot { word, copied });
+        }
+        let pick = &mut self.picks[slot];
+        stream.memcpy_dtoh(&self.token, &mut pick.word).w()?;
+        pick.copied.record(&stream).w()?;
+        Ok(slot)
+    }
+
+    /// The last replay's pick: with replays queued ahead, the one copied into slot `slot` once
+    /// its copy is done (the replay queued after it may still run); else read once the stream
+    /// has finished.
+    fn read_pick(&self, slot: usize) -> Result<u32> {
+        let picked = if self.ahead {
+            let pick = &self.picks[slot];
+            pick.copied.synchronize().w()?;
+            // The copy is done, so the word's own event (recorded with it) is too.
+            pick.word.as_slice().w()?.first().copied()
+        } else {
+            let stream = self.token.stream().clone();
+            stream.clone_dtoh(&self.token).w()?.first().copied()
+        };
+        picked.ok_or_else(|| candle_core::Error::msg("the graph's argmax returned nothing"))
     }
 
     /// Captures the step at attention length `len` for the band that holds it.
@@ -157,9 +268,11 @@ impl StepGraph {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
         let scope = crate::fused::capture_scope();
+        // With replays queued ahead, the argmax feeds the next step's token and position.
+        let feed = self.ahead.then_some([&self.ids, &self.at.position]);
         let queued = model
             .forward_at(&self.ids, &self.at)
-            .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token));
+            .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token, feed));
         drop(scope);
         // A failed operation inside the capture leaves its error recorded for later (a buffer
         // freed in a drop cannot return one), and cudarc's `end_capture` would return that

@@ -1291,7 +1291,7 @@ pub fn argmax(logits: &Tensor) -> Result<u32> {
     let dev = logits.device().as_cuda_device()?;
     // SAFETY: written by the kernel `argmax_into` queues.
     let mut out = unsafe { dev.alloc::<u32>(1) }?;
-    argmax_into(logits, &mut out)?;
+    argmax_into(logits, &mut out, None)?;
     let picked = dev.cuda_stream().clone_dtoh(&out).w()?;
     picked
         .first()
@@ -1356,8 +1356,14 @@ pub fn write_word(t: &Tensor, value: u32) -> Result<()> {
     unsafe { result::memcpy_htod_async(ptr, &[value], stream.cu_stream()) }.w()
 }
 
-/// Queues the argmax of `logits` (f32) into `out[0]`, without waiting for it.
-pub fn argmax_into(logits: &Tensor, out: &mut CudaSlice<u32>) -> Result<()> {
+/// Queues the argmax of `logits` (f32) into `out[0]`, without waiting for it; with `feed`
+/// (a replayed step's token id and position words, one `u32` each), also into the first, and
+/// the second one on (`argmax_feed_f32`).
+pub fn argmax_into(
+    logits: &Tensor,
+    out: &mut CudaSlice<u32>,
+    feed: Option<[&Tensor; 2]>,
+) -> Result<()> {
     let dev = logits.device().as_cuda_device()?;
     let n = logits.elem_count();
     let (ls, ll) = logits.storage_and_layout();
@@ -1369,16 +1375,40 @@ pub fn argmax_into(logits: &Tensor, out: &mut CudaSlice<u32>) -> Result<()> {
     }
     let lv = view::<f32>(&ls, ll)?;
     let n_a = int(n)?;
-    let (f, stream) = function(dev, "argmax_f32")?;
+    let feed_guards = feed.map(|words| words.map(Tensor::storage_and_layout));
+    let words = feed_guards
+        .as_ref()
+        .map(|g| {
+            g.iter()
+                .map(|(s, l)| {
+                    if l.shape().elem_count() != 1 || l.start_offset() != 0 {
+                        bail!("argmax: a fed word is one u32, got {:?}", l.shape());
+                    }
+                    view::<u32>(s, l)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .transpose()?;
+    let name = if words.is_some() {
+        "argmax_feed_f32"
+    } else {
+        "argmax_f32"
+    };
+    let (f, stream) = function(dev, name)?;
     let mut b = Args::new(&stream);
     b.input(&lv).value(&n_a).output(out);
+    // Written in place, as the KV caches are.
+    for word in words.iter().flatten() {
+        b.input(word);
+    }
     let cfg = LaunchConfig {
         grid_dim: (1, 1, 1),
         block_dim: (1024, 1, 1),
         shared_mem_bytes: 0,
     };
     // SAFETY: logits hold n f32 values from a 16-byte boundary (checked), out at least one u32
-    // (checked); argument types match `argmax_f32`.
+    // (checked), each fed word one u32 (checked); argument types match `argmax_f32` or
+    // `argmax_feed_f32`.
     unsafe { b.launch(&f, cfg) }
 }
 
