@@ -19,12 +19,13 @@
 //! - The argmax writes into a device word that outlives the graph, read back after each replay.
 //! - A replay runs only device work: the host's count of cached positions is advanced by hand
 //!   ([`CausalLm::advance`]).
-//! - With `HELEXA_ENGINE_GRAPH_AHEAD=1` (off until measured) the next step's replay is queued
-//!   before this step's token is read: the argmax feeds its pick and the next position into the
+//! - Unless `HELEXA_ENGINE_GRAPH_AHEAD=0`, the next step's replay is queued before this
+//!   step's token is read: the argmax feeds its pick and the next position into the
 //!   device words (`argmax_feed_f32`), and each pick is copied into its own page-locked word.
 //!   The GPU then goes from one step to the next without waiting for the host to read a token,
 //!   queue the inputs and launch (~10 µs of host time a step, plus the copy and the launch's
-//!   latency). A step queued ahead that the decode does not take (it stopped) wrote its
+//!   latency): on the H200, 0.01–0.03 ms a step in every format, same tokens (tenth session).
+//!   A step queued ahead that the decode does not take (it stopped) wrote its
 //!   position's cache row and nothing else the host counts: the next use of the model writes
 //!   the inputs again and that row before it reads it.
 //!
@@ -52,11 +53,11 @@ pub fn enabled() -> bool {
     crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH")
 }
 
-/// Whether the next step's replay is queued before this step's token is read
-/// (`HELEXA_ENGINE_GRAPH_AHEAD=1`; off until measured on a GPU).
+/// Whether the next step's replay is queued before this step's token is read: yes unless
+/// `HELEXA_ENGINE_GRAPH_AHEAD=0`.
 pub fn ahead_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::fused::opt_in(&ON, "HELEXA_ENGINE_GRAPH_AHEAD")
+    crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH_AHEAD")
 }
 
 /// A replay queued ahead: the step at `position`, whose token is the pick of the replay before
