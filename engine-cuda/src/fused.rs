@@ -168,6 +168,15 @@ pub fn write_word(t: &Tensor, value: u32) -> Result<()> {
     cuda::write_word(t, value)
 }
 
+/// A page-locked host word, uninitialised, for a device-to-host copy on `stream` that the host
+/// reads later (a replayed step's pick, read once its copy is done).
+#[cfg(feature = "cuda")]
+pub fn pinned_word(
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>> {
+    cuda::pinned_word(stream)
+}
+
 /// Drops the kernel handles this thread keeps (see `cuda::module_function`). They hold the
 /// device's CUDA context; the worker calls this before re-creating a faulted device, so that
 /// the old context is released rather than handed back.

@@ -228,9 +228,8 @@ impl StepGraph {
         }
         let stream = self.token.stream().clone();
         while self.picks.len() <= slot {
-            // SAFETY: a word the copy below writes before anything reads it.
-            #[allow(unsafe_code, reason = "page-locked memory comes uninitialised")]
-            let word = unsafe { stream.context().alloc_pinned::<u32>(1) }.w()?;
+            // Read only after the copy below into it has finished (`read_pick`).
+            let word = crate::fused::pinned_word(&stream)?;
             // The default flags: waiting on it spins as a stream synchronisation does (the
             // page-locked word's own event blocks the thread, which the OS wakes later).
             let copied = stream.context().new_event(None).w()?;

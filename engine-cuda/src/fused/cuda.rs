@@ -18,7 +18,7 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr,
-    LaunchConfig, result,
+    LaunchConfig, PinnedHostSlice, result,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
@@ -1354,6 +1354,13 @@ pub fn write_word(t: &Tensor, value: u32) -> Result<()> {
     // pageable host memory, which the driver stages before returning, so it may go out of
     // scope after the call.
     unsafe { result::memcpy_htod_async(ptr, &[value], stream.cu_stream()) }.w()
+}
+
+/// A page-locked host word for `stream`'s context, for a device-to-host copy read later (a
+/// replayed step's pick), uninitialised until a copy writes it.
+pub fn pinned_word(stream: &Arc<CudaStream>) -> Result<PinnedHostSlice<u32>> {
+    // SAFETY: the caller reads the word only after a copy into it has finished.
+    unsafe { stream.context().alloc_pinned::<u32>(1) }.w()
 }
 
 /// Queues the argmax of `logits` (f32) into `out[0]`, without waiting for it; with `feed`
