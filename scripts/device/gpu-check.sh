@@ -26,8 +26,9 @@
 #                                       # @4096 (ALL_CONTEXTS) with the defaults, then with
 #                                       # each setting of ALL_SWITCHES (default: the
 #                                       # attention split every 32 positions, no launch
-#                                       # table, the cluster merge on, the GEMVs' shared
-#                                       # rows on; VAR=VALUE+VAR=VALUE flips two), greedy
+#                                       # table, no step queued ahead, the cluster merge
+#                                       # and the GEMVs' shared rows on;
+#                                       # VAR=VALUE+VAR=VALUE flips two), greedy
 #                                       # tokens compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
 #                                       # folded into three files (fold_outputs.py)
@@ -92,11 +93,11 @@ switches)
     tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref-switches.json: /"
   fi
   # By default each optional switch against the defaults: the attention split every 32
-  # positions from the start and no launch table (the paths before the tenth session), the
-  # cluster merge and the shared rows of both GEMVs (off by default) turned on.
+  # positions from the start, no launch table and no step queued ahead (the paths before the
+  # tenth session), the cluster merge and the shared rows of both GEMVs (off by default) on.
   default_settings="HELEXA_ENGINE_ATTENTION_ONE_SPLIT=32 HELEXA_ENGINE_QUANT_GEMV_LAUNCH=none"
   default_settings+=" HELEXA_ENGINE_ATTENTION_CLUSTER=1 HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
-  default_settings+=" HELEXA_ENGINE_GEMV_SPLIT=1"
+  default_settings+=" HELEXA_ENGINE_GEMV_SPLIT=1 HELEXA_ENGINE_GRAPH_AHEAD=0"
   for setting in ${ALL_SWITCHES:-$default_settings}; do
     # A setting is VAR=VALUE[+VAR=VALUE…]: flipped together (a value may hold commas: the
     # launch table). Its tag names the files; a long one is cut and told apart by a checksum.
