@@ -13,12 +13,12 @@
 //! - [`quant_gemv`]: the batch-1 matrix-vector product over GGUF Q8_0/Q4_K/Q6_K blocks read in
 //!   place (candle's MMVQ kernel and the launch that quantizes x before it), in
 //!   `kernels/quant_gemv.cu`;
-//! - [`quant_gemv_norm`] (and, off by default, [`gemv_norm`]): the product over a layer input
-//!   still to be formed ([`PendingNorm`]): each block adds the residual and normalises in its
-//!   prologue, which takes the two [`add_rms_norm`] launches per layer off a decoded token;
-//! - off by default, not yet measured: [`gemv_swiglu`] / [`quant_gemv_swiglu`] (the SwiGLU
-//!   gate in the gate/up product's epilogue) and [`decode_attention_roped`] (the q/k norms,
-//!   RoPE and cache writes in the decode attention);
+//! - [`quant_gemv_norm`] and [`gemv_norm`]: the product over a layer input still to be formed
+//!   ([`PendingNorm`]): each block adds the residual and normalises in its prologue, which
+//!   takes the two [`add_rms_norm`] launches per layer off a decoded token;
+//! - [`gemv_swiglu`] / [`quant_gemv_swiglu`] (the SwiGLU gate in the gate/up product's
+//!   epilogue) and [`decode_attention_roped`] (the q/k norms, RoPE and cache writes in the
+//!   decode attention);
 //! - [`causal_softmax`]: prefill's scale, causal mask and softmax over the scores (was 3, the
 //!   mask a broadcast add of a host-built tensor);
 //! - [`argmax`]: the greedy pick, so only the index leaves the device.
@@ -586,7 +586,8 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
 
 /// Whether the quantized GEMV shares each row between two warps in the products that gain
 /// (`cuda::split_rows_pay`: the q/k/v product of an 8B model): `HELEXA_ENGINE_QUANT_GEMV_SPLIT=1`,
-/// off until measured (it sums a row in another order, so outputs can differ in the last bit).
+/// off (slower on the H200, Q8_0 2.69 → 2.72 ms a token, tenth session; it sums a row in
+/// another order, so outputs can differ in the last bit).
 #[cfg(feature = "cuda")]
 fn quant_gemv_split_rows() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -828,8 +829,9 @@ pub(crate) enum SplitMerge {
     Cluster,
 }
 
-/// How the decode attention runs (the switches below, off until measured: both were written
-/// after the eighth session's device time ran out; their GPU tests expect the plain path's bits).
+/// How the decode attention runs (the switches below, each measured on the H200; the GPU tests
+/// of the merge and the sums expect the plain path's bits, the one split's stays within a bf16
+/// step of it).
 #[cfg(feature = "cuda")]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct AttentionPlan {
@@ -907,7 +909,7 @@ pub fn decode_attention(
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
-        cuda::decode_attention(q, k_cache, v_cache, len, scale, at)
+        cuda::decode_attention_planned(q, k_cache, v_cache, len, scale, at, None, attention_plan())
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -453,26 +453,6 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     Ok(wrap(q_out, dev, (1, h, len, hd)))
 }
 
-pub fn decode_attention(
-    q: &Tensor,
-    k_cache: &Tensor,
-    v_cache: &Tensor,
-    len: usize,
-    scale: f32,
-    at: Option<&DevicePosition>,
-) -> Result<Tensor> {
-    decode_attention_planned(
-        q,
-        k_cache,
-        v_cache,
-        len,
-        scale,
-        at,
-        None,
-        super::attention_plan(),
-    )
-}
-
 /// `decode_attention` over the raw token `i` (its q/k/v projections of one token): the q/k
 /// norms, RoPE and the cache writes of `qk_norm_rope_cache` done in the attention kernel.
 pub fn decode_attention_roped(i: &QkvInputs<'_>, scale: f32) -> Result<Tensor> {
@@ -1135,8 +1115,9 @@ const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 const SHARED_MEMORY_RESERVED: usize = 1024;
 
 /// Whether the dense batch-1 GEMV shares rows between two warps where that pays
-/// ([`super::sharing_rows_pays`]; not with the SwiGLU gate): `HELEXA_ENGINE_GEMV_SPLIT=1`, off until
-/// measured (a row is summed in another order, so outputs can differ in the last bit).
+/// ([`super::sharing_rows_pays`]; not with the SwiGLU gate): `HELEXA_ENGINE_GEMV_SPLIT=1`, off
+/// (within noise on the H200, tenth session; a row is summed in another order, so outputs can
+/// differ in the last bit).
 fn dense_split_rows() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     super::opt_in(&ON, "HELEXA_ENGINE_GEMV_SPLIT")
