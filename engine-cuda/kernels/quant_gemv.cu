@@ -270,6 +270,31 @@ __device__ void quantize_x(Load load, int cols, int8_t *q, float *d, float *sum)
     }
 }
 
+// quantize_x over 16-bit x of at most QG_X_AT_ONCE steps (the down product's 12288 values are
+// six): every load issued before the first is used, so the prologue costs one round trip to L2
+// rather than one per two steps (the loop above is not unrolled, its trip count being a
+// parameter, so its loads wait for the previous steps' shuffles). Same values, same bits.
+#define QG_X_AT_ONCE 6
+template <typename T>
+__device__ void quantize_x_at_once(const T *x, int cols, int8_t *q, float *d, float *sum) {
+    static_assert(sizeof(T) == 2, "eight 16-bit values are one 16-byte load");
+    uint4 raw[QG_X_AT_ONCE];
+#pragma unroll
+    for (int i = 0; i < QG_X_AT_ONCE; i++) {
+        const int e = 8 * threadIdx.x + i * QG_X_STEP;
+        raw[i] = e < cols ? *reinterpret_cast<const uint4 *>(x + e) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < QG_X_AT_ONCE; i++) {
+        if (i * QG_X_STEP >= cols) break; // uniform over the block: shuffles stay full
+        const T *h = reinterpret_cast<const T *>(&raw[i]);
+        float v[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = to_f<T>(h[k]);
+        quantize8(v, 8 * threadIdx.x + i * QG_X_STEP, cols, q, d, sum);
+    }
+}
+
 // 16 bytes global → shared, asynchronously, not cached in L1.
 __device__ __forceinline__ void copy16_async(void *dst, const void *src) {
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -287,6 +312,8 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // NORM: the product's input is norm(x + delta) with weight `norm_w`, formed by each block before
 // it quantizes it, and block 0 stores x + delta to `sum` when that is not null (see
 // residual_norm_scale in common.cuh); delta, norm_w and sum 16-byte aligned.
+// x_at_once (not with NORM; 16-bit x of at most QG_X_AT_ONCE · QG_X_STEP values): x quantized
+// by quantize_x_at_once, in one round trip to L2 (HELEXA_ENGINE_QUANT_X_AT_ONCE).
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
@@ -300,7 +327,7 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 template <class F, typename T, int STAGES, bool NORM, bool SWIGLU, bool SPLIT = false>
 __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
-                           T *sum, float eps) {
+                           T *sum, float eps, int x_at_once) {
     static_assert(!(SPLIT && SWIGLU), "a split row is not a gate/up pair");
     constexpr int WAYS = SPLIT ? 2 : 1; // warps per row
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
@@ -375,6 +402,8 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
         const float scale = residual_norm_scale(x, delta, sum, cols, eps);
         quantize_x([&](int e, float v[8]) { normed8(x, delta, norm_w, scale, e, cols, v); }, cols,
                    xq, xd, xs);
+    } else if (sizeof(T) == 2 && x_at_once && cols <= QG_X_AT_ONCE * QG_X_STEP) {
+        if constexpr (sizeof(T) == 2) quantize_x_at_once(x, cols, xq, xd, xs);
     } else {
         quantize_x([&](int e, float v[8]) { load8(x, e, cols, v); }, cols, xq, xd, xs);
     }
@@ -417,38 +446,42 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 }
 
 // quant_gemv_<format>_<activation type>_s<stages>; with 16-bit activations also
-// quant_gemv_norm_… (NORM above) and, at the default two stages only, quant_gemv_swiglu_… and
-// quant_gemv_norm_swiglu_… (SWIGLU), and quant_gemv_split_… and quant_gemv_norm_split_…
-// (SPLIT; both take the norm parameters, unused without NORM).
+// quant_gemv_norm_… (NORM above), quant_gemv_swiglu_… and quant_gemv_norm_swiglu_… (SWIGLU),
+// and, at the default two stages only, quant_gemv_split_… and quant_gemv_norm_split_… (SPLIT;
+// it and SWIGLU take the norm parameters, unused without NORM). Every entry point ends with
+// x_at_once.
 #define QUANT_GEMV_KERNEL(NAME, F, T, S, NORM, SWIGLU)                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
-             const T *norm_w, T *sum, float eps) {                                                  \
-        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps); \
+             const T *norm_w, T *sum, float eps, int x_at_once) {                                   \
+        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps,  \
+                                          x_at_once);                                               \
     }
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
-                                         int row_bytes) {                                           \
+                                         int row_bytes, int x_at_once) {                            \
         quant_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
-                                          nullptr, 0.0f);                                           \
+                                          nullptr, 0.0f, x_at_once);                                \
     }
 #define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
     QUANT_GEMV_KERNEL(quant_gemv_norm_##FSUF##_##SUF##_s##S, F, T, S, true, false)
 #define QUANT_GEMV_STAGES(KERNEL, F, FSUF, T, SUF)                                                  \
     KERNEL(F, FSUF, T, SUF, 2) KERNEL(F, FSUF, T, SUF, 3) KERNEL(F, FSUF, T, SUF, 4)
+#define QUANT_GEMV_SWIGLU_AT(F, FSUF, T, SUF, S)                                                    \
+    QUANT_GEMV_KERNEL(quant_gemv_swiglu_##FSUF##_##SUF##_s##S, F, T, S, false, true)                \
+    QUANT_GEMV_KERNEL(quant_gemv_norm_swiglu_##FSUF##_##SUF##_s##S, F, T, S, true, true)
 #define QUANT_GEMV_SWIGLU(F, FSUF, T, SUF)                                                          \
-    QUANT_GEMV_KERNEL(quant_gemv_swiglu_##FSUF##_##SUF##_s2, F, T, 2, false, true)                  \
-    QUANT_GEMV_KERNEL(quant_gemv_norm_swiglu_##FSUF##_##SUF##_s2, F, T, 2, true, true)              \
+    QUANT_GEMV_STAGES(QUANT_GEMV_SWIGLU_AT, F, FSUF, T, SUF)                                        \
     QUANT_GEMV_SPLIT_KERNEL(quant_gemv_split_##FSUF##_##SUF##_s2, F, T, false)                      \
     QUANT_GEMV_SPLIT_KERNEL(quant_gemv_norm_split_##FSUF##_##SUF##_s2, F, T, true)
 // SPLIT, at two stages and 16-bit activations only.
 #define QUANT_GEMV_SPLIT_KERNEL(NAME, F, T, NORM)                                                   \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
-             const T *norm_w, T *sum, float eps) {                                                  \
+             const T *norm_w, T *sum, float eps, int x_at_once) {                                   \
         quant_gemv<F, T, 2, NORM, false, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum,  \
-                                               eps);                                                \
+                                               eps, x_at_once);                                     \
     }
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, float, f32)                                              \

@@ -531,12 +531,11 @@ pub fn gemv_swiglu(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// Whether [`quant_gemv_swiglu`] serves the stacked quantized gate/up weight `w` over `x`
-/// (16-bit activations; its kernels exist at the default two stages only).
+/// (16-bit activations).
 pub fn quant_gemv_swiglu_applies(x: &Tensor, w: &QTensor) -> bool {
     gate_in_product_enabled()
         && quant_gemv_applies(x, w)
         && matches!(x.dtype(), DType::BF16 | DType::F16)
-        && quant_launch_shape(w).stages == 2
         && w.shape()
             .dims2()
             .is_ok_and(|(rows, _)| rows.is_multiple_of(2))
@@ -570,18 +569,26 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
         .ok_or_else(|| candle_core::Error::msg("quant_gemv: unsupported block type"))?;
     let (_, cols) = w.shape().dims2()?;
     let shape = quant_launch_shape(w);
-    // The SwiGLU kernels exist at two stages only.
-    let stages = if swiglu { 2 } else { shape.stages };
     Ok(cuda::QuantGemv {
         format,
         row_bytes: quant_row_bytes(w.dtype(), cols),
-        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols, stages),
+        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols, shape.stages),
         warps: QUANT_GEMV_WARPS,
-        stages,
+        stages: shape.stages,
         swiglu,
         blocks_per_sm: shape.blocks_per_sm,
         split_rows: quant_gemv_split_rows(),
+        x_at_once: quant_x_at_once(),
     })
+}
+
+/// Whether the quantized GEMV's prologue issues all its loads of a ready 16-bit x at once (up
+/// to 12288 values, the down product's: one round trip to L2 instead of three); same bits.
+/// `HELEXA_ENGINE_QUANT_X_AT_ONCE=0` turns it off.
+#[cfg(feature = "cuda")]
+pub(crate) fn quant_x_at_once() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch(&ON, "HELEXA_ENGINE_QUANT_X_AT_ONCE")
 }
 
 /// Whether the quantized GEMV shares each row between two warps in the products that gain
@@ -1275,6 +1282,60 @@ mod gpu_tests {
         }
     }
 
+    /// The dense product with rows shared where that pays (`share`) or never, at the
+    /// environment's depth; and whether they were.
+    fn gemv_sharing(
+        x: &Tensor,
+        w: &Tensor,
+        norm: Option<&cuda::NormInput<'_>>,
+        share: bool,
+    ) -> Result<(Tensor, bool)> {
+        let launch = cuda::DenseGemv {
+            share_rows: share,
+            ..cuda::DenseGemv::from_env()
+        };
+        cuda::gemv_as(x, w, false, norm, launch).map(|(y, _, shared)| (y, shared))
+    }
+
+    /// Eight loads in flight per lane (`HELEXA_ENGINE_GEMV_DEPTH=8`) give the four-load
+    /// product within a bf16 step (the chunks are summed in groups of eight): plain, with the
+    /// norm formed in the product (at most 4096 columns), with the SwiGLU gate, and rows
+    /// shared; over the 8B shapes and a width whose chunks do not fill the last group (4104 =
+    /// 513 chunks).
+    #[test]
+    fn eight_loads_in_flight_match_four() {
+        let dev = device();
+        for (rows, cols) in [(4096, 12288), (6144, 4096), (300, 4104)] {
+            let w = random(&[2 * rows, cols], DType::BF16, &dev);
+            let parts = pending_parts(cols, DType::BF16, &dev);
+            let (residual, normed) = (&parts.0, norm_input(&pending(&parts), false));
+            // A formed input is at most GEMV_NORM_MAX_COLS wide.
+            let inputs = if cols <= GEMV_NORM_MAX_COLS {
+                vec![None, Some(&normed)]
+            } else {
+                vec![None]
+            };
+            for swiglu in [false, true] {
+                for &input in &inputs {
+                    for share_rows in [false, true] {
+                        let run = |deep| {
+                            let launch = cuda::DenseGemv { share_rows, deep };
+                            cuda::gemv_as(residual, &w, swiglu, input, launch)
+                                .expect("product")
+                                .0
+                        };
+                        let e = rel_diff(&run(true), &run(false));
+                        let case = format!(
+                            "{rows}×{cols} swiglu {swiglu} norm {} shared {share_rows}",
+                            input.is_some()
+                        );
+                        assert!(e < 1e-2, "{case}: {e}");
+                    }
+                }
+            }
+        }
+    }
+
     /// Dense rows shared by two warps (`HELEXA_ENGINE_GEMV_SPLIT`) give the plain product
     /// within a bf16 step, with and without the norm formed in the product, where the launcher
     /// shares them (the 8B models' q/k/v: 6144 rows of 4096); and it does share them there.
@@ -1285,10 +1346,8 @@ mod gpu_tests {
         let w = random(&[rows, cols], DType::BF16, &dev);
         let parts = pending_parts(cols, DType::BF16, &dev);
         let (residual, normed) = (&parts.0, norm_input(&pending(&parts), false));
-        let (plain, _) =
-            cuda::gemv_sharing_rows(residual, &w, Some(&normed), false).expect("plain");
-        let (split, shared) =
-            cuda::gemv_sharing_rows(residual, &w, Some(&normed), true).expect("split");
+        let (plain, _) = gemv_sharing(residual, &w, Some(&normed), false).expect("plain");
+        let (split, shared) = gemv_sharing(residual, &w, Some(&normed), true).expect("split");
         // 61 registers: four blocks per SM, 4224 warps on an H200, so 6144 rows are shared.
         assert!(shared, "the normed q/k/v product's rows were not shared");
         let e = rel_diff(&split, &plain);
@@ -1300,8 +1359,8 @@ mod gpu_tests {
         let mut shared_any = false;
         for rows in [9216, 4225, 6337, 8449, 12673] {
             let w = random(&[rows, cols], DType::BF16, &dev);
-            let (plain, _) = cuda::gemv_sharing_rows(residual, &w, None, false).expect("plain");
-            let (split, shared) = cuda::gemv_sharing_rows(residual, &w, None, true).expect("split");
+            let (plain, _) = gemv_sharing(residual, &w, None, false).expect("plain");
+            let (split, shared) = gemv_sharing(residual, &w, None, true).expect("split");
             let e = rel_diff(&split, &plain);
             assert!(e < 1e-2, "plain {rows} rows (shared: {shared}): {e}");
             shared_any |= shared;
@@ -1554,6 +1613,59 @@ mod gpu_tests {
                 assert_eq!(rel_diff(&got, &halves(&y, inter)), 0.0, "{case} pending");
                 let (sum, want_sum) = (sum.expect("residual"), want_sum.expect("residual"));
                 assert_eq!(rel_diff(&sum, &want_sum), 0.0, "{case} residual");
+            }
+        }
+    }
+
+    /// The launch shape and the prologue do not touch the arithmetic: the SwiGLU product at
+    /// three and four stages, and a ready x quantized with all its loads at once
+    /// (`x_at_once`, at 3, 5 and 6 of its steps: 6144, 10240 and the down product's 12288
+    /// values) give the bits of two stages and of the stepped loop, in every format.
+    #[test]
+    fn quant_gemv_stages_and_prologue_keep_the_bits() {
+        let dev = device();
+        for format in [GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let cols = 4096;
+            let x = random(&[1, 1, cols], DType::BF16, &dev);
+            let (_, delta, norm) = pending_parts(cols, DType::BF16, &dev);
+            let p = PendingNorm {
+                residual: &x,
+                delta: &delta,
+                norm: &norm,
+            };
+            let w = random(&[2 * 5000, cols], DType::F32, &dev);
+            let q = QTensor::quantize(&w, format).expect("quantize");
+            let at = |stages| cuda::QuantGemv {
+                stages,
+                shared_bytes: quant_gemv_shared_bytes(format, cols, stages),
+                ..quant_gemv_launch(&q, true).expect("launch")
+            };
+            for input in [None, Some(norm_input(&p, true))] {
+                let run = |stages| {
+                    cuda::quant_gemv_with(&x, &q, &at(stages), input.as_ref())
+                        .expect("swiglu")
+                        .0
+                };
+                let want = run(2);
+                for stages in [3, 4] {
+                    let case =
+                        format!("{format:?} swiglu stages {stages} norm {}", input.is_some());
+                    assert!(same_bits(&run(stages), &want), "{case}");
+                }
+            }
+            for cols in [6144, 10240, 12288] {
+                let x = random(&[1, 1, cols], DType::BF16, &dev);
+                let w = random(&[3000, cols], DType::F32, &dev);
+                let q = QTensor::quantize(&w, format).expect("quantize");
+                let prologue = |x_at_once| {
+                    let launch = cuda::QuantGemv {
+                        x_at_once,
+                        ..quant_gemv_launch(&q, false).expect("launch")
+                    };
+                    cuda::quant_gemv(&x, &q, &launch).expect("product")
+                };
+                let case = format!("{format:?} {cols} columns, x at once");
+                assert!(same_bits(&prologue(true), &prologue(false)), "{case}");
             }
         }
     }

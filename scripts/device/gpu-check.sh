@@ -14,8 +14,10 @@
 #                                       # memory, occupancy, warp stalls) per GEMV launch
 #   scripts/device/gpu-check.sh gemv-sweep   # µs per launch of each quantized product of a
 #                                       # Qwen3-8B layer at each launch shape (chunks in flight
-#                                       # per warp, blocks per SM), replayed from a CUDA graph
-#                                       # (src/fused/launch_sweep.rs; ~1-2 min)
+#                                       # per warp, blocks per SM), replayed from a CUDA graph,
+#                                       # then the dense BF16 products at four and eight loads
+#                                       # in flight (src/fused/launch_sweep.rs; ~2-3 min)
+#   scripts/device/gpu-check.sh tests NAME...  # the GPU tests whose names hold any NAME
 #   scripts/device/gpu-check.sh tune    # gemv-sweep, its choices as a launch table
 #                                       # (launch_table.py), then switches at @0 over the
 #                                       # table and TUNE_SWITCHES (~8 min)
@@ -124,20 +126,32 @@ switches)
 tune)
   # The launch sweep, its choices as a launch table (launch_table.py), then `switches` at @0
   # over that table and the other decode switches (TUNE_SWITCHES), in one call (~8 min).
-  timeout 200 "$0" gemv-sweep > /dev/null || status=1
+  timeout 260 "$0" gemv-sweep > /dev/null || status=1
   table=$(python3 scripts/device/launch_table.py "$OUT/gemv-sweep.txt" 2> "$OUT/launch-table.txt")
   echo "launch table: ${table:-(nothing beats the default)}" >> "$OUT/launch-table.txt"
   cat "$OUT/launch-table.txt"
   settings=${TUNE_SWITCHES:-"HELEXA_ENGINE_QUANT_GEMV_SPLIT=1 HELEXA_ENGINE_GEMV_SPLIT=1 HELEXA_ENGINE_ATTENTION_ONE_SPLIT=32"}
-  [ -n "$table" ] && settings+=" HELEXA_ENGINE_QUANT_GEMV_LAUNCH=$table HELEXA_ENGINE_QUANT_GEMV_LAUNCH=$table+HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
-  ALL_CONTEXTS=${ALL_CONTEXTS:-0} ALL_SWITCHES="$settings" timeout 380 "$0" switches || status=1
+  [ -n "$table" ] && settings+=" HELEXA_ENGINE_QUANT_GEMV_LAUNCH=$table"
+  ALL_CONTEXTS=${ALL_CONTEXTS:-0} ALL_SWITCHES="$settings" timeout 330 "$0" switches || status=1
   [ -f "$OUT/summary.txt" ] || python3 scripts/device/fold_outputs.py "$OUT"
   exit $status
   ;;
+tests)
+  # The GPU tests whose names hold any of the further arguments (e.g. the ones a change added).
+  shift
+  "$bin/engine-cuda-tests" --test-threads 1 "$@" > "$OUT/tests.log" 2>&1
+  status=$?
+  echo "tests $*: exit $status ($(grep 'test result' "$OUT/tests.log"))"
+  ;;
 gemv-sweep)
-  timeout 400 "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::quant_gemv_launch_sweep \
+  timeout 300 "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::quant_gemv_launch_sweep \
     --nocapture --test-threads 1 > "$OUT/gemv-sweep.txt" 2>&1
   status=$?
+  # The dense (BF16) products at four and eight loads in flight (DENSE_SWEEP=0 skips it).
+  if [ "${DENSE_SWEEP:-1}" = 1 ]; then
+    timeout 150 "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::dense_gemv_launch_sweep \
+      --nocapture --test-threads 1 >> "$OUT/gemv-sweep.txt" 2>&1 || status=1
+  fi
   grep -E "µs|test result|panicked" "$OUT/gemv-sweep.txt"
   ;;
 omit-sweep)
@@ -255,7 +269,7 @@ gemv-profile)
   done
   ;;
 *)
-  echo "unknown mode $mode (check | bench | kernels | prefill-kernels | gemv-profile | gemv-sweep |"
+  echo "unknown mode $mode (check | tests | bench | kernels | prefill-kernels | gemv-profile | gemv-sweep |"
   echo "  omit-sweep | switches | all)"
   exit 2
   ;;

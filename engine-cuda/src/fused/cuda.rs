@@ -879,7 +879,7 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
 }
 
 pub fn gemv(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    by_dtype!(x.dtype(), gemv_t(x, w, false, None, dense_split_rows())).map(|(y, _, _)| y)
+    gemv_as(x, w, false, None, DenseGemv::from_env()).map(|(y, _, _)| y)
 }
 
 /// `gemv` with the SwiGLU gate folded in when `swiglu` (`w` the stacked `[gate; up]`, an even
@@ -891,19 +891,45 @@ pub fn gemv_with(
     swiglu: bool,
     norm: Option<&NormInput<'_>>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    by_dtype!(x.dtype(), gemv_t(x, w, swiglu, norm, dense_split_rows())).map(|(y, r, _)| (y, r))
+    gemv_as(x, w, swiglu, norm, DenseGemv::from_env()).map(|(y, r, _)| (y, r))
 }
 
-/// `gemv_with` without the SwiGLU gate, its rows shared between two warps where that pays
-/// whatever `HELEXA_ENGINE_GEMV_SPLIT` says (`share`), or never; and whether they were.
-#[cfg(test)]
-pub fn gemv_sharing_rows(
+/// How the dense batch-1 product launches: the environment's switches ([`DenseGemv::from_env`])
+/// or a test's or the launch sweep's choice.
+#[derive(Clone, Copy, Debug)]
+pub struct DenseGemv {
+    /// Share rows between two warps where that pays ([`super::sharing_rows_pays`]; not with
+    /// the SwiGLU gate; a row is then summed in another order, so outputs can differ in the
+    /// last bit).
+    pub share_rows: bool,
+    /// Eight 16-byte loads in flight per lane rather than four (the `_d8` kernels; a row's
+    /// chunks are summed in groups of eight, so outputs can differ in the last bit).
+    pub deep: bool,
+}
+
+impl DenseGemv {
+    /// `HELEXA_ENGINE_GEMV_SPLIT=1` shares rows (off: within noise on the H200, tenth
+    /// session); `HELEXA_ENGINE_GEMV_DEPTH=8` asks for eight loads in flight (4 otherwise).
+    pub fn from_env() -> Self {
+        static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static DEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        Self {
+            share_rows: super::opt_in(&SPLIT, "HELEXA_ENGINE_GEMV_SPLIT"),
+            deep: *DEEP
+                .get_or_init(|| std::env::var("HELEXA_ENGINE_GEMV_DEPTH").is_ok_and(|v| v == "8")),
+        }
+    }
+}
+
+/// `gemv_with` launched as `launch` says; also whether the rows were shared.
+pub fn gemv_as(
     x: &Tensor,
     w: &Tensor,
+    swiglu: bool,
     norm: Option<&NormInput<'_>>,
-    share: bool,
-) -> Result<(Tensor, bool)> {
-    by_dtype!(x.dtype(), gemv_t(x, w, false, norm, share)).map(|(y, _, shared)| (y, shared))
+    launch: DenseGemv,
+) -> Result<(Tensor, Option<Tensor>, bool)> {
+    by_dtype!(x.dtype(), gemv_t(x, w, swiglu, norm, launch))
 }
 
 /// A product's input formed in its prologue: `norm(x + delta)` with the norm's `weight` and
@@ -995,14 +1021,13 @@ fn residual<T: CudaDType>(
         .map(|sum| wrap(sum, dev, x.shape().clone()))
 }
 
-/// The dense batch-1 product; with `share_rows`, rows shared by two warps where that pays.
-/// Also whether they were.
+/// The dense batch-1 product launched as `launch` says; also whether the rows were shared.
 fn gemv_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
     w: &Tensor,
     swiglu: bool,
     norm: Option<&NormInput<'_>>,
-    share_rows: bool,
+    launch: DenseGemv,
     sfx: &str,
 ) -> Result<(Tensor, Option<Tensor>, bool)> {
     let dev = x.device().as_cuda_device()?;
@@ -1038,12 +1063,13 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         (true, false) => "gemv_norm",
         (true, true) => "gemv_norm_swiglu",
     };
-    let (mut name, mut split) = (format!("{plain}_{sfx}"), false);
-    if share_rows && !swiglu && cols.is_multiple_of(16) {
+    let depth = if launch.deep { "_d8" } else { "" };
+    let (mut name, mut split) = (format!("{plain}_{sfx}{depth}"), false);
+    if launch.share_rows && !swiglu && cols.is_multiple_of(16) {
         let split_name = if norm.is_some() {
-            format!("gemv_norm_split_{sfx}")
+            format!("gemv_norm_split_{sfx}{depth}")
         } else {
-            format!("gemv_split_{sfx}")
+            format!("gemv_split_{sfx}{depth}")
         };
         // Whole rows in waves of the plain kernel's resident warps against half rows in waves
         // of the split kernel's (it may hold fewer blocks per SM).
@@ -1096,7 +1122,7 @@ pub struct QuantGemv {
     pub shared_bytes: usize,
     /// Warps per block (`QG_WARPS` in the kernel).
     pub warps: usize,
-    /// Chunks in flight per warp (the kernel's `STAGES`; 2 with `swiglu`).
+    /// Chunks in flight per warp (the kernel's `STAGES`).
     pub stages: usize,
     /// The weight is a stacked `[gate; up]` and the product writes `silu(gate) · up`.
     pub swiglu: bool,
@@ -1107,21 +1133,15 @@ pub struct QuantGemv {
     /// Share each row between two warps where that pays ([`super::split_rows_pay`]; 16-bit
     /// activations, two stages, not with `swiglu`).
     pub split_rows: bool,
+    /// Quantize a ready 16-bit x with all its loads issued at once where it is short enough
+    /// (the kernel's `x_at_once`; [`super::quant_x_at_once`]).
+    pub x_at_once: bool,
 }
 
 /// Dynamic shared memory a block gets without opting in.
 const SHARED_MEMORY_DEFAULT: usize = 48 * 1024;
 /// Shared memory the driver reserves per block on top of what the kernel asks for.
 const SHARED_MEMORY_RESERVED: usize = 1024;
-
-/// Whether the dense batch-1 GEMV shares rows between two warps where that pays
-/// ([`super::sharing_rows_pays`]; not with the SwiGLU gate): `HELEXA_ENGINE_GEMV_SPLIT=1`, off
-/// (within noise on the H200, tenth session; a row is summed in another order, so outputs can
-/// differ in the last bit).
-fn dense_split_rows() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::opt_in(&ON, "HELEXA_ENGINE_GEMV_SPLIT")
-}
 
 /// Whether `launch` over `rows` × `cols` runs the split-row kernel: asked for, 16-bit
 /// activations, two stages, not SwiGLU (the kernels that exist), and [`super::split_rows_pay`].
@@ -1237,6 +1257,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     let blocks = rows.div_ceil(rows_per_block).min(per_sm * sms);
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let eps = norm.map_or(0.0, |n| n.eps);
+    let x_at_once = i32::from(launch.x_at_once);
     let mut b = Args::new(&stream);
     b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
@@ -1247,6 +1268,7 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         // quant_gemv_swiglu_… and quant_gemv_split_… take the norm parameters too, unused.
         b.null().null().null().value(&eps);
     }
+    b.value(&x_at_once);
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
     let cfg = LaunchConfig {
@@ -1259,8 +1281,8 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     // holds cols elements and y rows (with swiglu the weight has 2·rows, checked); with a norm
     // input, delta, the norm weight and sum (if any) hold cols elements, 16-byte aligned
     // (checked); shared_bytes is what the kernel lays out for cols (opted in above); argument
-    // types match `quant_gemv_[norm_][swiglu_|split_]<format>_<T>` (the weight pointer travels as a
-    // u64, the size of a device pointer).
+    // types match `quant_gemv_[norm_][swiglu_|split_]<format>_<T>`, x_at_once last (the weight
+    // pointer travels as a u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),

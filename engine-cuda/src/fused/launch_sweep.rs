@@ -11,7 +11,11 @@
 //! asked for). The weights rotate over copies that together exceed the L2 cache, so each launch
 //! reads its bytes from memory as a decode step does. Every launch shape must give the
 //! default's bits (the arithmetic does not depend on it): the one assertion, which makes it a
-//! test as well.
+//! test as well. A ready x quantized in steps (`HELEXA_ENGINE_QUANT_X_AT_ONCE=0`) is timed
+//! too where it differs.
+//!
+//! A second ignored test, [`dense_gemv_launch_sweep`], times the BF16 model's dense products
+//! the same way at four and eight loads in flight per lane, rows shared or not.
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::sys;
@@ -109,11 +113,11 @@ fn rotated_weights(
         .collect()
 }
 
-/// The µs per launch of `launch` over the rotated weights, replayed from a graph.
-fn time_launches(
+/// The µs per launch of `run` over the rotated weights, replayed from a graph.
+fn time_launches<W>(
     dev: &Device,
-    weights: &[QTensor],
-    run: &dyn Fn(&QTensor) -> Result<Tensor>,
+    weights: &[W],
+    run: &dyn Fn(&W) -> Result<Tensor>,
 ) -> Result<f64> {
     let stream = dev.as_cuda_device()?.cuda_stream();
     stream.synchronize().w()?;
@@ -178,15 +182,14 @@ fn quant_gemv_launch_sweep() {
             swiglu: p.swiglu,
             blocks_per_sm,
             split_rows: false,
+            x_at_once: true,
         };
         let product = |launch: &QuantGemv, w: &QTensor| {
             cuda::quant_gemv_with(&x, w, launch, norm.as_ref()).map(|(y, _)| y)
         };
         let want = product(&launch_with(2, QUANT_GEMV_BLOCKS_PER_SM), &weights[0])
             .expect("default launch");
-        // The SwiGLU kernels exist at two stages only.
-        let stages: &[usize] = if p.swiglu { &[2] } else { &[2, 3, 4] };
-        for &s in stages {
+        for s in [2, 3, 4] {
             if quant_gemv_shared_bytes(p.dtype, p.cols, s) > QUANT_GEMV_SHARED_MAX {
                 continue;
             }
@@ -214,6 +217,25 @@ fn quant_gemv_launch_sweep() {
                 println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
             }
         }
+        // A ready x quantized in steps, two at a time (HELEXA_ENGINE_QUANT_X_AT_ONCE=0), where
+        // that is more than one round trip: the same bits.
+        if !p.norm && p.cols > 2 * 2048 {
+            let stepped = QuantGemv {
+                x_at_once: false,
+                ..launch_with(2, QUANT_GEMV_BLOCKS_PER_SM)
+            };
+            let got = product(&stepped, &weights[0]).expect("stepped launch");
+            assert!(same_bits(&got, &want), "{format} {}: x in steps", p.name);
+            let us = time_launches(&dev, &weights, &|w| product(&stepped, w)).expect("timed");
+            let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
+            println!(
+                "{format} {} {}×{} stages 2 x in steps: {us:.2} µs, {:.0}%",
+                p.name,
+                p.rows,
+                p.cols,
+                share * 100.0
+            );
+        }
         // Rows shared by two warps (HELEXA_ENGINE_QUANT_GEMV_SPLIT) where the launcher would
         // share them: the same sums in another order, so within a bf16 step, not the same bits.
         let split = QuantGemv {
@@ -235,6 +257,74 @@ fn quant_gemv_launch_sweep() {
                 p.cols,
                 share * 100.0
             );
+        }
+    }
+}
+
+/// The dense (BF16) products of the synthesized Qwen3-8B's decode step: (name, rows, cols,
+/// norm formed in the product, SwiGLU gate folded in).
+const DENSE_PRODUCTS: [(&str, usize, usize, bool, bool); 5] = [
+    ("q/k/v", 6144, 4096, true, false),
+    ("o", 4096, 4096, false, false),
+    ("gate/up", 12288, 4096, true, true),
+    ("down", 4096, 12288, false, false),
+    ("output", 151_936, 4096, false, false),
+];
+
+/// The dense GEMV's launch choices per BF16 product, timed as the quantized sweep times its
+/// own: four or eight loads in flight per lane (`HELEXA_ENGINE_GEMV_DEPTH`), rows shared by
+/// two warps or not (`HELEXA_ENGINE_GEMV_SPLIT`, printed where the launcher shares them).
+/// Each choice must stay within a bf16 step of the default (four loads, whole rows).
+#[test]
+#[ignore = "a measurement aid run by scripts/device/gpu-check.sh gemv-sweep"]
+fn dense_gemv_launch_sweep() {
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let randn = |shape: &[usize]| {
+        Tensor::randn(0f32, 1f32, shape, &dev)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .expect("tensor")
+    };
+    println!("bf16 product rows×cols depth: µs per launch, share of 4.4 TB/s");
+    for (name, rows, cols, norm, swiglu) in DENSE_PRODUCTS {
+        let w_rows = if swiglu { 2 * rows } else { rows };
+        let weight_bytes = w_rows * cols * 2;
+        let copies = ROTATION_BYTES.div_ceil(weight_bytes).max(2);
+        let weights: Vec<Tensor> = (0..copies).map(|_| randn(&[w_rows, cols])).collect();
+        let (x, delta) = (randn(&[1, 1, cols]), randn(&[1, 1, cols]));
+        let norm_weight = randn(&[cols]);
+        let norm = norm.then_some(NormInput {
+            delta: &delta,
+            weight: &norm_weight,
+            eps: 1e-6,
+            write_sum: false,
+        });
+        let product = |launch: cuda::DenseGemv, w: &Tensor| {
+            cuda::gemv_as(&x, w, swiglu, norm.as_ref(), launch)
+        };
+        let default = cuda::DenseGemv {
+            share_rows: false,
+            deep: false,
+        };
+        let want = product(default, &weights[0]).expect("default launch").0;
+        for deep in [false, true] {
+            for share_rows in [false, true] {
+                let launch = cuda::DenseGemv { share_rows, deep };
+                let (got, _, shared) = product(launch, &weights[0]).expect("launch");
+                if share_rows && !shared {
+                    continue; // the launcher would not share these rows: the plain launch
+                }
+                let case = format!(
+                    "bf16 {name} {rows}×{cols} depth {}{}",
+                    if deep { 8 } else { 4 },
+                    if shared { " rows split" } else { "" }
+                );
+                let e = rel_diff(&got, &want);
+                assert!(e < 1e-2, "{case}: {e} from the default launch");
+                let us = time_launches(&dev, &weights, &|w| product(launch, w).map(|(y, ..)| y))
+                    .expect("timed");
+                let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
+                println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
+            }
         }
     }
 }
