@@ -77,6 +77,34 @@ __device__ __forceinline__ void store8(T *y, int e, const float v[8]) {
     }
 }
 
+// ---- 16-bit dot products (the dense GEMVs) ----------------------------------------------------
+// A pair of 16-bit elements and its conversion to two floats.
+template <typename T> struct Pair;
+template <> struct Pair<__nv_bfloat16> {
+    using type = __nv_bfloat162;
+    static __device__ __forceinline__ float2 to_f2(type v) { return __bfloat1622float2(v); }
+};
+template <> struct Pair<__half> {
+    using type = __half2;
+    static __device__ __forceinline__ float2 to_f2(type v) { return __half22float2(v); }
+};
+
+// Dot product of 8 elements of T held in 16 bytes each.
+template <typename T>
+__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
+    using P = Pair<T>;
+    const typename P::type *wp = reinterpret_cast<const typename P::type *>(&w);
+    const typename P::type *xp = reinterpret_cast<const typename P::type *>(&x);
+    float acc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const float2 a = P::to_f2(wp[i]), b = P::to_f2(xp[i]);
+        acc = fmaf(a.x, b.x, acc);
+        acc = fmaf(a.y, b.y, acc);
+    }
+    return acc;
+}
+
 // ---- the residual add and RMSNorm, formed inside the product that takes them ------------------
 // A layer's first product (q/k/v, gate/up) takes norm(x + delta) as its input: each of its blocks
 // forms that input itself instead of a separate add_rms_norm launch (measured on the H200: the

@@ -519,38 +519,9 @@ __device__ void causal_softmax(const T *scores, T *probs, int len, int total, in
 // ---- batch-1 matrix-vector product ---------------------------------------------------------------
 // y = W x for W (rows, cols) row-major, x (cols), 16-bit T, f32 accumulation. One warp per row;
 // each lane streams 16-byte chunks of the row (8 elements) with the weights marked read-once,
-// DEPTH chunks in flight per lane (4, or 8 in the `_d8` entry points: a warp then has 4 KB in
-// flight rather than 2, for the products with few rows per SM, e.g. an 8B model's down product
-// at ~31 warps per SM; HELEXA_ENGINE_GEMV_DEPTH). x is re-read by every warp and stays in L1.
-// Replaces cuBLAS's split-K GEMV + its reduction kernel at one token (cols % 8 == 0).
+// four chunks in flight per lane. x is re-read by every warp and stays in L1. Replaces cuBLAS's
+// split-K GEMV + its reduction kernel at one token (cols % 8 == 0).
 #define GEMV_WARPS 8
-// A pair of 16-bit elements and its conversion to two floats.
-template <typename T> struct Pair;
-template <> struct Pair<__nv_bfloat16> {
-    using type = __nv_bfloat162;
-    static __device__ __forceinline__ float2 to_f2(type v) { return __bfloat1622float2(v); }
-};
-template <> struct Pair<__half> {
-    using type = __half2;
-    static __device__ __forceinline__ float2 to_f2(type v) { return __half22float2(v); }
-};
-
-// Dot product of 8 elements of T held in 16 bytes each.
-template <typename T>
-__device__ __forceinline__ float dot8(uint4 w, uint4 x) {
-    using P = Pair<T>;
-    const typename P::type *wp = reinterpret_cast<const typename P::type *>(&w);
-    const typename P::type *xp = reinterpret_cast<const typename P::type *>(&x);
-    float acc = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 a = P::to_f2(wp[i]), b = P::to_f2(xp[i]);
-        acc = fmaf(a.x, b.x, acc);
-        acc = fmaf(a.y, b.y, acc);
-    }
-    return acc;
-}
-
 // Chunk c of x: from shared memory (the input formed in the block, NORM) or through the
 // read-only cache.
 template <bool SHARED>
@@ -558,31 +529,15 @@ __device__ __forceinline__ uint4 x_chunk(const uint4 *xr, int c) {
     return SHARED ? xr[c] : __ldg(xr + c);
 }
 
-// The DEPTH chunks c, c + 32, … of a row (the lane's next ones), requested together.
-template <int DEPTH>
-__device__ __forceinline__ void request_chunks(const uint4 *wr, int c, uint4 w[DEPTH]) {
-#pragma unroll
-    for (int i = 0; i < DEPTH; i++) w[i] = __ldcs(wr + c + 32 * i);
-}
-
-// acc plus the dot products of the DEPTH chunks `w` from chunk c, summed left to right first
-// (at DEPTH 4 the order the kernel has always had: the same bits).
-template <typename T, bool SHARED_X, int DEPTH>
-__device__ __forceinline__ float add_chunks(const uint4 w[DEPTH], const uint4 *xr, int c, float acc) {
-    float part = dot8<T>(w[0], x_chunk<SHARED_X>(xr, c));
-#pragma unroll
-    for (int i = 1; i < DEPTH; i++) part += dot8<T>(w[i], x_chunk<SHARED_X>(xr, c + 32 * i));
-    return acc + part;
-}
-
-// The lane's part of one row's dot product from chunk `c` on, DEPTH chunks in flight.
-template <typename T, bool SHARED_X, int DEPTH>
+// The lane's part of one row's dot product from chunk `c` on, four chunks in flight.
+template <typename T, bool SHARED_X>
 __device__ __forceinline__ float row_from(const uint4 *wr, const uint4 *xr, int c, int chunks,
                                           float acc) {
-    for (; c + 32 * (DEPTH - 1) < chunks; c += 32 * DEPTH) {
-        uint4 w[DEPTH];
-        request_chunks<DEPTH>(wr, c, w);
-        acc = add_chunks<T, SHARED_X, DEPTH>(w, xr, c, acc);
+    for (; c + 96 < chunks; c += 128) {
+        const uint4 w0 = __ldcs(wr + c), w1 = __ldcs(wr + c + 32), w2 = __ldcs(wr + c + 64),
+                    w3 = __ldcs(wr + c + 96);
+        acc += dot8<T>(w0, x_chunk<SHARED_X>(xr, c)) + dot8<T>(w1, x_chunk<SHARED_X>(xr, c + 32)) +
+               dot8<T>(w2, x_chunk<SHARED_X>(xr, c + 64)) + dot8<T>(w3, x_chunk<SHARED_X>(xr, c + 96));
     }
     for (; c < chunks; c += 32) acc += dot8<T>(__ldcs(wr + c), x_chunk<SHARED_X>(xr, c));
     return acc;
@@ -604,7 +559,7 @@ __device__ __forceinline__ float row_from(const uint4 *wr, const uint4 *xr, int 
 // product of an 8B model: 6144 rows of 4096), where the last wave of whole rows sets the time,
 // half rows come in shorter waves. The sum is taken in another order than the plain kernel's,
 // so the output can differ in the last bit.
-template <typename T, bool SWIGLU, bool NORM, bool SPLIT = false, int DEPTH = 4>
+template <typename T, bool SWIGLU, bool NORM, bool SPLIT = false>
 __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *delta,
                      const T *norm_w, T *sum, float eps) {
     static_assert(!(SPLIT && SWIGLU), "a split row is not a gate/up pair");
@@ -616,10 +571,13 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *
     const int chunks = cols / 8 / WAYS; // this warp's 16-byte chunks of the row
     const uint4 *wr = reinterpret_cast<const uint4 *>(w + (size_t)row * cols) + part * chunks;
     const uint4 *xr = reinterpret_cast<const uint4 *>(NORM ? x_formed : x) + part * chunks;
-    // The first DEPTH chunks are requested while the previous kernel may still be writing x.
-    const bool ahead = row < rows && lane + 32 * (DEPTH - 1) < chunks;
-    uint4 first[DEPTH];
-    if (ahead) request_chunks<DEPTH>(wr, lane, first);
+    // The first four chunks are requested while the previous kernel may still be writing x.
+    const bool ahead = row < rows && lane + 96 < chunks;
+    uint4 p0, p1, p2, p3;
+    if (ahead) {
+        p0 = __ldcs(wr + lane); p1 = __ldcs(wr + lane + 32); p2 = __ldcs(wr + lane + 64);
+        p3 = __ldcs(wr + lane + 96);
+    }
     follow_previous_kernel();
     if (NORM) { // every thread, before any returns: the block reduction needs them all
         float a[8], b[8];
@@ -633,10 +591,11 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *
     float acc = 0.0f;
     int c = lane;
     if (ahead) {
-        acc = add_chunks<T, NORM, DEPTH>(first, xr, c, acc);
-        c += 32 * DEPTH;
+        acc += dot8<T>(p0, x_chunk<NORM>(xr, c)) + dot8<T>(p1, x_chunk<NORM>(xr, c + 32)) +
+               dot8<T>(p2, x_chunk<NORM>(xr, c + 64)) + dot8<T>(p3, x_chunk<NORM>(xr, c + 96));
+        c += 128;
     }
-    acc = warp_sum(row_from<T, NORM, DEPTH>(wr, xr, c, chunks, acc));
+    acc = warp_sum(row_from<T, NORM>(wr, xr, c, chunks, acc));
     if (SPLIT) {
         // Both warps of a pair have the same row, so both got here (or both returned above).
         const int pair = warp / 2;
@@ -645,7 +604,7 @@ __device__ void gemv(const T *w, const T *x, T *y, int rows, int cols, const T *
         if (part == 0 && lane == 0) y[row] = from_f<T>(acc + second_part[pair]);
     } else if (SWIGLU) {
         const float up =
-            warp_sum(row_from<T, NORM, DEPTH>(wr + (size_t)rows * chunks, xr, lane, chunks, 0.0f));
+            warp_sum(row_from<T, NORM>(wr + (size_t)rows * chunks, xr, lane, chunks, 0.0f));
         if (lane == 0) y[row] = swiglu<T>(acc, up);
     } else if (lane == 0) {
         y[row] = from_f<T>(acc);
@@ -851,30 +810,25 @@ DECODE_ATTN_TR_ALL(__half, f16)
 // gemv_<T>, gemv_swiglu_<T> (SWIGLU), gemv_split_<T> (SPLIT), and gemv_norm_<T> /
 // gemv_norm_swiglu_<T> / gemv_norm_split_<T> (NORM: the norm input's delta, weight, residual
 // output and eps after the common arguments; registers capped at 64 for four blocks per SM,
-// which the plain kernel's ~40 registers allow anyway); each also as <name>_d8 (DEPTH 8).
-#define GEMV_AT(T, SUF, DEPTH, DSUF, BOUNDS)                                                        \
-    extern "C" __global__ void BOUNDS gemv_##SUF##DSUF(const T *w, const T *x, T *y, int rows,      \
-                                                       int cols) {                                  \
-        gemv<T, false, false, false, DEPTH>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f); \
+// which the plain kernel's ~40 registers allow anyway).
+#define GEMV(T, SUF)                                                                                \
+    extern "C" __global__ void gemv_##SUF(const T *w, const T *x, T *y, int rows, int cols) {       \
+        gemv<T, false, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);               \
     }                                                                                               \
-    extern "C" __global__ void BOUNDS gemv_swiglu_##SUF##DSUF(const T *w, const T *x, T *y,         \
-                                                              int rows, int cols) {                 \
-        gemv<T, true, false, false, DEPTH>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);  \
+    extern "C" __global__ void gemv_swiglu_##SUF(const T *w, const T *x, T *y, int rows,            \
+                                                 int cols) {                                        \
+        gemv<T, true, false>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);                \
     }                                                                                               \
-    extern "C" __global__ void BOUNDS gemv_split_##SUF##DSUF(const T *w, const T *x, T *y,          \
-                                                             int rows, int cols) {                  \
-        gemv<T, false, false, true, DEPTH>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);  \
+    extern "C" __global__ void gemv_split_##SUF(const T *w, const T *x, T *y, int rows, int cols) { \
+        gemv<T, false, false, true>(w, x, y, rows, cols, nullptr, nullptr, nullptr, 0.0f);         \
     }                                                                                               \
-    GEMV_NORM(T, gemv_norm_##SUF##DSUF, false, false, DEPTH)                                        \
-    GEMV_NORM(T, gemv_norm_swiglu_##SUF##DSUF, true, false, DEPTH)                                  \
-    GEMV_NORM(T, gemv_norm_split_##SUF##DSUF, false, true, DEPTH)
-#define GEMV_NORM(T, NAME, SWIGLU, SPLIT, DEPTH)                                                    \
+    GEMV_NORM(T, gemv_norm_##SUF, false, false) GEMV_NORM(T, gemv_norm_swiglu_##SUF, true, false)   \
+    GEMV_NORM(T, gemv_norm_split_##SUF, false, true)
+#define GEMV_NORM(T, NAME, SWIGLU, SPLIT)                                                           \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, 4)                                \
         NAME(const T *w, const T *x, T *y, int rows, int cols, const T *delta, const T *norm_w,     \
              T *sum, float eps) {                                                                   \
-        gemv<T, SWIGLU, true, SPLIT, DEPTH>(w, x, y, rows, cols, delta, norm_w, sum, eps);         \
+        gemv<T, SWIGLU, true, SPLIT>(w, x, y, rows, cols, delta, norm_w, sum, eps);                \
     }
-#define GEMV_FOUR_PER_SM __launch_bounds__(GEMV_WARPS * 32, 4)
-#define GEMV(T, SUF) GEMV_AT(T, SUF, 4, , ) GEMV_AT(T, SUF, 8, _d8, GEMV_FOUR_PER_SM)
 GEMV(__nv_bfloat16, bf16)
 GEMV(__half, f16)

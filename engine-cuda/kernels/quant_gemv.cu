@@ -26,6 +26,10 @@
 // DRAM bandwidth, Q6_K's at 71% and Q4_K's large ones at ~60%, the latter two issue-bound;
 // the small products (≤ 27 MB) are mostly fixed cost, 8-11 µs each.
 //
+// The same staged pipeline serves dense 16-bit weights (the Dense format, staged_gemv_…
+// entry points) where that pays: x then stays in T, and the products have the bits of
+// fused.cu's gemv.
+//
 // Compiled to PTX by build.rs when the `cuda` feature is on; launched from src/fused/cuda.rs.
 
 #include "common.cuh"
@@ -109,12 +113,23 @@ __device__ __forceinline__ void words4_a2(const uint8_t *p, uint32_t out[4]) {
     for (int i = 0; i < 4; i++) out[i] = __funnelshift_r(v[i], v[i + 1], shift);
 }
 
-// Each format: its block (weights, bytes) and `dot`, the lane's 64 weights of a staged chunk
-// (starting at weight `k` of the row) times x.
+// Each format: its block (weights, bytes), the input it multiplies (`In`: x quantized in shared
+// memory, QuantX, for the block-quantized formats), and `add`, the lane's share of a staged
+// chunk (weights k0 … k0 + QG_CHUNK − 1 of the row, fewer at its end) times x, added to acc.
+// The block-quantized formats' share is the lane's 64 consecutive weights, `dot`.
+template <class F> struct Quantized {
+    static constexpr bool QUANTIZED = true;
+    using In = QuantX;
+    static __device__ __forceinline__ float add(const uint8_t *chunk, int lane, int k0, int cols,
+                                                const QuantX &x, float acc) {
+        const int units = min(32, (cols - k0) / QG_UNIT);
+        return lane < units ? acc + F::dot(chunk, lane, k0 + lane * QG_UNIT, x) : acc;
+    }
+};
 
 // Q8_0: 34-byte blocks of 32: f16 scale, 32 int8. A lane takes two blocks (68 bytes, so 4-byte
 // aligned, and lane strides of 17 words hit distinct shared-memory banks).
-struct Q8_0 {
+struct Q8_0 : Quantized<Q8_0> {
     static constexpr int BLOCK = 32, BYTES = 34;
     static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
         const uint32_t *s = reinterpret_cast<const uint32_t *>(chunk + 68 * lane);
@@ -141,7 +156,7 @@ struct Q8_0 {
 // Q4_K: 144-byte blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit sub-block scales and
 // minimums, then 128 bytes of 4-bit values; weight = d·scale·q − dmin·min per 32. A lane takes
 // a quarter block: 32 bytes whose low nibbles are sub-block 2j and high nibbles 2j+1.
-struct Q4K {
+struct Q4K : Quantized<Q4K> {
     static constexpr int BLOCK = 256, BYTES = 144;
     // The 6-bit scales and minimums of sub-blocks 2j and 2j+1 (ggml's get_scale_min_k4 for
     // both), packed two per 16-bit word: sc = both scales, m = both minimums. Computed for the
@@ -187,7 +202,7 @@ struct Q4K {
 // products with −32 in every byte): subtracting 32 from each byte first is a saturating byte
 // operation that sm_90 emulates in ~6 instructions per word, which made this format's product
 // bound by instructions (Nsight Compute: math-pipe throttle, 48% of DRAM bandwidth).
-struct Q6K {
+struct Q6K : Quantized<Q6K> {
     static constexpr int BLOCK = 256, BYTES = 210;
     static __device__ __forceinline__ float dot(const uint8_t *chunk, int lane, int k, const QuantX &x) {
         const uint8_t *blk = chunk + BYTES * (lane / 4);
@@ -217,6 +232,42 @@ struct Q6K {
             acc += sc[2 * r] * x.d[e / 32] * dot4x4(w4, x4, dot4x4(minus32, x4, 0));
         }
         return half_bits(word_a2(blk + 208)) * acc;
+    }
+};
+
+// Dense 16-bit weights (T = the activation type), x kept in T in shared memory: the staged
+// pipeline serving the dense model's products that form their input (q/k/v, gate/up), where
+// the dense kernel (fused.cu's gemv: one block per eight rows, four loads in flight per lane)
+// formed the input again in every block of every wave and ran at 61% and 74% of the bandwidth
+// (launch sweep, eleventh session). A "block" is one 16-byte piece of eight weights; lane l
+// takes pieces l, l + 32, … of a chunk (conflict-free shared-memory reads), which are the
+// pieces gemv's lane l reads from the same row, summed in the same order: groups of four while
+// a whole group is left in the row, then one at a time. So the result has gemv's bits.
+template <typename T> struct Dense {
+    static constexpr bool QUANTIZED = false;
+    static constexpr int BLOCK = 8, BYTES = 16;
+    using In = const T *;
+    static __device__ __forceinline__ float add(const uint8_t *chunk, int lane, int k0, int cols,
+                                                const T *x, float acc) {
+        const uint4 *w = reinterpret_cast<const uint4 *>(chunk);
+        const uint4 *xr = reinterpret_cast<const uint4 *>(x + k0);
+        const int pieces = (cols - k0) / 8; // in this chunk and after it
+        constexpr int PER_LANE = QG_CHUNK / 8 / 32;
+#pragma unroll
+        for (int g = 0; g < PER_LANE; g += 4) {
+            const int p = lane + 32 * g;
+            if (p + 96 < pieces) { // a whole group of four
+                float part = dot8<T>(w[p], xr[p]);
+#pragma unroll
+                for (int i = 1; i < 4; i++) part += dot8<T>(w[p + 32 * i], xr[p + 32 * i]);
+                acc += part;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    if (p + 32 * i < pieces) acc += dot8<T>(w[p + 32 * i], xr[p + 32 * i]);
+            }
+        }
+        return acc;
     }
 };
 
@@ -306,9 +357,58 @@ template <int N> __device__ __forceinline__ void copies_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-// Shared memory: STAGES chunk buffers per warp, then the quantized x (QG_X_BYTES(cols) +
-// cols/32·8 bytes). Requirements (checked by the launcher): cols a multiple of 64, rows of
-// `row_bytes` a multiple of 16, w and x 16-byte aligned.
+// The product's input, formed by every block into shared memory at `at` (after its chunk
+// buffers): x, or with NORM norm(x + delta), quantized (QuantX: QG_X_BYTES(cols) + cols/32·8
+// bytes) or, for Dense, kept in T (cols · sizeof(T) bytes, as fused.cu's gemv keeps it).
+template <class F, typename T, bool NORM>
+__device__ typename F::In form_input(uint8_t *at, const T *__restrict__ x, const T *delta,
+                                     const T *norm_w, T *sum, int cols, float eps, int x_at_once) {
+    if constexpr (F::QUANTIZED) {
+        int8_t *xq = reinterpret_cast<int8_t *>(at);
+        float *xd = reinterpret_cast<float *>(xq + QG_X_BYTES(cols));
+        float *xs = xd + cols / 32;
+        if (NORM && cols <= 2 * QG_X_STEP) {
+            float a[8], b[8];
+            normed16(x, delta, norm_w, sum, cols, eps, a, b);
+            const int e0 = 8 * threadIdx.x; // quantize_x's two elements of this thread
+            quantize8(a, e0, cols, xq, xd, xs);
+            quantize8(b, e0 + QG_X_STEP, cols, xq, xd, xs);
+        } else if (NORM) {
+            const float scale = residual_norm_scale(x, delta, sum, cols, eps);
+            quantize_x([&](int e, float v[8]) { normed8(x, delta, norm_w, scale, e, cols, v); },
+                       cols, xq, xd, xs);
+        } else if (sizeof(T) == 2 && x_at_once && cols <= QG_X_AT_ONCE * QG_X_STEP) {
+            if constexpr (sizeof(T) == 2) quantize_x_at_once(x, cols, xq, xd, xs);
+        } else {
+            quantize_x([&](int e, float v[8]) { load8(x, e, cols, v); }, cols, xq, xd, xs);
+        }
+        return QuantX{xq, xd, xs};
+    } else {
+        T *xt = reinterpret_cast<T *>(at);
+        const int e0 = 8 * threadIdx.x;
+        if (NORM && cols <= 2 * QG_X_STEP) {
+            float a[8], b[8];
+            normed16(x, delta, norm_w, sum, cols, eps, a, b);
+            if (e0 < cols) store8(xt, e0, a);
+            if (e0 + QG_X_STEP < cols) store8(xt, e0 + QG_X_STEP, b);
+        } else if (NORM) {
+            const float scale = residual_norm_scale(x, delta, sum, cols, eps);
+            for (int e = e0; e < cols; e += QG_X_STEP) {
+                float v[8];
+                normed8(x, delta, norm_w, scale, e, cols, v);
+                store8(xt, e, v);
+            }
+        } else {
+            for (int e = e0; e < cols; e += QG_X_STEP)
+                *reinterpret_cast<uint4 *>(xt + e) = *reinterpret_cast<const uint4 *>(x + e);
+        }
+        return xt;
+    }
+}
+
+// Shared memory: STAGES chunk buffers per warp, then the input (form_input). Requirements
+// (checked by the launcher): cols a multiple of 64 (Dense: of 8), rows of `row_bytes` a
+// multiple of 16, w and x 16-byte aligned.
 // NORM: the product's input is norm(x + delta) with weight `norm_w`, formed by each block before
 // it quantizes it, and block 0 stores x + delta to `sum` when that is not null (see
 // residual_norm_scale in common.cuh); delta, norm_w and sum 16-byte aligned.
@@ -325,7 +425,7 @@ template <int N> __device__ __forceinline__ void copies_wait() {
 // set the product's time at four chunks in a row, the pairs take three. The sum is taken in
 // another order than the plain kernel's, so the output can differ in the last bit.
 template <class F, typename T, int STAGES, bool NORM, bool SWIGLU, bool SPLIT = false>
-__device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
+__device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
                            T *sum, float eps, int x_at_once) {
     static_assert(!(SPLIT && SWIGLU), "a split row is not a gate/up pair");
@@ -335,9 +435,6 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     extern __shared__ __align__(16) uint8_t smem[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     uint8_t *stages = smem + warp * STAGES * CHUNK_BYTES;
-    int8_t *xq = reinterpret_cast<int8_t *>(smem + QG_WARPS * STAGES * CHUNK_BYTES);
-    float *xd = reinterpret_cast<float *>(xq + QG_X_BYTES(cols));
-    float *xs = xd + cols / 32;
 
     // The warp's work: each chunk of its rows in turn, rows strided over the grid. Positions
     // are counters stepped per chunk, not t / chunks and t % chunks: an integer division is a
@@ -392,23 +489,9 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 #pragma unroll
     for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
     follow_previous_kernel();
-    if (NORM && cols <= 2 * QG_X_STEP) {
-        float a[8], b[8];
-        normed16(x, delta, norm_w, sum, cols, eps, a, b);
-        const int e0 = 8 * threadIdx.x; // quantize_x's two elements of this thread
-        quantize8(a, e0, cols, xq, xd, xs);
-        quantize8(b, e0 + QG_X_STEP, cols, xq, xd, xs);
-    } else if (NORM) {
-        const float scale = residual_norm_scale(x, delta, sum, cols, eps);
-        quantize_x([&](int e, float v[8]) { normed8(x, delta, norm_w, scale, e, cols, v); }, cols,
-                   xq, xd, xs);
-    } else if (sizeof(T) == 2 && x_at_once && cols <= QG_X_AT_ONCE * QG_X_STEP) {
-        if constexpr (sizeof(T) == 2) quantize_x_at_once(x, cols, xq, xd, xs);
-    } else {
-        quantize_x([&](int e, float v[8]) { load8(x, e, cols, v); }, cols, xq, xd, xs);
-    }
+    const typename F::In input = form_input<F, T, NORM>(smem + QG_WARPS * STAGES * CHUNK_BYTES, x,
+                                                        delta, norm_w, sum, cols, eps, x_at_once);
     __syncthreads();
-    const QuantX qx{xq, xd, xs};
 
     int stage = 0;
     __shared__ float second_part[SPLIT ? QG_WARPS / 2 : 1]; // SPLIT: each pair's second sum
@@ -421,8 +504,7 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
                 issue(); // into the stage computed last round
                 copies_wait<STAGES - 1>();
                 __syncwarp(); // every lane's copies of this chunk have landed
-                const int units = min(32, (cols - c * QG_CHUNK) / QG_UNIT);
-                if (lane < units) acc += F::dot(stages + stage * CHUNK_BYTES, lane, c * QG_CHUNK + lane * QG_UNIT, qx);
+                acc = F::add(stages + stage * CHUNK_BYTES, lane, c * QG_CHUNK, cols, input, acc);
                 stage = stage + 1 == STAGES ? 0 : stage + 1;
                 __syncwarp(); // the stage is refilled next round
             }
@@ -454,14 +536,14 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
              const T *norm_w, T *sum, float eps, int x_at_once) {                                   \
-        quant_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps,  \
+        staged_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps,  \
                                           x_at_once);                                               \
     }
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
                                          int row_bytes, int x_at_once) {                            \
-        quant_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
+        staged_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
                                           nullptr, 0.0f, x_at_once);                                \
     }
 #define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
@@ -480,7 +562,7 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
              const T *norm_w, T *sum, float eps, int x_at_once) {                                   \
-        quant_gemv<F, T, 2, NORM, false, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum,  \
+        staged_gemv<F, T, 2, NORM, false, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum,  \
                                                eps, x_at_once);                                     \
     }
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
@@ -493,3 +575,14 @@ __device__ void quant_gemv(const uint8_t *__restrict__ w, const T *__restrict__ 
 QUANT_GEMV_TYPES(Q8_0, q8_0)
 QUANT_GEMV_TYPES(Q4K, q4k)
 QUANT_GEMV_TYPES(Q6K, q6k)
+
+// Dense weights: staged_gemv_[norm_][swiglu_]<T>_s2, all with the norm parameters (null when
+// unused). Two stages only: three (96 KB of chunk buffers per block) exceed the shared memory
+// the launcher asks for.
+#define STAGED_DENSE(T, SUF)                                                                        \
+    QUANT_GEMV_KERNEL(staged_gemv_##SUF##_s2, Dense<T>, T, 2, false, false)                         \
+    QUANT_GEMV_KERNEL(staged_gemv_norm_##SUF##_s2, Dense<T>, T, 2, true, false)                     \
+    QUANT_GEMV_KERNEL(staged_gemv_swiglu_##SUF##_s2, Dense<T>, T, 2, false, true)                   \
+    QUANT_GEMV_KERNEL(staged_gemv_norm_swiglu_##SUF##_s2, Dense<T>, T, 2, true, true)
+STAGED_DENSE(__nv_bfloat16, bf16)
+STAGED_DENSE(__half, f16)

@@ -246,11 +246,14 @@ struct QuantLaunchEntry {
 }
 
 /// The launch table used unless `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` is set: the launch sweep's
-/// choices on the H200 (tenth session, `gpu-check.sh tune`) for the 8B weights where one beat
-/// the default launch by over 2% alone, e.g. Q8_0 q/k/v 10.12 → 9.51 µs, Q4_K q/k 7.90 → 7.15
-/// µs. In a whole decode step: Q8_0 2.69 → 2.67 ms, Q4_K_M 2.16 → 2.13 ms, same tokens.
-const DEFAULT_QUANT_LAUNCH: &str =
-    "q8_0:6144x4096=3x3,q4k:5120x4096=3x1,q4k:4096x4096=2x2,q4k:4096x12288=4x2";
+/// choices on the H200 (`gpu-check.sh tune`) for the 8B weights where one beat the default
+/// launch by over 2% alone. Eleventh session (the SwiGLU kernels at three and four stages
+/// swept too): e.g. Q8_0 q/k/v 10.02 → 9.55 µs, Q4_K gate/up 18.30 → 17.73 µs, Q6_K output
+/// 128.7 → 125.6 µs; in a whole decode step Q4_K_M 2.11 → 2.06 ms against the tenth
+/// session's table, Q8_0 unchanged (2.64 ms), same tokens.
+const DEFAULT_QUANT_LAUNCH: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=4x1,q4k:5120x4096=3x1,\
+     q4k:4096x4096=3x2,q4k:24576x4096=3x2,q6k:4096x12288=2x2,q4k:4096x12288=4x2,\
+     q6k:151936x4096=2x3";
 
 /// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset:
 /// [`DEFAULT_QUANT_LAUNCH`]; empty or `none`: no table): entries
@@ -580,6 +583,38 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
         split_rows: quant_gemv_split_rows(),
         x_at_once: quant_x_at_once(),
     })
+}
+
+/// Shared memory of the staged kernel over dense 16-bit weights at two stages: the chunk
+/// buffers (2048 weights of 2 bytes per warp and stage), then x in 16 bits.
+fn staged_dense_shared_bytes(cols: usize) -> usize {
+    QUANT_GEMV_WARPS * 2 * QUANT_GEMV_CHUNK * 2 + cols * 2
+}
+
+/// Whether the staged kernel takes a dense product over `cols` columns: whole 16-byte pieces,
+/// and x fits the shared memory next to the chunk buffers (up to 16k columns).
+#[cfg(feature = "cuda")]
+pub(crate) fn staged_dense_fits(cols: usize) -> bool {
+    cols.is_multiple_of(8) && staged_dense_shared_bytes(cols) <= QUANT_GEMV_SHARED_MAX
+}
+
+/// The staged kernel's launch over dense 16-bit weights of `cols` columns (a stacked
+/// `[gate; up]` with the SwiGLU gate folded in when `swiglu`): two stages, as many blocks as
+/// the shared memory holds (three per SM on the H200: 72 KB each), x read in steps (the
+/// at-once path is for quantized x).
+#[cfg(feature = "cuda")]
+pub(crate) fn staged_dense_launch(cols: usize, swiglu: bool) -> cuda::QuantGemv {
+    cuda::QuantGemv {
+        format: cuda::DENSE_FORMAT,
+        row_bytes: cols * 2,
+        shared_bytes: staged_dense_shared_bytes(cols),
+        warps: QUANT_GEMV_WARPS,
+        stages: 2,
+        swiglu,
+        blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
+        split_rows: false,
+        x_at_once: false,
+    }
 }
 
 /// Whether the quantized GEMV's prologue issues all its loads of a ready 16-bit x at once (up
@@ -1041,7 +1076,7 @@ mod cpu_tests {
         assert_eq!(parse_quant_launch_table("none"), Ok(Vec::new()));
         assert_eq!(
             parse_quant_launch_table(DEFAULT_QUANT_LAUNCH).map(|t| t.len()),
-            Ok(4),
+            Ok(8),
             "the default table"
         );
         for bad in [
@@ -1297,39 +1332,50 @@ mod gpu_tests {
         cuda::gemv_as(x, w, false, norm, launch).map(|(y, _, shared)| (y, shared))
     }
 
-    /// Eight loads in flight per lane (`HELEXA_ENGINE_GEMV_DEPTH=8`) give the four-load
-    /// product within a bf16 step (the chunks are summed in groups of eight): plain, with the
-    /// norm formed in the product (at most 4096 columns), with the SwiGLU gate, and rows
-    /// shared; over the 8B shapes and a width whose chunks do not fill the last group (4104 =
-    /// 513 chunks).
+    /// The staged kernel over dense weights (`HELEXA_ENGINE_GEMV_STAGED`) gives the plain
+    /// kernel's bits: plain, with the norm formed in the product (at most 4096 columns), with
+    /// the SwiGLU gate; over the 8B shapes (6144 rows: two per warp of an H200's staged grid,
+    /// 4096 × 12288: several chunks per row), a width whose pieces do not fill the last group
+    /// of four (4104 = 513 pieces) nor the last chunk, and both 16-bit types.
     #[test]
-    fn eight_loads_in_flight_match_four() {
+    fn staged_dense_products_match_the_plain_kernel() {
         let dev = device();
-        for (rows, cols) in [(4096, 12288), (6144, 4096), (300, 4104)] {
-            let w = random(&[2 * rows, cols], DType::BF16, &dev);
-            let parts = pending_parts(cols, DType::BF16, &dev);
-            let (residual, normed) = (&parts.0, norm_input(&pending(&parts), false));
-            // A formed input is at most GEMV_NORM_MAX_COLS wide.
-            let inputs = if cols <= GEMV_NORM_MAX_COLS {
-                vec![None, Some(&normed)]
-            } else {
-                vec![None]
-            };
-            for swiglu in [false, true] {
-                for &input in &inputs {
-                    for share_rows in [false, true] {
-                        let run = |deep| {
-                            let launch = cuda::DenseGemv { share_rows, deep };
-                            cuda::gemv_as(residual, &w, swiglu, input, launch)
-                                .expect("product")
-                                .0
+        for dtype in [DType::BF16, DType::F16] {
+            for (rows, cols) in [(6144, 4096), (4096, 12288), (300, 4104)] {
+                let w = random(&[2 * rows, cols], dtype, &dev);
+                let x = random(&[1, 1, cols], dtype, &dev);
+                let (_, delta, norm) = pending_parts(cols, dtype, &dev);
+                let p = PendingNorm {
+                    residual: &x,
+                    delta: &delta,
+                    norm: &norm,
+                };
+                let normed = norm_input(&p, true);
+                // A formed input is at most GEMV_NORM_MAX_COLS wide in the plain kernel.
+                let inputs = if cols <= GEMV_NORM_MAX_COLS {
+                    vec![None, Some(&normed)]
+                } else {
+                    vec![None]
+                };
+                for swiglu in [false, true] {
+                    for &input in &inputs {
+                        let run = |staged| {
+                            let launch = cuda::DenseGemv {
+                                share_rows: false,
+                                staged,
+                            };
+                            cuda::gemv_as(&x, &w, swiglu, input, launch).expect("product")
                         };
-                        let e = rel_diff(&run(true), &run(false));
+                        let (got, got_sum, _) = run(cuda::StagedDense::All);
+                        let (want, want_sum, _) = run(cuda::StagedDense::Off);
                         let case = format!(
-                            "{rows}×{cols} swiglu {swiglu} norm {} shared {share_rows}",
+                            "{dtype:?} {rows}×{cols} swiglu {swiglu} norm {}",
                             input.is_some()
                         );
-                        assert!(e < 1e-2, "{case}: {e}");
+                        assert!(same_bits(&got, &want), "{case}");
+                        if let (Some(g), Some(w)) = (got_sum, want_sum) {
+                            assert!(same_bits(&g, &w), "{case}: residual");
+                        }
                     }
                 }
             }

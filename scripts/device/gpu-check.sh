@@ -173,8 +173,8 @@ omit-sweep)
   # q/k/v, gate/up, and o + down + the output product (the plain products).
   gemv_only="add_rms_norm,silu_mul,qk_norm_rope_cache,decode_attention,attn_combine,gather_rows,argmax"
   for variant in ${OMIT_VARIANTS:-graph no-attention:HELEXA_ENGINE_OMIT=decode_attention,attn_combine \
-    no-qkv:HELEXA_ENGINE_OMIT=quant_gemv_norm_q,quant_gemv_norm_split,gemv_norm_bf16 \
-    no-gate-up:HELEXA_ENGINE_OMIT=quant_gemv_norm_swiglu,gemv_norm_swiglu \
+    no-qkv:HELEXA_ENGINE_OMIT=quant_gemv_norm_q,quant_gemv_norm_split,gemv_norm_bf16,staged_gemv_norm_bf16 \
+    no-gate-up:HELEXA_ENGINE_OMIT=quant_gemv_norm_swiglu,gemv_norm_swiglu,staged_gemv_norm_swiglu \
     no-o-down-output:HELEXA_ENGINE_OMIT=quant_gemv_q,quant_gemv_split,gemv_bf16 \
     gemv-only:HELEXA_ENGINE_OMIT=$gemv_only no-pdl:HELEXA_ENGINE_PDL=0}; do
     if [ "${variant#*:}" = "$variant" ]; then run_variant "$variant"; else run_variant "${variant%%:*}" "${variant#*:}"; fi

@@ -900,26 +900,56 @@ pub fn gemv_with(
 pub struct DenseGemv {
     /// Share rows between two warps where that pays ([`super::sharing_rows_pays`]; not with
     /// the SwiGLU gate; a row is then summed in another order, so outputs can differ in the
-    /// last bit).
+    /// last bit). Only for the plain kernel.
     pub share_rows: bool,
-    /// Eight 16-byte loads in flight per lane rather than four (the `_d8` kernels; a row's
-    /// chunks are summed in groups of eight, so outputs can differ in the last bit).
-    pub deep: bool,
+    /// Which products run the staged kernel (`staged_gemv_…` in `kernels/quant_gemv.cu`, the
+    /// quantized products' pipeline over 16-bit weights; same bits as the plain kernel).
+    pub staged: StagedDense,
+}
+
+/// Which dense products run the staged kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StagedDense {
+    /// None: every dense product is `fused.cu`'s gemv.
+    Off,
+    /// Those forming their input (q/k/v, gate/up): the default.
+    Norm,
+    /// Every dense product.
+    All,
 }
 
 impl DenseGemv {
     /// `HELEXA_ENGINE_GEMV_SPLIT=1` shares rows (off: within noise on the H200, tenth
-    /// session); `HELEXA_ENGINE_GEMV_DEPTH=8` asks for eight loads in flight (4 otherwise).
+    /// session); `HELEXA_ENGINE_GEMV_STAGED` = `0` (no product), `all`, or by default the
+    /// products forming their input.
     pub fn from_env() -> Self {
         static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        static DEEP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static STAGED: std::sync::OnceLock<StagedDense> = std::sync::OnceLock::new();
         Self {
             share_rows: super::opt_in(&SPLIT, "HELEXA_ENGINE_GEMV_SPLIT"),
-            deep: *DEEP
-                .get_or_init(|| std::env::var("HELEXA_ENGINE_GEMV_DEPTH").is_ok_and(|v| v == "8")),
+            staged: *STAGED.get_or_init(|| {
+                match std::env::var("HELEXA_ENGINE_GEMV_STAGED").as_deref() {
+                    Ok("0") => StagedDense::Off,
+                    Ok("all") => StagedDense::All,
+                    _ => StagedDense::Norm,
+                }
+            }),
         }
     }
+
+    /// Whether a product (forming its input when `norm`) over `cols` columns runs staged.
+    fn stages(&self, norm: bool, cols: usize) -> bool {
+        let asked = match self.staged {
+            StagedDense::Off => false,
+            StagedDense::Norm => norm,
+            StagedDense::All => true,
+        };
+        asked && super::staged_dense_fits(cols)
+    }
 }
+
+/// `QuantGemv::format` of the staged kernel over dense 16-bit weights.
+pub const DENSE_FORMAT: &str = "dense";
 
 /// `gemv_with` launched as `launch` says; also whether the rows were shared.
 pub fn gemv_as(
@@ -1048,6 +1078,13 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         bail!("gemv: operands not 16-byte aligned");
     }
     let (xv, wv) = (view::<T>(&xs, xl)?, view::<T>(&ws, wl)?);
+    if launch.stages(norm.is_some(), cols) {
+        let stream = dev.cuda_stream();
+        let (w_ptr, _w_guard) = wv.device_ptr(&stream);
+        let staged = super::staged_dense_launch(cols, swiglu);
+        return staged_gemv_t::<T>(x, w_ptr, w_rows, cols, &staged, norm, sfx)
+            .map(|(y, r)| (y, r, false));
+    }
     let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
     let mut norm_bufs = match (norm, &norm_guards) {
         (Some(n), Some(g)) => Some(norm_buffers::<T>("gemv", x, n, g, dev)?),
@@ -1063,13 +1100,12 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         (true, false) => "gemv_norm",
         (true, true) => "gemv_norm_swiglu",
     };
-    let depth = if launch.deep { "_d8" } else { "" };
-    let (mut name, mut split) = (format!("{plain}_{sfx}{depth}"), false);
+    let (mut name, mut split) = (format!("{plain}_{sfx}"), false);
     if launch.share_rows && !swiglu && cols.is_multiple_of(16) {
         let split_name = if norm.is_some() {
-            format!("gemv_norm_split_{sfx}{depth}")
+            format!("gemv_norm_split_{sfx}")
         } else {
-            format!("gemv_split_{sfx}{depth}")
+            format!("gemv_split_{sfx}")
         };
         // Whole rows in waves of the plain kernel's resident warps against half rows in waves
         // of the split kernel's (it may hold fewer blocks per SM).
@@ -1114,7 +1150,8 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
 
 /// How to launch the quantized GEMV for one weight (worked out by the caller in `fused.rs`).
 pub struct QuantGemv {
-    /// Kernel name part of the block type (`q8_0`, `q4k`, `q6k`).
+    /// Kernel name part of the block type (`q8_0`, `q4k`, `q6k`), or [`DENSE_FORMAT`] for
+    /// 16-bit weights of the activations' type (the `staged_gemv_…` kernels).
     pub format: &'static str,
     /// Bytes of one weight row.
     pub row_bytes: usize,
@@ -1205,15 +1242,36 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let dev = x.device().as_cuda_device()?;
     let (w_rows, cols) = w.shape().dims2()?;
+    let stream = dev.cuda_stream();
+    let (w_ptr, _w_guard) = w.device_ptr_with_guard(&stream)?;
+    // The guard keeps the weight alive until after the launch is queued.
+    staged_gemv_t::<T>(x, w_ptr as u64, w_rows, cols, launch, norm, sfx)
+}
+
+/// The staged GEMV (`kernels/quant_gemv.cu`) over the `w_rows` × `cols` weight at device
+/// address `w_addr` (kept alive by the caller until this returns), as `launch` says.
+fn staged_gemv_t<T: CudaDType + DeviceRepr>(
+    x: &Tensor,
+    w_addr: u64,
+    w_rows: usize,
+    cols: usize,
+    launch: &QuantGemv,
+    norm: Option<&NormInput<'_>>,
+    sfx: &str,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dev = x.device().as_cuda_device()?;
     if x.elem_count() != cols || !x.is_contiguous() || !launch.row_bytes.is_multiple_of(16) {
-        bail!("quant_gemv: x {:?} against w {:?}", x.dims(), w.shape());
+        bail!("staged gemv: x {:?} against w ({w_rows}, {cols})", x.dims());
+    }
+    if !w_addr.is_multiple_of(16) {
+        bail!("staged gemv: weight not 16-byte aligned");
     }
     let rows = output_rows(w_rows, launch.swiglu)?;
     let (xs, xl) = x.storage_and_layout();
     let xv = view::<T>(&xs, xl)?;
     let norm_guards = norm.map(|n| [n.delta, n.weight].map(Tensor::storage_and_layout));
     let mut norm_bufs = match (norm, &norm_guards) {
-        (Some(n), Some(g)) => Some(norm_buffers::<T>("quant_gemv", x, n, g, dev)?),
+        (Some(n), Some(g)) => Some(norm_buffers::<T>("staged gemv", x, n, g, dev)?),
         _ => None,
     };
     let ctx = dev.cuda_stream().context().clone();
@@ -1227,25 +1285,24 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         sfx != "f32",
         per_sm * sms * launch.warps,
     );
-    let name = match (norm.is_some(), launch.swiglu, split) {
-        (false, false, false) => "quant_gemv",
-        (true, false, false) => "quant_gemv_norm",
-        (false, true, _) => "quant_gemv_swiglu",
-        (true, true, _) => "quant_gemv_norm_swiglu",
-        (false, false, true) => "quant_gemv_split",
-        (true, false, true) => "quant_gemv_norm_split",
+    let variant = match (norm.is_some(), launch.swiglu, split) {
+        (false, false, false) => "",
+        (true, false, false) => "_norm",
+        (false, true, _) => "_swiglu",
+        (true, true, _) => "_norm_swiglu",
+        (false, false, true) => "_split",
+        (true, false, true) => "_norm_split",
     };
-    let (f, stream) = module_function(
-        dev,
-        "helexa_quant_gemv",
-        QUANT_GEMV_PTX,
-        &format!("{name}_{}_{sfx}_s{}", launch.format, launch.stages),
-    )?;
-    let (w_ptr, _w_guard) = w.device_ptr_with_guard(&stream)?;
-    let w_addr = w_ptr as u64;
-    if !w_addr.is_multiple_of(16) {
-        bail!("quant_gemv: weight not 16-byte aligned");
-    }
+    let dense = launch.format == DENSE_FORMAT;
+    let name = if dense {
+        format!("staged_gemv{variant}_{sfx}_s{}", launch.stages)
+    } else {
+        format!(
+            "quant_gemv{variant}_{}_{sfx}_s{}",
+            launch.format, launch.stages
+        )
+    };
+    let (f, stream) = module_function(dev, "helexa_quant_gemv", QUANT_GEMV_PTX, &name)?;
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     // A split row takes two warps.
@@ -1264,8 +1321,9 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
     if let Some(n) = norm_bufs.as_mut() {
         norm_args(&mut b, n);
         b.value(&eps);
-    } else if launch.swiglu || split {
-        // quant_gemv_swiglu_… and quant_gemv_split_… take the norm parameters too, unused.
+    } else if launch.swiglu || split || dense {
+        // quant_gemv_swiglu_…, quant_gemv_split_… and every staged_gemv_… take the norm
+        // parameters too, unused.
         b.null().null().null().value(&eps);
     }
     b.value(&x_at_once);
@@ -1276,13 +1334,14 @@ fn quant_gemv_t<T: CudaDType + DeviceRepr>(
         block_dim: (grid(launch.warps * 32)?, 1, 1),
         shared_mem_bytes: shared,
     };
-    // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for,
-    // 16-byte aligned (checked), kept alive by its guard until after the launch is queued; x
-    // holds cols elements and y rows (with swiglu the weight has 2·rows, checked); with a norm
-    // input, delta, the norm weight and sum (if any) hold cols elements, 16-byte aligned
-    // (checked); shared_bytes is what the kernel lays out for cols (opted in above); argument
-    // types match `quant_gemv_[norm_][swiglu_|split_]<format>_<T>`, x_at_once last (the weight
-    // pointer travels as a u64, the size of a device pointer).
+    // SAFETY: w points at rows × row_bytes bytes of the block type the kernel is named for
+    // (16-bit T for staged_gemv_…), 16-byte aligned (checked), kept alive by the caller until
+    // after the launch is queued; x holds cols elements and y rows (with swiglu the weight has
+    // 2·rows, checked); with a norm input, delta, the norm weight and sum (if any) hold cols
+    // elements, 16-byte aligned (checked); shared_bytes is what the kernel lays out for cols
+    // (opted in above); argument types match `quant_gemv_[norm_][swiglu_|split_]<format>_<T>`
+    // or `staged_gemv_[norm_][swiglu_]<T>`, x_at_once last (the weight pointer travels as a
+    // u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((
         wrap(y, dev, product_shape(x, rows)),

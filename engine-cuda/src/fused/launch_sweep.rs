@@ -15,7 +15,7 @@
 //! too where it differs.
 //!
 //! A second ignored test, [`dense_gemv_launch_sweep`], times the BF16 model's dense products
-//! the same way at four and eight loads in flight per lane, rows shared or not.
+//! the same way: the plain kernel, its rows shared, and the staged kernel.
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::sys;
@@ -272,19 +272,21 @@ const DENSE_PRODUCTS: [(&str, usize, usize, bool, bool); 5] = [
 ];
 
 /// The dense GEMV's launch choices per BF16 product, timed as the quantized sweep times its
-/// own: four or eight loads in flight per lane (`HELEXA_ENGINE_GEMV_DEPTH`), rows shared by
-/// two warps or not (`HELEXA_ENGINE_GEMV_SPLIT`, printed where the launcher shares them).
-/// Each choice must stay within a bf16 step of the default (four loads, whole rows).
+/// own: the plain kernel (`fused.cu`'s gemv), its rows shared by two warps
+/// (`HELEXA_ENGINE_GEMV_SPLIT`, printed where the launcher shares them), and the staged kernel
+/// (`HELEXA_ENGINE_GEMV_STAGED`). The staged kernel must give the plain kernel's bits, shared
+/// rows stay within a bf16 step.
 #[test]
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh gemv-sweep"]
 fn dense_gemv_launch_sweep() {
+    use cuda::{DenseGemv, StagedDense};
     let dev = Device::new_cuda(0).expect("a CUDA device");
     let randn = |shape: &[usize]| {
         Tensor::randn(0f32, 1f32, shape, &dev)
             .and_then(|t| t.to_dtype(DType::BF16))
             .expect("tensor")
     };
-    println!("bf16 product rows×cols depth: µs per launch, share of 4.4 TB/s");
+    println!("bf16 product rows×cols kernel: µs per launch, share of 4.4 TB/s");
     for (name, rows, cols, norm, swiglu) in DENSE_PRODUCTS {
         let w_rows = if swiglu { 2 * rows } else { rows };
         let weight_bytes = w_rows * cols * 2;
@@ -298,33 +300,40 @@ fn dense_gemv_launch_sweep() {
             eps: 1e-6,
             write_sum: false,
         });
-        let product = |launch: cuda::DenseGemv, w: &Tensor| {
-            cuda::gemv_as(&x, w, swiglu, norm.as_ref(), launch)
-        };
-        let default = cuda::DenseGemv {
+        let product =
+            |launch: DenseGemv, w: &Tensor| cuda::gemv_as(&x, w, swiglu, norm.as_ref(), launch);
+        let plain = DenseGemv {
             share_rows: false,
-            deep: false,
+            staged: StagedDense::Off,
         };
-        let want = product(default, &weights[0]).expect("default launch").0;
-        for deep in [false, true] {
-            for share_rows in [false, true] {
-                let launch = cuda::DenseGemv { share_rows, deep };
-                let (got, _, shared) = product(launch, &weights[0]).expect("launch");
-                if share_rows && !shared {
-                    continue; // the launcher would not share these rows: the plain launch
-                }
-                let case = format!(
-                    "bf16 {name} {rows}×{cols} depth {}{}",
-                    if deep { 8 } else { 4 },
-                    if shared { " rows split" } else { "" }
-                );
-                let e = rel_diff(&got, &want);
-                assert!(e < 1e-2, "{case}: {e} from the default launch");
-                let us = time_launches(&dev, &weights, &|w| product(launch, w).map(|(y, ..)| y))
-                    .expect("timed");
-                let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
-                println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
+        let want = product(plain, &weights[0]).expect("plain launch").0;
+        let shared = DenseGemv {
+            share_rows: true,
+            ..plain
+        };
+        let staged = DenseGemv {
+            staged: StagedDense::All,
+            ..plain
+        };
+        for (kernel, launch) in [("plain", plain), ("rows split", shared), ("staged", staged)] {
+            let (got, _, split) = product(launch, &weights[0]).expect("launch");
+            if launch.share_rows && !split {
+                continue; // the launcher would not share these rows: the plain launch
             }
+            let case = format!("bf16 {name} {rows}×{cols} {kernel}");
+            if launch.staged == StagedDense::All {
+                assert!(
+                    same_bits(&got, &want),
+                    "{case}: not the plain kernel's bits"
+                );
+            } else {
+                let e = rel_diff(&got, &want);
+                assert!(e < 1e-2, "{case}: {e} from the plain kernel");
+            }
+            let us = time_launches(&dev, &weights, &|w| product(launch, w).map(|(y, ..)| y))
+                .expect("timed");
+            let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
+            println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
         }
     }
 }
