@@ -1317,8 +1317,8 @@ mod gpu_tests {
         }
     }
 
-    /// The dense product with rows shared where that pays (`share`) or never, at the
-    /// environment's depth; and whether they were.
+    /// The plain dense product (not staged) with rows shared where that pays (`share`) or
+    /// never; and whether they were.
     fn gemv_sharing(
         x: &Tensor,
         w: &Tensor,
@@ -1327,7 +1327,7 @@ mod gpu_tests {
     ) -> Result<(Tensor, bool)> {
         let launch = cuda::DenseGemv {
             share_rows: share,
-            ..cuda::DenseGemv::from_env()
+            staged: cuda::StagedDense::Off,
         };
         cuda::gemv_as(x, w, false, norm, launch).map(|(y, _, shared)| (y, shared))
     }
