@@ -5,8 +5,20 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The kernel files (`kernels/<name>.cu`, each becoming `<name>.ptx` in `OUT_DIR`).
-const KERNELS: [&str; 4] = ["fused", "quant_gemv", "flash_prefill", "sample"];
+/// The kernel builds: (source `kernels/<file>.cu`, `<ptx>.ptx` in `OUT_DIR`, extra nvcc flags).
+/// `quant_gemv_wide` is the staged GEMV with 16 warps per block (one prologue per 16 warps
+/// rather than per 8; see `QG_WARPS` in the kernel).
+const KERNELS: [(&str, &str, &[&str]); 5] = [
+    ("fused", "fused", &[]),
+    ("quant_gemv", "quant_gemv", &[]),
+    (
+        "quant_gemv",
+        "quant_gemv_wide",
+        &["-DQG_WARPS=16", "-DQG_MIN_BLOCKS=2"],
+    ),
+    ("flash_prefill", "flash_prefill", &[]),
+    ("sample", "sample", &[]),
+];
 
 fn main() {
     println!("cargo::rerun-if-changed=build.rs");
@@ -23,8 +35,8 @@ fn main() {
     // PTX for this architecture JIT-compiles on it and on newer GPUs.
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap = cap.trim_end_matches('a');
-    for name in KERNELS {
-        let src = format!("kernels/{name}.cu");
+    for (file, name, flags) in KERNELS {
+        let src = format!("kernels/{file}.cu");
         let status = Command::new(&nvcc)
             .args([
                 "--ptx",
@@ -32,6 +44,7 @@ fn main() {
                 "-std=c++17",
                 &format!("-arch=compute_{cap}"),
             ])
+            .args(flags)
             .arg(&src)
             .arg("-o")
             .arg(out_dir.join(format!("{name}.ptx")))

@@ -34,11 +34,20 @@
 
 #include "common.cuh"
 
+// Warps per block: 8, or 16 in the "wide" build (build.rs passes -DQG_WARPS=16
+// -DQG_MIN_BLOCKS=2). Every block forms and quantizes the whole input in its prologue, so
+// four blocks of 8 warps on an SM do that work four times, sharing the SM's issue slots; two
+// blocks of 16 do it twice. (The launch sweep's best shapes had one block per SM for the
+// Q8_0 q/k/v and down products, eleventh session.)
+#ifndef QG_WARPS
 #define QG_WARPS 8
-// Registers are capped for four resident blocks per SM; the chunks in flight per warp (the
-// STAGES parameter, 2 to 4) and so the shared memory set how many fit (the launcher sizes its
-// grid to match).
+#endif
+// Registers are capped for QG_MIN_BLOCKS resident blocks per SM (64 per thread either way);
+// the chunks in flight per warp (the STAGES parameter, 2 to 4) and so the shared memory set
+// how many fit (the launcher sizes its grid to match).
+#ifndef QG_MIN_BLOCKS
 #define QG_MIN_BLOCKS 4
+#endif
 // Weights per lane per chunk, and per chunk (a warp of lanes).
 #define QG_UNIT 64
 #define QG_CHUNK (32 * QG_UNIT)
@@ -557,7 +566,11 @@ __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__
     QUANT_GEMV_STAGES(QUANT_GEMV_SWIGLU_AT, F, FSUF, T, SUF)                                        \
     QUANT_GEMV_SPLIT_KERNEL(quant_gemv_split_##FSUF##_##SUF##_s2, F, T, false)                      \
     QUANT_GEMV_SPLIT_KERNEL(quant_gemv_norm_split_##FSUF##_##SUF##_s2, F, T, true)
-// SPLIT, at two stages and 16-bit activations only.
+// SPLIT, at two stages and 16-bit activations only, and not in the wide build (its pairs'
+// barriers are four: pair_barrier).
+#if QG_WARPS != 8
+#define QUANT_GEMV_SPLIT_KERNEL(NAME, F, T, NORM)
+#else
 #define QUANT_GEMV_SPLIT_KERNEL(NAME, F, T, NORM)                                                   \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
@@ -565,6 +578,7 @@ __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__
         staged_gemv<F, T, 2, NORM, false, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum,  \
                                                eps, x_at_once);                                     \
     }
+#endif
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, float, f32)                                              \
     QUANT_GEMV_STAGES(QUANT_GEMV, F, FSUF, __nv_bfloat16, bf16)                                     \

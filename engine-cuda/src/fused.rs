@@ -185,12 +185,19 @@ pub fn forget_kernel_handles() {
     cuda::forget_kernel_handles();
 }
 
-/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel), and the weights each warp
-/// stages in shared memory at a time (`QG_CHUNK`).
+/// Warps per block of [`quant_gemv`] (`QG_WARPS` in the kernel; [`QUANT_GEMV_WIDE_WARPS`] in
+/// its wide build), and the weights each warp stages in shared memory at a time (`QG_CHUNK`).
 const QUANT_GEMV_WARPS: usize = 8;
+const QUANT_GEMV_WIDE_WARPS: usize = 16;
 const QUANT_GEMV_CHUNK: usize = 2048;
-/// Most blocks per SM the quantized GEMV's registers allow (`QG_MIN_BLOCKS` in the kernel).
+/// Most blocks per SM the quantized GEMV's registers allow at 8 warps a block (`QG_MIN_BLOCKS`
+/// in the kernel; the wide build allows half as many).
 const QUANT_GEMV_BLOCKS_PER_SM: usize = 4;
+
+/// Most resident blocks per SM of `warps` warps (the registers' limit, as above).
+fn quant_gemv_max_blocks(warps: usize) -> usize {
+    QUANT_GEMV_BLOCKS_PER_SM * QUANT_GEMV_WARPS / warps.max(1)
+}
 
 /// Chunks each warp of [`quant_gemv`] has in flight: 2 to 4, from
 /// `HELEXA_ENGINE_QUANT_GEMV_STAGES` (a tuning knob; more stages hide more memory latency but
@@ -227,12 +234,13 @@ pub(crate) fn sharing_rows_pays(rows: usize, plain_warps: usize, split_warps: us
     (2 * rows).div_ceil(split_warps.max(1)) < 2 * rows.div_ceil(plain_warps.max(1))
 }
 
-/// How one quantized product launches: chunks in flight per warp (the kernel's `STAGES`) and
-/// most resident blocks per SM.
+/// How one quantized product launches: chunks in flight per warp (the kernel's `STAGES`), most
+/// resident blocks per SM, and warps per block (8, or 16: the wide build).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct QuantLaunchShape {
     stages: usize,
     blocks_per_sm: usize,
+    warps: usize,
 }
 
 /// One weight's entry in the launch table: its format (kernel name part), rows and columns as
@@ -294,13 +302,19 @@ fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEn
                 }
                 let (dims, shape) = rest.split_once('=')?;
                 let (rows, cols) = dims.split_once('x')?;
-                let (stages, blocks) = shape.split_once('x')?;
+                let (stages, rest) = shape.split_once('x')?;
+                let (blocks, warps) = rest.split_once('x').unwrap_or((rest, "8"));
+                let warps = warps
+                    .parse()
+                    .ok()
+                    .filter(|w| [QUANT_GEMV_WARPS, QUANT_GEMV_WIDE_WARPS].contains(w))?;
                 let shape = QuantLaunchShape {
                     stages: stages.parse().ok().filter(|s| (2..=4).contains(s))?,
                     blocks_per_sm: blocks
                         .parse()
                         .ok()
-                        .filter(|b| (1..=QUANT_GEMV_BLOCKS_PER_SM).contains(b))?,
+                        .filter(|b| (1..=quant_gemv_max_blocks(warps)).contains(b))?,
+                    warps,
                 };
                 Some(QuantLaunchEntry {
                     format: format.to_owned(),
@@ -319,6 +333,7 @@ fn quant_launch_shape(w: &QTensor) -> QuantLaunchShape {
     let default = QuantLaunchShape {
         stages: quant_gemv_stages(),
         blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
+        warps: QUANT_GEMV_WARPS,
     };
     let (Some(format), Ok((rows, cols))) = (quant_gemv_format(w.dtype()), w.shape().dims2()) else {
         return default;
@@ -351,11 +366,8 @@ fn quant_row_bytes(dtype: GgmlDType, cols: usize) -> usize {
 /// Shared memory a [`quant_gemv`] block needs: the chunk buffers of each warp, then x quantized
 /// (one byte per value with 16 bytes of padding per 64 against bank conflicts, `QG_X_BYTES`,
 /// and a scale and a sum per 32 values).
-fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize, stages: usize) -> usize {
-    QUANT_GEMV_WARPS * stages * quant_row_bytes(dtype, QUANT_GEMV_CHUNK)
-        + cols
-        + cols / 4
-        + cols / 32 * 8
+fn quant_gemv_shared_bytes(dtype: GgmlDType, cols: usize, stages: usize, warps: usize) -> usize {
+    warps * stages * quant_row_bytes(dtype, QUANT_GEMV_CHUNK) + cols + cols / 4 + cols / 32 * 8
 }
 
 /// Whether [`quant_gemv`] serves `x · wᵀ`: one 16-byte-aligned row of activations on a CUDA
@@ -378,8 +390,11 @@ pub fn quant_gemv_applies(x: &Tensor, w: &QTensor) -> bool {
         && x.layout().start_offset().is_multiple_of(8)
         && cols.is_multiple_of(64)
         && quant_row_bytes(w.dtype(), cols).is_multiple_of(16)
-        && quant_gemv_shared_bytes(w.dtype(), cols, quant_launch_shape(w).stages)
-            <= QUANT_GEMV_SHARED_MAX
+        && {
+            let shape = quant_launch_shape(w);
+            quant_gemv_shared_bytes(w.dtype(), cols, shape.stages, shape.warps)
+                <= QUANT_GEMV_SHARED_MAX
+        }
 }
 
 /// `x · wᵀ` for one row `x` (any shape of `cols` elements) and quantized `w` `(rows, cols)`, x
@@ -577,8 +592,8 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
     Ok(cuda::QuantGemv {
         format,
         row_bytes: quant_row_bytes(w.dtype(), cols),
-        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols, shape.stages),
-        warps: QUANT_GEMV_WARPS,
+        shared_bytes: quant_gemv_shared_bytes(w.dtype(), cols, shape.stages, shape.warps),
+        warps: shape.warps,
         stages: shape.stages,
         swiglu,
         blocks_per_sm: shape.blocks_per_sm,
@@ -1020,7 +1035,10 @@ mod cpu_tests {
         assert_eq!(quant_row_bytes(GgmlDType::Q8_0, 4096), 4352);
         assert_eq!(quant_gemv_format(GgmlDType::Q4_0), None);
         // x of 12288 values (an 8B model's MLP) fits, with two blocks per SM.
-        assert!(quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288, 4) <= QUANT_GEMV_SHARED_MAX);
+        assert!(
+            quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288, 4, QUANT_GEMV_WARPS)
+                <= QUANT_GEMV_SHARED_MAX
+        );
     }
 
     #[test]
@@ -1058,20 +1076,22 @@ mod cpu_tests {
 
     #[test]
     fn quant_launch_table_reads_entries_and_refuses_malformed_ones() {
-        let entry = |format: &str, rows, cols, stages, blocks_per_sm| QuantLaunchEntry {
+        let entry = |format: &str, rows, cols, stages, blocks_per_sm, warps| QuantLaunchEntry {
             format: format.to_owned(),
             rows,
             cols,
             shape: QuantLaunchShape {
                 stages,
                 blocks_per_sm,
+                warps,
             },
         };
         assert_eq!(
-            parse_quant_launch_table(" q8_0:4096x12288=3x3, q4k:24576x4096=2x2 ,"),
+            parse_quant_launch_table(" q8_0:4096x12288=3x3, q4k:24576x4096=2x2 ,q6k:1x64=4x2x16"),
             Ok(vec![
-                entry("q8_0", 4096, 12288, 3, 3),
-                entry("q4k", 24576, 4096, 2, 2)
+                entry("q8_0", 4096, 12288, 3, 3, 8),
+                entry("q4k", 24576, 4096, 2, 2, 8),
+                entry("q6k", 1, 64, 4, 2, 16)
             ])
         );
         assert_eq!(parse_quant_launch_table(""), Ok(Vec::new()));
@@ -1088,6 +1108,8 @@ mod cpu_tests {
             "q8_0:4096=3x3",
             "Q8_0:4096x12288=3x3",
             "q8_0:0x12288=3x3",
+            "q8_0:4096x12288=3x3x12",
+            "q8_0:4096x12288=3x3x16",
             "x",
         ] {
             assert_eq!(parse_quant_launch_table(bad), Err(bad.to_owned()), "{bad}");
@@ -1434,8 +1456,9 @@ mod gpu_tests {
                 // not make them the same kernel.
                 let launch = |split_rows| cuda::QuantGemv {
                     stages: 2,
-                    shared_bytes: quant_gemv_shared_bytes(dtype, cols, 2),
+                    shared_bytes: quant_gemv_shared_bytes(dtype, cols, 2, QUANT_GEMV_WARPS),
                     blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
+                    warps: QUANT_GEMV_WARPS,
                     split_rows,
                     ..quant_gemv_launch(&q, false).expect("launch")
                 };
@@ -1666,9 +1689,10 @@ mod gpu_tests {
     }
 
     /// The launch shape and the prologue do not touch the arithmetic: the SwiGLU product at
-    /// three and four stages, and a ready x quantized with all its loads at once
-    /// (`x_at_once`, at 3, 5 and 6 of its steps: 6144, 10240 and the down product's 12288
-    /// values) give the bits of two stages and of the stepped loop, in every format.
+    /// three and four stages, a ready x quantized with all its loads at once (`x_at_once`, at
+    /// 3, 5 and 6 of its steps: 6144, 10240 and the down product's 12288 values), and the
+    /// wide build over a ready x give the bits of two stages, of the stepped loop and of 8
+    /// warps, in every format; the wide build forming a norm stays within a bf16 step.
     #[test]
     fn quant_gemv_stages_and_prologue_keep_the_bits() {
         let dev = device();
@@ -1685,7 +1709,8 @@ mod gpu_tests {
             let q = QTensor::quantize(&w, format).expect("quantize");
             let at = |stages| cuda::QuantGemv {
                 stages,
-                shared_bytes: quant_gemv_shared_bytes(format, cols, stages),
+                shared_bytes: quant_gemv_shared_bytes(format, cols, stages, QUANT_GEMV_WARPS),
+                warps: QUANT_GEMV_WARPS,
                 ..quant_gemv_launch(&q, true).expect("launch")
             };
             for input in [None, Some(norm_input(&p, true))] {
@@ -1713,8 +1738,40 @@ mod gpu_tests {
                     cuda::quant_gemv(&x, &q, &launch).expect("product")
                 };
                 let case = format!("{format:?} {cols} columns, x at once");
-                assert!(same_bits(&prologue(true), &prologue(false)), "{case}");
+                let want = prologue(true);
+                assert!(same_bits(&want, &prologue(false)), "{case}");
+                // The wide build (16 warps a block) quantizes x alike: the same bits.
+                let wide = cuda::QuantGemv {
+                    warps: QUANT_GEMV_WIDE_WARPS,
+                    stages: 2,
+                    shared_bytes: quant_gemv_shared_bytes(format, cols, 2, QUANT_GEMV_WIDE_WARPS),
+                    blocks_per_sm: 2,
+                    ..quant_gemv_launch(&q, false).expect("launch")
+                };
+                let got = cuda::quant_gemv(&x, &q, &wide).expect("wide");
+                assert!(
+                    same_bits(&got, &want),
+                    "{format:?} {cols} columns, 16 warps"
+                );
             }
+            // The wide build forming the norm (its squares summed in another order) and folding
+            // the SwiGLU gate: within a bf16 step of 8 warps.
+            let wide = |launch: cuda::QuantGemv| cuda::QuantGemv {
+                warps: QUANT_GEMV_WIDE_WARPS,
+                shared_bytes: quant_gemv_shared_bytes(format, cols, 2, QUANT_GEMV_WIDE_WARPS),
+                stages: 2,
+                blocks_per_sm: 1,
+                ..launch
+            };
+            let input = norm_input(&p, true);
+            let (got, got_sum) =
+                cuda::quant_gemv_with(&x, &q, &wide(at(2)), Some(&input)).expect("wide");
+            let (want, want_sum) =
+                cuda::quant_gemv_with(&x, &q, &at(2), Some(&input)).expect("narrow");
+            let e = rel_diff(&got, &want);
+            assert!(e < 1e-2, "{format:?} swiglu norm, 16 warps: {e}");
+            let (g, w) = (got_sum.expect("residual"), want_sum.expect("residual"));
+            assert!(same_bits(&g, &w), "{format:?} 16 warps: the residual");
         }
     }
 

@@ -26,11 +26,13 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Layout, Result, Shape, Storage, StorageRef, Tensor, bail};
 
 use super::launch::Args;
-use super::{DevicePosition, QUANT_GEMV_BLOCKS_PER_SM, QkvInputs};
+use super::{DevicePosition, QUANT_GEMV_WARPS, QUANT_GEMV_WIDE_WARPS, QkvInputs};
 use crate::layers::{RmsNorm, RopeStyle};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const QUANT_GEMV_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant_gemv.ptx"));
+/// The same kernels with 16 warps per block (build.rs).
+const QUANT_GEMV_WIDE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/quant_gemv_wide.ptx"));
 const FLASH_PREFILL_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_prefill.ptx"));
 const SAMPLE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sample.ptx"));
 
@@ -1159,15 +1161,15 @@ pub struct QuantGemv {
     pub row_bytes: usize,
     /// Dynamic shared memory per block.
     pub shared_bytes: usize,
-    /// Warps per block (`QG_WARPS` in the kernel).
+    /// Warps per block (`QG_WARPS` in the kernel): 8, or 16 from its wide build.
     pub warps: usize,
     /// Chunks in flight per warp (the kernel's `STAGES`).
     pub stages: usize,
     /// The weight is a stacked `[gate; up]` and the product writes `silu(gate) · up`.
     pub swiglu: bool,
     /// Most blocks to keep resident per SM (the grid is that many per SM, or fewer where the
-    /// shared memory or the rows allow fewer): [`QUANT_GEMV_BLOCKS_PER_SM`] unless a launch
-    /// sweep asks for fewer.
+    /// shared memory or the rows allow fewer): what the registers allow at `warps` unless a
+    /// launch sweep asks for fewer.
     pub blocks_per_sm: usize,
     /// Share each row between two warps where that pays ([`super::split_rows_pay`]; 16-bit
     /// activations, two stages, not with `swiglu`).
@@ -1192,6 +1194,7 @@ pub fn uses_split_kernel(
     resident_warps: usize,
 ) -> bool {
     launch.split_rows
+        && launch.warps == QUANT_GEMV_WARPS
         && sixteen_bit
         && launch.stages == 2
         && !launch.swiglu
@@ -1216,7 +1219,12 @@ pub fn quant_gemv_blocks_per_sm(ctx: &CudaContext, launch: &QuantGemv) -> Result
     )?;
     Ok(
         (usize::try_from(sm_shared).unwrap_or(0) / (launch.shared_bytes + SHARED_MEMORY_RESERVED))
-            .clamp(1, launch.blocks_per_sm.clamp(1, QUANT_GEMV_BLOCKS_PER_SM)),
+            .clamp(
+                1,
+                launch
+                    .blocks_per_sm
+                    .clamp(1, super::quant_gemv_max_blocks(launch.warps)),
+            ),
     )
 }
 
@@ -1304,7 +1312,13 @@ fn staged_gemv_t<T: CudaDType + DeviceRepr>(
             launch.format, launch.stages
         )
     };
-    let (f, stream) = module_function(dev, "helexa_quant_gemv", QUANT_GEMV_PTX, &name)?;
+    let (f, stream) = match launch.warps {
+        QUANT_GEMV_WARPS => module_function(dev, "helexa_quant_gemv", QUANT_GEMV_PTX, &name)?,
+        QUANT_GEMV_WIDE_WARPS => {
+            module_function(dev, "helexa_quant_gemv_wide", QUANT_GEMV_WIDE_PTX, &name)?
+        }
+        w => bail!("staged gemv: no build with {w} warps a block"),
+    };
     // SAFETY: every element is written by the kernel below (one warp per row).
     let mut y = unsafe { dev.alloc::<T>(rows) }?;
     // A split row takes two warps.
