@@ -255,15 +255,16 @@ struct QuantLaunchEntry {
 
 /// The launch table used unless `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` is set: the launch sweep's
 /// choices on the H200 (`gpu-check.sh tune`) for the 8B weights where one beat the default
-/// launch by over 2% alone. Eleventh session (the SwiGLU kernels at three and four stages
-/// swept too): e.g. Q8_0 q/k/v 10.02 → 9.55 µs, Q4_K gate/up 18.30 → 17.73 µs, Q6_K output
-/// 128.7 → 125.6 µs; in a whole decode step Q4_K_M 2.11 → 2.06 ms against the tenth
-/// session's table, Q8_0 unchanged (2.64 ms), same tokens. Q8_0's gate/up at 3×2 (28.67 →
-/// 28.10 µs, under the margin alone) was then tried in the step: 2.64 → 2.62 ms, same tokens
-/// (visit 3), so it is in too.
-const DEFAULT_QUANT_LAUNCH: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=4x1,q8_0:24576x4096=3x2,\
-     q4k:5120x4096=3x1,q4k:4096x4096=3x2,q4k:24576x4096=3x2,q6k:4096x12288=2x2,\
-     q4k:4096x12288=4x2,q6k:151936x4096=2x3";
+/// launch by over 2% alone. Eleventh session, with the SwiGLU kernels at three and four stages
+/// and the wide build (`…x16`: 16 warps a block) swept too: e.g. Q8_0 down 16.75 → 15.69 µs
+/// (2×2×16), Q4_K down 11.87 → 10.09 µs (4×1×16), Q6_K down 15.41 → 13.91 µs (2×1×16),
+/// Q4_K gate/up 18.34 → 17.44 µs (3×2×16). In a whole decode step against the tenth
+/// session's table: Q4_K_M 2.11 → 2.06 ms (visit 1, 8 warps) → 2.01 ms (visit 4, with the wide
+/// build), Q8_0 2.64 → 2.61 ms; same tokens. Q8_0's gate/up at 3×2 (28.67 → 28.10 µs, under
+/// the margin alone) was tried in the step too: 2.64 → 2.62 ms, same tokens (visit 3).
+const DEFAULT_QUANT_LAUNCH: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16,\
+     q8_0:24576x4096=3x2,q4k:5120x4096=3x1,q4k:4096x4096=2x2x16,q4k:24576x4096=3x2x16,\
+     q6k:4096x12288=2x1x16,q4k:4096x12288=4x1x16";
 
 /// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset:
 /// [`DEFAULT_QUANT_LAUNCH`]; empty or `none`: no table): entries
@@ -1098,7 +1099,7 @@ mod cpu_tests {
         assert_eq!(parse_quant_launch_table("none"), Ok(Vec::new()));
         assert_eq!(
             parse_quant_launch_table(DEFAULT_QUANT_LAUNCH).map(|t| t.len()),
-            Ok(9),
+            Ok(8),
             "the default table"
         );
         for bad in [
