@@ -245,10 +245,11 @@ struct Q6K : Quantized<Q6K> {
 };
 
 // Dense 16-bit weights (T = the activation type), x kept in T in shared memory: the staged
-// pipeline serving the dense model's products that form their input (q/k/v, gate/up), where
-// the dense kernel (fused.cu's gemv: one block per eight rows, four loads in flight per lane)
-// formed the input again in every block of every wave and ran at 61% and 74% of the bandwidth
-// (launch sweep, eleventh session). A "block" is one 16-byte piece of eight weights; lane l
+// pipeline serving a dense model's products in place of fused.cu's gemv (one block per eight
+// rows, four loads of 16 bytes in flight per lane, the input formed again by every block of
+// every wave). The launch sweep (eleventh session) timed q/k/v, o, down and the output product
+// faster staged (down 29.05 → 26.26 µs) and gate/up with its SwiGLU gate slower (47.94 →
+// 49.76), so the launcher stages all but that one. A "block" is one 16-byte piece of eight weights; lane l
 // takes pieces l, l + 32, … of a chunk (conflict-free shared-memory reads), which are the
 // pieces gemv's lane l reads from the same row, summed in the same order: groups of four while
 // a whole group is left in the row, then one at a time. So the result has gemv's bits.

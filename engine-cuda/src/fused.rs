@@ -268,9 +268,10 @@ const DEFAULT_QUANT_LAUNCH: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16,\
 
 /// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset:
 /// [`DEFAULT_QUANT_LAUNCH`]; empty or `none`: no table): entries
-/// `FORMAT:ROWSxCOLS=STAGESxBLOCKS` separated by commas, e.g. `q8_0:4096x12288=3x3` (the weight
-/// as stored: a stacked gate/up weight has twice the output rows). A weight without an entry
-/// launches at [`quant_gemv_stages`] and every block an SM holds. The launch sweep
+/// `FORMAT:ROWSxCOLS=STAGESxBLOCKS[xWARPS]` separated by commas, e.g. `q8_0:4096x12288=3x3` or
+/// `q8_0:4096x12288=2x2x16` (the weight as stored: a stacked gate/up weight has twice the output
+/// rows; WARPS a block, 8 unless 16 asks for the wide build). A weight without an entry
+/// launches at [`quant_gemv_stages`], 8 warps a block and every block an SM holds. The launch sweep
 /// (`src/fused/launch_sweep.rs`) measures the choices; this tries them in a whole decode step
 /// without a rebuild.
 fn quant_launch_table() -> &'static [QuantLaunchEntry] {
@@ -286,7 +287,8 @@ fn quant_launch_table() -> &'static [QuantLaunchEntry] {
 }
 
 /// Parses a `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` value; a malformed entry is the error (a format
-/// the kernel reads, dimensions above 0, stages 2–4, blocks 1–4).
+/// the kernel reads, dimensions above 0, stages 2–4, warps 8 or 16, blocks 1 to what the
+/// registers allow at those warps: 4 or 2).
 fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEntry>, String> {
     spec.split(',')
         .map(str::trim)
@@ -605,6 +607,7 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
 
 /// Shared memory of the staged kernel over dense 16-bit weights at two stages: the chunk
 /// buffers (2048 weights of 2 bytes per warp and stage), then x in 16 bits.
+#[cfg(feature = "cuda")]
 fn staged_dense_shared_bytes(cols: usize) -> usize {
     QUANT_GEMV_WARPS * 2 * QUANT_GEMV_CHUNK * 2 + cols * 2
 }

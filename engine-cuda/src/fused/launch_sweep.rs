@@ -148,6 +148,12 @@ fn time_launches<W>(
     Ok(f64::from(ms) * 1e3 / (REPLAYS * LAUNCHES) as f64)
 }
 
+/// Prints one timed case: µs per launch and the share of [`BANDWIDTH`] its weight's bytes take.
+fn report(case: &str, us: f64, weight_bytes: usize) {
+    let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
+    println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
+}
+
 #[test]
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh gemv-sweep"]
 fn quant_gemv_launch_sweep() {
@@ -190,6 +196,7 @@ fn quant_gemv_launch_sweep() {
         };
         let want = product(&launch_with(2, QUANT_GEMV_BLOCKS_PER_SM), &weights[0])
             .expect("default launch");
+        let name = format!("{format} {} {}×{}", p.name, p.rows, p.cols);
         for (warps, s) in [8, 16].into_iter().flat_map(|w| [2, 3, 4].map(|s| (w, s))) {
             if quant_gemv_shared_bytes(p.dtype, p.cols, s, warps) > QUANT_GEMV_SHARED_MAX {
                 continue;
@@ -209,10 +216,7 @@ fn quant_gemv_launch_sweep() {
                 } else {
                     format!(" warps {warps}")
                 };
-                let case = format!(
-                    "{format} {} {}×{} stages {s} blocks/SM {resident}{wide}",
-                    p.name, p.rows, p.cols
-                );
+                let case = format!("{name} stages {s} blocks/SM {resident}{wide}");
                 let got = product(&launch, &weights[0]).expect("launch");
                 // A norm formed by 16 warps sums its squares in another order.
                 if p.norm && warps != QUANT_GEMV_WARPS {
@@ -225,8 +229,7 @@ fn quant_gemv_launch_sweep() {
                     );
                 }
                 let us = time_launches(&dev, &weights, &|w| product(&launch, w)).expect("timed");
-                let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
-                println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
+                report(&case, us, weight_bytes);
             }
         }
         // A ready x quantized in steps, two at a time (HELEXA_ENGINE_QUANT_X_AT_ONCE=0), where
@@ -237,16 +240,9 @@ fn quant_gemv_launch_sweep() {
                 ..launch_with(2, QUANT_GEMV_BLOCKS_PER_SM)
             };
             let got = product(&stepped, &weights[0]).expect("stepped launch");
-            assert!(same_bits(&got, &want), "{format} {}: x in steps", p.name);
+            assert!(same_bits(&got, &want), "{name}: x in steps");
             let us = time_launches(&dev, &weights, &|w| product(&stepped, w)).expect("timed");
-            let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
-            println!(
-                "{format} {} {}×{} stages 2 x in steps: {us:.2} µs, {:.0}%",
-                p.name,
-                p.rows,
-                p.cols,
-                share * 100.0
-            );
+            report(&format!("{name} stages 2 x in steps"), us, weight_bytes);
         }
         // Rows shared by two warps (HELEXA_ENGINE_QUANT_GEMV_SPLIT) where the launcher would
         // share them: the same sums in another order, so within a bf16 step, not the same bits.
@@ -259,15 +255,12 @@ fn quant_gemv_launch_sweep() {
         if cuda::uses_split_kernel(&split, p.rows, p.cols, true, resident * sms * split.warps) {
             let got = product(&split, &weights[0]).expect("split launch");
             let e = rel_diff(&got, &want);
-            assert!(e < 1e-2, "{format} {} split: {e}", p.name);
+            assert!(e < 1e-2, "{name} split: {e}");
             let us = time_launches(&dev, &weights, &|w| product(&split, w)).expect("timed");
-            let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
-            println!(
-                "{format} {} {}×{} stages 2 blocks/SM {resident} rows split: {us:.2} µs, {:.0}%",
-                p.name,
-                p.rows,
-                p.cols,
-                share * 100.0
+            report(
+                &format!("{name} stages 2 blocks/SM {resident} rows split"),
+                us,
+                weight_bytes,
             );
         }
     }
@@ -344,8 +337,7 @@ fn dense_gemv_launch_sweep() {
             }
             let us = time_launches(&dev, &weights, &|w| product(launch, w).map(|(y, ..)| y))
                 .expect("timed");
-            let share = weight_bytes as f64 / (us * 1e-6) / BANDWIDTH;
-            println!("{case}: {us:.2} µs, {:.0}%", share * 100.0);
+            report(&case, us, weight_bytes);
         }
     }
 }
