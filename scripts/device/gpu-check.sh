@@ -15,8 +15,8 @@
 #   scripts/device/gpu-check.sh gemv-sweep   # µs per launch of each quantized product of a
 #                                       # Qwen3-8B layer at each launch shape (chunks in flight
 #                                       # per warp, blocks per SM), replayed from a CUDA graph,
-#                                       # then the dense BF16 products at four and eight loads
-#                                       # in flight (src/fused/launch_sweep.rs; ~2-3 min)
+#                                       # then the dense BF16 products on the plain, rows-split
+#                                       # and staged kernels (src/fused/launch_sweep.rs; ~2-3 min)
 #   scripts/device/gpu-check.sh tests NAME...  # the GPU tests whose names hold any NAME
 #   scripts/device/gpu-check.sh tune    # gemv-sweep, its choices as a launch table
 #                                       # (launch_table.py), then switches at @0 over the
@@ -147,7 +147,7 @@ gemv-sweep)
   timeout 300 "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::quant_gemv_launch_sweep \
     --nocapture --test-threads 1 > "$OUT/gemv-sweep.txt" 2>&1
   status=$?
-  # The dense (BF16) products at four and eight loads in flight (DENSE_SWEEP=0 skips it).
+  # The dense (BF16) products on each dense kernel (DENSE_SWEEP=0 skips it).
   if [ "${DENSE_SWEEP:-1}" = 1 ]; then
     timeout 150 "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::dense_gemv_launch_sweep \
       --nocapture --test-threads 1 >> "$OUT/gemv-sweep.txt" 2>&1 || status=1
@@ -175,7 +175,7 @@ omit-sweep)
   for variant in ${OMIT_VARIANTS:-graph no-attention:HELEXA_ENGINE_OMIT=decode_attention,attn_combine \
     no-qkv:HELEXA_ENGINE_OMIT=quant_gemv_norm_q,quant_gemv_norm_split,gemv_norm_bf16,staged_gemv_norm_bf16 \
     no-gate-up:HELEXA_ENGINE_OMIT=quant_gemv_norm_swiglu,gemv_norm_swiglu,staged_gemv_norm_swiglu \
-    no-o-down-output:HELEXA_ENGINE_OMIT=quant_gemv_q,quant_gemv_split,gemv_bf16 \
+    no-o-down-output:HELEXA_ENGINE_OMIT=quant_gemv_q,quant_gemv_split,gemv_bf16,staged_gemv_bf16 \
     gemv-only:HELEXA_ENGINE_OMIT=$gemv_only no-pdl:HELEXA_ENGINE_PDL=0}; do
     if [ "${variant#*:}" = "$variant" ]; then run_variant "$variant"; else run_variant "${variant%%:*}" "${variant#*:}"; fi
   done
