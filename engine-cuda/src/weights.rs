@@ -121,7 +121,7 @@ impl GgufFile {
     }
 
     /// The block-quantized tensors `names` stacked by rows into one tensor on `device`, read
-    /// straight from the file through page-locked staging buffers ([`crate::staged_load`]) when
+    /// straight from the file through page-locked staging buffers ([`crate::staged_load`])
     /// unless `HELEXA_ENGINE_STAGED_GGUF=0`; `None` where that path does not apply (not a CUDA
     /// device, the switch off, not [`GgufFile::stacked_ranges`], no page-locked memory): the
     /// caller reads them through candle.
