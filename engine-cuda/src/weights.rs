@@ -444,7 +444,8 @@ impl Weights {
             }
         }
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let Some(stacked) = g.staged(&names, &self.device)? else {
+        // The switch was read above: straight to the staged read.
+        let Some(stacked) = g.staged_with(&names, &self.device)? else {
             return Ok(None);
         };
         let widths = parts.iter().map(|&(_, out)| out).collect();
