@@ -356,6 +356,13 @@ __device__ void quantize_x_at_once(const T *x, int cols, int8_t *q, float *d, fl
     }
 }
 
+// The staged kernel's `prologue` argument (the launcher packs it: cuda.rs, StagedPrologue): bit 0
+// x quantized at once; bits 1-3 the chunks per warp requested before the wait; bits 4-7 the
+// chunks per warp asked of L2 after it.
+#define PROLOGUE_X_AT_ONCE 1
+__device__ __forceinline__ int prologue_early_chunks(int prologue) { return (prologue >> 1) & 7; }
+__device__ __forceinline__ int prologue_l2_chunks(int prologue) { return (prologue >> 4) & 15; }
+
 // 16 bytes global → shared, asynchronously, not cached in L1.
 __device__ __forceinline__ void copy16_async(void *dst, const void *src) {
     const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -422,8 +429,13 @@ __device__ typename F::In form_input(uint8_t *at, const T *__restrict__ x, const
 // NORM: the product's input is norm(x + delta) with weight `norm_w`, formed by each block before
 // it quantizes it, and block 0 stores x + delta to `sum` when that is not null (see
 // residual_norm_scale in common.cuh); delta, norm_w and sum 16-byte aligned.
-// x_at_once (not with NORM; 16-bit x of at most QG_X_AT_ONCE · QG_X_STEP values): x quantized
-// by quantize_x_at_once, in one round trip to L2 (HELEXA_ENGINE_QUANT_X_AT_ONCE).
+// prologue: how the kernel starts, in bits (PROLOGUE_… below, packed by the launcher):
+// - PROLOGUE_X_AT_ONCE (not with NORM; 16-bit x of at most QG_X_AT_ONCE · QG_X_STEP values): x
+//   quantized by quantize_x_at_once, in one round trip to L2 (HELEXA_ENGINE_QUANT_X_AT_ONCE);
+// - the chunks per warp requested before waiting for the previous kernel (at most STAGES - 1,
+//   the rest requested after it);
+// - the chunks per warp after those asked of L2 once the previous kernel has finished.
+// None changes the arithmetic.
 // SWIGLU: w is `rows` gate rows followed by as many up rows (a stacked gate/up weight); the warp
 // of row r also takes up row r + rows, and writes silu(gate) · up: the SwiGLU gate folded into
 // the product (one launch fewer per layer, and half the output written).
@@ -437,7 +449,7 @@ __device__ typename F::In form_input(uint8_t *at, const T *__restrict__ x, const
 template <class F, typename T, int STAGES, bool NORM, bool SWIGLU, bool SPLIT = false>
 __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__ x, T *__restrict__ y,
                            int rows, int cols, int row_bytes, const T *delta, const T *norm_w,
-                           T *sum, float eps, int x_at_once) {
+                           T *sum, float eps, int prologue) {
     static_assert(!(SPLIT && SWIGLU), "a split row is not a gate/up pair");
     constexpr int WAYS = SPLIT ? 2 : 1; // warps per row
     constexpr int CHUNK_BYTES = QG_CHUNK / F::BLOCK * F::BYTES;
@@ -454,17 +466,37 @@ __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__
     const int first_row = blockIdx.x * (QG_WARPS / WAYS) + warp / WAYS;
     const int row_step = gridDim.x * (QG_WARPS / WAYS);
     const int my_rows = first_row < rows ? (rows - first_row + row_step - 1) / row_step : 0;
-    // The next chunk to request: its row (ordinal among the warp's), chunk and stage (and with
-    // SWIGLU, whether the row's up half).
-    int next_row = 0, next_chunk = part, next_stage = 0;
-    bool next_up = false;
-    const uint8_t *next_src = w + (size_t)first_row * row_bytes + part * CHUNK_BYTES;
+    // Where the warp's next chunk to request lies: its row (ordinal among the warp's), chunk,
+    // address (and with SWIGLU, whether the row's up half).
+    struct Cursor {
+        int row, chunk;
+        bool up;
+        const uint8_t *src;
+    };
+    Cursor next{0, part, false, w + (size_t)first_row * row_bytes + part * CHUNK_BYTES};
+    // The chunk after `at`'s in the warp's order: each chunk of a row in turn (SPLIT: every
+    // other one), with SWIGLU the gate row's then its up row's, then the next row.
+    auto advance = [&](Cursor &at) {
+        at.src += WAYS * CHUNK_BYTES;
+        if ((at.chunk += WAYS) >= chunks) {
+            at.chunk = part;
+            if (SWIGLU && !at.up) { // the gate row done: its up row next
+                at.up = true;
+                at.src = w + (size_t)(first_row + at.row * row_step + rows) * row_bytes;
+            } else {
+                at.up = false;
+                ++at.row;
+                at.src = w + (size_t)(first_row + at.row * row_step) * row_bytes + part * CHUNK_BYTES;
+            }
+        }
+    };
+    int next_stage = 0;
     // Starts copying the next chunk into its stage (one commit group per chunk, empty past the
     // end, so the groups in flight always count STAGES - 1).
     auto issue = [&]() {
-        if (next_row < my_rows) {
+        if (next.row < my_rows) {
             uint8_t *dst = stages + next_stage * CHUNK_BYTES;
-            const int left = row_bytes - next_chunk * CHUNK_BYTES;
+            const int left = row_bytes - next.chunk * CHUNK_BYTES;
             if (left >= CHUNK_BYTES) {
                 // A whole chunk (every chunk when cols is a multiple of QG_CHUNK): a fixed
                 // number of copies per lane, unrolled. The general loop below compiled to a
@@ -474,33 +506,39 @@ __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__
 #pragma unroll
                 for (int t = 0; t < (COPIES + 31) / 32; t++) {
                     const int i = lane + 32 * t;
-                    if (COPIES % 32 == 0 || i < COPIES) copy16_async(dst + 16 * i, next_src + 16 * i);
+                    if (COPIES % 32 == 0 || i < COPIES) copy16_async(dst + 16 * i, next.src + 16 * i);
                 }
             } else {
-                for (int i = lane; i < left / 16; i += 32) copy16_async(dst + 16 * i, next_src + 16 * i);
+                for (int i = lane; i < left / 16; i += 32) copy16_async(dst + 16 * i, next.src + 16 * i);
             }
-            next_src += WAYS * CHUNK_BYTES;
-            if ((next_chunk += WAYS) >= chunks) {
-                next_chunk = part;
-                if (SWIGLU && !next_up) { // the gate row done: its up row next
-                    next_up = true;
-                    next_src = w + (size_t)(first_row + next_row * row_step + rows) * row_bytes;
-                } else {
-                    next_up = false;
-                    ++next_row;
-                    next_src = w + (size_t)(first_row + next_row * row_step) * row_bytes +
-                               part * CHUNK_BYTES;
-                }
-            }
+            advance(next);
         }
         copies_commit();
         next_stage = next_stage + 1 == STAGES ? 0 : next_stage + 1;
     };
+    // Weights only before the wait: the previous kernel may still run. `early` of the STAGES - 1
+    // chunks are requested then (all by default), the rest once it has finished.
+    const int early = min(prologue_early_chunks(prologue), STAGES - 1);
 #pragma unroll
-    for (int t = 0; t < STAGES - 1; t++) issue(); // weights only: the previous kernel may still run
-    follow_previous_kernel();
+    for (int t = 0; t < STAGES - 1; t++) {
+        if (t == early) follow_previous_kernel();
+        issue();
+    }
+    if (early == STAGES - 1) follow_previous_kernel();
+    // The chunks after those asked of L2 while the block forms its input, when the prologue
+    // says so: the memory would otherwise idle from the previous kernel's end until the loop
+    // below requests its next chunk, and those requests then hit L2. Lane p asks for chunk p.
+    {
+        Cursor ahead = next;
+        const int l2 = prologue_l2_chunks(prologue);
+        for (int p = 0; p < l2 && ahead.row < my_rows; p++) {
+            if (lane == p) prefetch_l2(ahead.src, min(CHUNK_BYTES, row_bytes - ahead.chunk * CHUNK_BYTES));
+            advance(ahead);
+        }
+    }
     const typename F::In input = form_input<F, T, NORM>(smem + QG_WARPS * STAGES * CHUNK_BYTES, x,
-                                                        delta, norm_w, sum, cols, eps, x_at_once);
+                                                        delta, norm_w, sum, cols, eps,
+                                                        prologue & PROLOGUE_X_AT_ONCE);
     __syncthreads();
 
     int stage = 0;
@@ -541,20 +579,20 @@ __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__
 // quant_gemv_norm_… (NORM above), quant_gemv_swiglu_… and quant_gemv_norm_swiglu_… (SWIGLU),
 // and, at the default two stages only, quant_gemv_split_… and quant_gemv_norm_split_… (SPLIT;
 // it and SWIGLU take the norm parameters, unused without NORM). Every entry point ends with
-// x_at_once.
+// `prologue`.
 #define QUANT_GEMV_KERNEL(NAME, F, T, S, NORM, SWIGLU)                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
-             const T *norm_w, T *sum, float eps, int x_at_once) {                                   \
+             const T *norm_w, T *sum, float eps, int prologue) {                                    \
         staged_gemv<F, T, S, NORM, SWIGLU>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum, eps,  \
-                                          x_at_once);                                               \
+                                          prologue);                                                \
     }
 #define QUANT_GEMV(F, FSUF, T, SUF, S)                                                              \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         quant_gemv_##FSUF##_##SUF##_s##S(const uint8_t *w, const T *x, T *y, int rows, int cols,    \
-                                         int row_bytes, int x_at_once) {                            \
+                                         int row_bytes, int prologue) {                             \
         staged_gemv<F, T, S, false, false>(w, x, y, rows, cols, row_bytes, nullptr, nullptr,         \
-                                          nullptr, 0.0f, x_at_once);                                \
+                                          nullptr, 0.0f, prologue);                                 \
     }
 #define QUANT_GEMV_NORM(F, FSUF, T, SUF, S)                                                         \
     QUANT_GEMV_KERNEL(quant_gemv_norm_##FSUF##_##SUF##_s##S, F, T, S, true, false)
@@ -575,9 +613,9 @@ __device__ void staged_gemv(const uint8_t *__restrict__ w, const T *__restrict__
 #define QUANT_GEMV_SPLIT_KERNEL(NAME, F, T, NORM)                                                   \
     extern "C" __global__ void __launch_bounds__(QG_WARPS * 32, QG_MIN_BLOCKS)                      \
         NAME(const uint8_t *w, const T *x, T *y, int rows, int cols, int row_bytes, const T *delta, \
-             const T *norm_w, T *sum, float eps, int x_at_once) {                                   \
+             const T *norm_w, T *sum, float eps, int prologue) {                                    \
         staged_gemv<F, T, 2, NORM, false, true>(w, x, y, rows, cols, row_bytes, delta, norm_w, sum,  \
-                                               eps, x_at_once);                                     \
+                                               eps, prologue);                                      \
     }
 #endif
 #define QUANT_GEMV_TYPES(F, FSUF)                                                                   \

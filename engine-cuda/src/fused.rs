@@ -602,6 +602,7 @@ fn quant_gemv_launch(w: &QTensor, swiglu: bool) -> Result<cuda::QuantGemv> {
         blocks_per_sm: shape.blocks_per_sm,
         split_rows: quant_gemv_split_rows(),
         x_at_once: quant_x_at_once(),
+        prefetch: weight_prefetch(),
     })
 }
 
@@ -635,6 +636,7 @@ pub(crate) fn staged_dense_launch(cols: usize, swiglu: bool) -> cuda::QuantGemv 
         blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
         split_rows: false,
         x_at_once: false,
+        prefetch: weight_prefetch(),
     }
 }
 
@@ -645,6 +647,24 @@ pub(crate) fn staged_dense_launch(cols: usize, swiglu: bool) -> cuda::QuantGemv 
 pub(crate) fn quant_x_at_once() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     switch(&ON, "HELEXA_ENGINE_QUANT_X_AT_ONCE")
+}
+
+/// When the staged GEMV (quantized and dense) asks for its first weights: by default every
+/// chunk its stages hold but one before waiting for the previous kernel, none asked of L2.
+/// `HELEXA_ENGINE_GEMV_EARLY_CHUNKS=N` requests at most N before the wait (the rest after it);
+/// `HELEXA_ENGINE_GEMV_L2_AFTER_WAIT=N` asks L2 for the N chunks per warp after those once the
+/// previous kernel has finished, so the memory streams while each block forms its input.
+/// Both keep the bits.
+#[cfg(feature = "cuda")]
+pub(crate) fn weight_prefetch() -> cuda::WeightPrefetch {
+    static EARLY: OnceLock<usize> = OnceLock::new();
+    static L2: OnceLock<usize> = OnceLock::new();
+    // 8: no limit (the default; a kernel has at most three chunks to ask for early).
+    let early = tuning(&EARLY, "HELEXA_ENGINE_GEMV_EARLY_CHUNKS", 0..=8, 8);
+    cuda::WeightPrefetch {
+        early_chunks: (early < 8).then_some(early),
+        l2_chunks: tuning(&L2, "HELEXA_ENGINE_GEMV_L2_AFTER_WAIT", 0..=15, 0),
+    }
 }
 
 /// Whether the quantized GEMV shares each row between two warps in the products that gain
@@ -1693,7 +1713,8 @@ mod gpu_tests {
     }
 
     /// The launch shape and the prologue do not touch the arithmetic: the SwiGLU product at
-    /// three and four stages, a ready x quantized with all its loads at once (`x_at_once`, at
+    /// three and four stages and with its weights requested after the wait or asked of L2
+    /// (`WeightPrefetch`), a ready x quantized with all its loads at once (`x_at_once`, at
     /// 3, 5 and 6 of its steps: 6144, 10240 and the down product's 12288 values), and the
     /// wide build over a ready x give the bits of two stages, of the stepped loop and of 8
     /// warps, in every format; the wide build forming a norm stays within a bf16 step. (The
@@ -1730,6 +1751,22 @@ mod gpu_tests {
                     let case =
                         format!("{format:?} swiglu stages {stages} norm {}", input.is_some());
                     assert!(same_bits(&run(stages), &want), "{case}");
+                }
+                // Weights requested after the wait, or asked of L2 after it: the same bits.
+                for (stages, early, l2) in [(2, 0, 0), (3, 1, 2), (2, 1, 15), (4, 0, 3)] {
+                    let launch = cuda::QuantGemv {
+                        prefetch: cuda::WeightPrefetch {
+                            early_chunks: Some(early),
+                            l2_chunks: l2,
+                        },
+                        ..at(stages)
+                    };
+                    let got =
+                        cuda::quant_gemv_with(&x, &q, &launch, input.as_ref()).expect("prefetch");
+                    let case = format!(
+                        "{format:?} swiglu stages {stages}, {early} chunks early, {l2} to L2"
+                    );
+                    assert!(same_bits(&got.0, &want), "{case}");
                 }
             }
             for cols in [6144, 10240, 12288] {

@@ -1175,8 +1175,36 @@ pub struct QuantGemv {
     /// activations, two stages, not with `swiglu`).
     pub split_rows: bool,
     /// Quantize a ready 16-bit x with all its loads issued at once where it is short enough
-    /// (the kernel's `x_at_once`; [`super::quant_x_at_once`]).
+    /// ([`super::quant_x_at_once`]).
     pub x_at_once: bool,
+    /// When the kernel asks for its first weights ([`super::weight_prefetch`]).
+    pub prefetch: WeightPrefetch,
+}
+
+/// When the staged GEMV asks for its first weights around the wait for the previous kernel.
+/// Neither setting changes the arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WeightPrefetch {
+    /// Chunks per warp requested before the wait, at most `stages - 1` (`None`: all of them,
+    /// the rest requested after it).
+    pub early_chunks: Option<usize>,
+    /// Chunks per warp after those asked of L2 once the previous kernel has finished, while
+    /// the block forms its input (at most 15).
+    pub l2_chunks: usize,
+}
+
+impl WeightPrefetch {
+    /// The kernel's `prologue` argument (`PROLOGUE_…` in `kernels/quant_gemv.cu`), with
+    /// `x_at_once` as its bit 0.
+    fn prologue(&self, stages: usize, x_at_once: bool) -> i32 {
+        let early = self
+            .early_chunks
+            .unwrap_or(stages - 1)
+            .min(stages - 1)
+            .min(7);
+        let l2 = self.l2_chunks.min(15);
+        i32::from(x_at_once) | (early as i32) << 1 | (l2 as i32) << 4
+    }
 }
 
 /// Dynamic shared memory a block gets without opting in.
@@ -1330,7 +1358,7 @@ fn staged_gemv_t<T: CudaDType + DeviceRepr>(
     let blocks = rows.div_ceil(rows_per_block).min(per_sm * sms);
     let (rows_a, cols_a, row_bytes_a) = (int(rows)?, int(cols)?, int(launch.row_bytes)?);
     let eps = norm.map_or(0.0, |n| n.eps);
-    let x_at_once = i32::from(launch.x_at_once);
+    let prologue = launch.prefetch.prologue(launch.stages, launch.x_at_once);
     let mut b = Args::new(&stream);
     b.value(&w_addr).input(&xv).output(&mut y);
     b.value(&rows_a).value(&cols_a).value(&row_bytes_a);
@@ -1342,7 +1370,7 @@ fn staged_gemv_t<T: CudaDType + DeviceRepr>(
         // parameters too, unused.
         b.null().null().null().value(&eps);
     }
-    b.value(&x_at_once);
+    b.value(&prologue);
     // At the default two stages most products stay under 48 KB and skip the opt-in.
     let shared = dynamic_shared(&f, launch.shared_bytes)?;
     let cfg = LaunchConfig {
@@ -1356,7 +1384,7 @@ fn staged_gemv_t<T: CudaDType + DeviceRepr>(
     // 2·rows, checked); with a norm input, delta, the norm weight and sum (if any) hold cols
     // elements, 16-byte aligned (checked); shared_bytes is what the kernel lays out for cols
     // (opted in above); argument types match `quant_gemv_[norm_][swiglu_|split_]<format>_<T>`
-    // or `staged_gemv_[norm_][swiglu_]<T>`, x_at_once last (the weight pointer travels as a
+    // or `staged_gemv_[norm_][swiglu_]<T>`, prologue last (the weight pointer travels as a
     // u64, the size of a device pointer).
     unsafe { b.launch(&f, cfg) }?;
     Ok((

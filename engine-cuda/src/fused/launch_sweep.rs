@@ -25,7 +25,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::cuda::{self, NormInput, QuantGemv};
 use super::{
     QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_SHARED_MAX, QUANT_GEMV_WARPS, quant_gemv_format,
-    quant_gemv_max_blocks, quant_gemv_shared_bytes, quant_row_bytes,
+    quant_gemv_max_blocks, quant_gemv_shared_bytes, quant_row_bytes, weight_prefetch,
 };
 use crate::test_support::{cuda_context, rel_diff, same_bits};
 
@@ -189,6 +189,7 @@ fn quant_gemv_launch_sweep() {
             blocks_per_sm,
             split_rows: false,
             x_at_once: true,
+            prefetch: weight_prefetch(),
         };
         let launch_with = |stages, blocks| launch_at(stages, blocks, QUANT_GEMV_WARPS);
         let product = |launch: &QuantGemv, w: &QTensor| {
@@ -243,6 +244,25 @@ fn quant_gemv_launch_sweep() {
             assert!(same_bits(&got, &want), "{name}: x in steps");
             let us = time_launches(&dev, &weights, &|w| product(&stepped, w)).expect("timed");
             report(&format!("{name} stages 2 x in steps"), us, weight_bytes);
+        }
+        // The weights requested after the wait, and asked of L2 after it
+        // (HELEXA_ENGINE_GEMV_EARLY_CHUNKS, …_L2_AFTER_WAIT), at the default shape: the same bits.
+        for (early, l2) in [(0, 0), (1, 1), (1, 2), (1, 4), (0, 2)] {
+            let launch = QuantGemv {
+                prefetch: cuda::WeightPrefetch {
+                    early_chunks: Some(early),
+                    l2_chunks: l2,
+                },
+                ..launch_with(2, QUANT_GEMV_BLOCKS_PER_SM)
+            };
+            let got = product(&launch, &weights[0]).expect("prefetch launch");
+            let case = format!("{name} stages 2 early {early} l2 {l2}");
+            assert!(
+                same_bits(&got, &want),
+                "{case}: not the default launch's bits"
+            );
+            let us = time_launches(&dev, &weights, &|w| product(&launch, w)).expect("timed");
+            report(&case, us, weight_bytes);
         }
         // Rows shared by two warps (HELEXA_ENGINE_QUANT_GEMV_SPLIT) where the launcher would
         // share them: the same sums in another order, so within a bf16 step, not the same bits.
