@@ -38,6 +38,8 @@ use crate::layers::{PendingNorm, RmsNorm, Rope};
 mod cuda;
 #[cfg(feature = "cuda")]
 mod launch;
+#[cfg(feature = "cuda")]
+pub(crate) use launch::graph_edges;
 #[cfg(all(test, feature = "cuda"))]
 mod launch_sweep;
 

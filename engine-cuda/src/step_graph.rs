@@ -283,10 +283,10 @@ impl StepGraph {
         queued?;
         pending?;
         self.graph = graph?;
-        if self.graph.is_none() {
+        let Some(captured) = &self.graph else {
             candle_core::bail!("the decode step's capture produced no graph");
-        }
-        Ok(())
+        };
+        report_edges(captured)
     }
 
     fn launch(&self) -> Result<()> {
@@ -304,4 +304,21 @@ impl StepGraph {
         crate::fused::write_word(&self.ids, token)?;
         crate::fused::write_word(&self.at.position, position)
     }
+}
+
+/// With `HELEXA_ENGINE_GRAPH_REPORT=1`, prints the first captured step's kernel nodes and how
+/// many of its edges are programmatic (each kernel's blocks may start before the previous
+/// kernel drains) rather than full ones: a diagnostic for the device visits.
+fn report_edges(graph: &CudaGraph) -> Result<()> {
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var("HELEXA_ENGINE_GRAPH_REPORT").is_ok_and(|v| v == "1")
+        && !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        let e = crate::fused::graph_edges(graph.cu_graph())?;
+        eprintln!(
+            "decode graph: {} nodes ({} kernels), {} edges ({} programmatic)",
+            e.nodes, e.kernel_nodes, e.edges, e.programmatic_edges
+        );
+    }
+    Ok(())
 }

@@ -261,3 +261,78 @@ fn overlaps_previous_kernel(stream: &CudaStream) -> Result<bool> {
     )?;
     Ok(major >= 9)
 }
+
+/// What a captured graph holds: its kernel nodes, and its edges by kind. Launches queued with
+/// the programmatic attribute should be captured as programmatic edges (CUDA 12.3+); a graph
+/// whose edges are all full ones waits for each kernel to drain, as without the attribute.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphEdges {
+    pub nodes: usize,
+    pub kernel_nodes: usize,
+    pub edges: usize,
+    pub programmatic_edges: usize,
+}
+
+/// Counts [`GraphEdges`] of a captured (not yet destroyed) graph.
+pub fn graph_edges(graph: sys::CUgraph) -> Result<GraphEdges> {
+    let mut n_nodes = 0usize;
+    // SAFETY: a null array asks for the count only; `graph` is a live graph (the caller's).
+    unsafe { sys::cuGraphGetNodes(graph, std::ptr::null_mut(), &mut n_nodes) }
+        .result()
+        .w()?;
+    let mut nodes = vec![std::ptr::null_mut(); n_nodes];
+    // SAFETY: `nodes` holds n_nodes entries.
+    unsafe { sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut n_nodes) }
+        .result()
+        .w()?;
+    let mut kernel_nodes = 0;
+    for &node in &nodes[..n_nodes] {
+        let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+        // SAFETY: `node` belongs to the live graph.
+        unsafe { sys::cuGraphNodeGetType(node, &mut kind) }
+            .result()
+            .w()?;
+        kernel_nodes += usize::from(kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL);
+    }
+    let mut n_edges = 0usize;
+    // SAFETY: null arrays ask for the count only.
+    unsafe {
+        sys::cuGraphGetEdges_v2(
+            graph,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            &mut n_edges,
+        )
+    }
+    .result()
+    .w()?;
+    let mut from = vec![std::ptr::null_mut(); n_edges];
+    let mut to = vec![std::ptr::null_mut(); n_edges];
+    // SAFETY: an all-zero edge datum is a valid (default) one; it is overwritten below.
+    let mut data = vec![unsafe { std::mem::zeroed::<sys::CUgraphEdgeData>() }; n_edges];
+    // SAFETY: the three arrays hold n_edges entries each.
+    unsafe {
+        sys::cuGraphGetEdges_v2(
+            graph,
+            from.as_mut_ptr(),
+            to.as_mut_ptr(),
+            data.as_mut_ptr(),
+            &mut n_edges,
+        )
+    }
+    .result()
+    .w()?;
+    let programmatic_edges = data[..n_edges]
+        .iter()
+        .filter(|d| {
+            d.type_ == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8
+        })
+        .count();
+    Ok(GraphEdges {
+        nodes: n_nodes,
+        kernel_nodes,
+        edges: n_edges,
+        programmatic_edges,
+    })
+}
