@@ -316,8 +316,8 @@ fn report_edges(graph: &CudaGraph) -> Result<()> {
     {
         let e = crate::fused::graph_edges(graph.cu_graph())?;
         eprintln!(
-            "decode graph: {} nodes ({} kernels), {} edges ({} programmatic)",
-            e.nodes, e.kernel_nodes, e.edges, e.programmatic_edges
+            "decode graph: {} nodes ({} kernels, {} allocations and frees), {} edges ({} programmatic)",
+            e.nodes, e.kernel_nodes, e.memory_nodes, e.edges, e.programmatic_edges
         );
     }
     Ok(())

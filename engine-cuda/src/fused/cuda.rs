@@ -1601,3 +1601,141 @@ pub fn sample(
         _ => super::Drawn::Penalised,
     })
 }
+
+/// A measurement aid (ignored; `gpu-check.sh tests graph_boundary`): what a kernel boundary
+/// costs inside a replayed CUDA graph. A chain of small kernels (the residual add + RMSNorm of
+/// one 4096-wide row) is captured and replayed in four ways: each launch allocating its
+/// outputs as a decode step's do (the capture then holds an allocation and a free node between
+/// kernels), or writing into buffers allocated before the capture (kernel follows kernel), each
+/// with the programmatic attribute and without. It prints µs per launch and the captured
+/// graph's edges; the replays' results are not checked (the chain's arithmetic is the norm
+/// tests').
+#[cfg(test)]
+mod graph_boundary {
+    use super::*;
+    use crate::fused::graph_edges;
+    use candle_core::Device;
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
+
+    const CHAIN: usize = 200;
+    const REPLAYS: usize = 100;
+
+    fn replay_us(graph: &CudaGraph, stream: &CudaStream) -> f64 {
+        for _ in 0..10 {
+            graph.launch().expect("replay");
+        }
+        stream.synchronize().expect("sync");
+        let start = std::time::Instant::now();
+        for _ in 0..REPLAYS {
+            graph.launch().expect("replay");
+        }
+        stream.synchronize().expect("sync");
+        start.elapsed().as_secs_f64() * 1e6 / (REPLAYS * CHAIN) as f64
+    }
+
+    fn capture(stream: &Arc<CudaStream>, body: &mut dyn FnMut()) -> CudaGraph {
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .expect("begin capture");
+        body();
+        stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .expect("end capture")
+            .expect("a graph")
+    }
+
+    #[test]
+    #[ignore = "a measurement on a GPU"]
+    fn graph_boundary_cost() {
+        let dev = Device::new_cuda(0).expect("a CUDA device");
+        let cuda = dev.as_cuda_device().expect("cuda");
+        let stream = cuda.cuda_stream();
+        let cols = 4096;
+        let row = |seed: f64| {
+            Tensor::arange(0f32, cols as f32, &dev)
+                .and_then(|t| t.affine(1e-3, seed))
+                .expect("row")
+        };
+        let (x, delta, w) = (row(0.1), row(0.2), row(1.0));
+        let (f, _) = function(cuda, "add_rms_norm_f32").expect("kernel");
+        let guards = [&delta, &w].map(Tensor::storage_and_layout);
+        let [dv, wv] = views::<f32, 2>(&guards).expect("views");
+        let mut bufs: Vec<CudaSlice<f32>> = (0..3)
+            .map(|_| stream.alloc_zeros::<f32>(cols).expect("buffer"))
+            .collect();
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let cols_arg = int(cols).expect("cols");
+        let eps = 1e-6f32;
+        for plain in [false, true] {
+            let pdl = if plain { "plain" } else { "programmatic" };
+            let allocating = capture(&stream, &mut || {
+                let mut cur = x.clone();
+                for _ in 0..CHAIN {
+                    let g = cur.storage_and_layout();
+                    let xv = view::<f32>(&g.0, g.1).expect("view");
+                    // SAFETY: every element is written by the kernel.
+                    let (mut sum, mut normed) =
+                        unsafe { (dev_alloc(cuda, cols), dev_alloc(cuda, cols)) };
+                    let mut b = Args::new(&stream);
+                    if plain {
+                        b.plain();
+                    }
+                    b.input(&xv)
+                        .input(&dv)
+                        .output(&mut sum)
+                        .output(&mut normed)
+                        .input(&wv);
+                    b.value(&cols_arg).value(&eps);
+                    // SAFETY: x, delta, sum, normed and the weight hold cols f32 each.
+                    unsafe { b.launch(&f, cfg) }.expect("launch");
+                    drop(g);
+                    cur = wrap(sum, cuda, x.shape().clone());
+                    drop(normed);
+                }
+            });
+            let e = graph_edges(allocating.cu_graph()).expect("edges");
+            println!(
+                "graph boundary: allocating, {pdl}: {:.2} µs per launch ({e:?})",
+                replay_us(&allocating, &stream)
+            );
+            drop(allocating);
+            let preallocated = capture(&stream, &mut || {
+                for i in 0..CHAIN {
+                    let (a, rest) = bufs.split_at_mut(1);
+                    let (b1, b2) = rest.split_at_mut(1);
+                    let (src, sum, normed) = match i % 2 {
+                        0 => (&a[0], &mut b1[0], &mut b2[0]),
+                        _ => (&b1[0], &mut a[0], &mut b2[0]),
+                    };
+                    let mut b = Args::new(&stream);
+                    if plain {
+                        b.plain();
+                    }
+                    b.input(src)
+                        .input(&dv)
+                        .output(sum)
+                        .output(normed)
+                        .input(&wv);
+                    b.value(&cols_arg).value(&eps);
+                    // SAFETY: as above.
+                    unsafe { b.launch(&f, cfg) }.expect("launch");
+                }
+            });
+            let e = graph_edges(preallocated.cu_graph()).expect("edges");
+            println!(
+                "graph boundary: preallocated, {pdl}: {:.2} µs per launch ({e:?})",
+                replay_us(&preallocated, &stream)
+            );
+        }
+    }
+
+    /// `cols` uninitialised f32 on the device's stream.
+    unsafe fn dev_alloc(cuda: &CudaDevice, cols: usize) -> CudaSlice<f32> {
+        // SAFETY: the caller writes every element before reading it.
+        unsafe { cuda.alloc::<f32>(cols) }.expect("alloc")
+    }
+}

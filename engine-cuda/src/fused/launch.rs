@@ -39,6 +39,8 @@ pub struct Args<'a> {
     guards: Vec<SyncOnDrop<'a>>,
     /// Thread-block cluster dimensions, when the kernel's blocks share memory in clusters.
     cluster: Option<(u32, u32, u32)>,
+    /// Launch in plain stream order whatever the switch says (a measurement's baseline).
+    plain: bool,
 }
 
 /// Where an argument's value lives.
@@ -57,6 +59,7 @@ impl<'a> Args<'a> {
             addresses: Vec::new(),
             guards: Vec::new(),
             cluster: None,
+            plain: false,
         }
     }
 
@@ -64,6 +67,13 @@ impl<'a> Args<'a> {
     /// dimensions must be multiples of them).
     pub fn cluster(&mut self, dims: (u32, u32, u32)) -> &mut Self {
         self.cluster = Some(dims);
+        self
+    }
+
+    /// Launches in plain stream order, without the programmatic attribute.
+    #[cfg(test)]
+    pub fn plain(&mut self) -> &mut Self {
+        self.plain = true;
         self
     }
 
@@ -120,7 +130,7 @@ impl<'a> Args<'a> {
         }
         let ctx = self.stream.context();
         ctx.bind_to_thread().w()?;
-        let overlap = overlaps_previous_kernel(self.stream)?;
+        let overlap = !self.plain && overlaps_previous_kernel(self.stream)?;
         let mut attributes = Vec::with_capacity(2);
         if let Some((x, y, z)) = self.cluster {
             // SAFETY: a plain-old-data union; the zero pattern is "no value" for every member.
@@ -269,6 +279,8 @@ fn overlaps_previous_kernel(stream: &CudaStream) -> Result<bool> {
 pub struct GraphEdges {
     pub nodes: usize,
     pub kernel_nodes: usize,
+    /// Stream-ordered allocations and frees captured as graph nodes.
+    pub memory_nodes: usize,
     pub edges: usize,
     pub programmatic_edges: usize,
 }
@@ -285,7 +297,7 @@ pub fn graph_edges(graph: sys::CUgraph) -> Result<GraphEdges> {
     unsafe { sys::cuGraphGetNodes(graph, nodes.as_mut_ptr(), &mut n_nodes) }
         .result()
         .w()?;
-    let mut kernel_nodes = 0;
+    let (mut kernel_nodes, mut memory_nodes) = (0, 0);
     for &node in &nodes[..n_nodes] {
         let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
         // SAFETY: `node` belongs to the live graph.
@@ -293,6 +305,11 @@ pub fn graph_edges(graph: sys::CUgraph) -> Result<GraphEdges> {
             .result()
             .w()?;
         kernel_nodes += usize::from(kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL);
+        memory_nodes += usize::from(matches!(
+            kind,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC
+                | sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_FREE
+        ));
     }
     let mut n_edges = 0usize;
     // SAFETY: null arrays ask for the count only.
@@ -332,6 +349,7 @@ pub fn graph_edges(graph: sys::CUgraph) -> Result<GraphEdges> {
     Ok(GraphEdges {
         nodes: n_nodes,
         kernel_nodes,
+        memory_nodes,
         edges: n_edges,
         programmatic_edges,
     })
