@@ -39,6 +39,8 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
+pub(crate) use cuda::{KeptBuffers, start_keeping, stop_keeping};
+#[cfg(feature = "cuda")]
 pub(crate) use launch::graph_edges;
 #[cfg(all(test, feature = "cuda"))]
 mod launch_sweep;

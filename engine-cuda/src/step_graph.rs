@@ -35,13 +35,14 @@
 
 use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaEvent, CudaGraph, CudaSlice, PinnedHostSlice, sys,
+    CudaEvent, CudaGraph, CudaSlice, CudaStream, PinnedHostSlice, sys,
 };
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::fused::DevicePosition;
+use crate::fused::{DevicePosition, KeptBuffers};
 use crate::models::CausalLm;
 
 /// Positions one capture serves: a step is captured again every `BAND` tokens.
@@ -51,6 +52,14 @@ const BAND: usize = 256;
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH")
+}
+
+/// Whether a capture allocates its kernels' buffers outside the graph and keeps them while the
+/// graph lives, so that kernel follows kernel in the graph and launches overlap
+/// ([`crate::fused::KeptBuffers`]): yes unless `HELEXA_ENGINE_GRAPH_KEEP=0`.
+pub fn keep_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH_KEEP")
 }
 
 /// Whether the next step's replay is queued before this step's token is read: yes unless
@@ -90,6 +99,10 @@ pub struct StepGraph {
     /// The greedy pick, written by the graph's last kernel.
     token: CudaSlice<u32>,
     graph: Option<CudaGraph>,
+    /// The buffers the graph's kernels use, kept while it may run ([`keep_enabled`]), and the
+    /// stream they were allocated (and are freed) on.
+    kept: Option<KeptBuffers>,
+    side: Option<Arc<CudaStream>>,
     /// Whether replays are queued ahead ([`ahead_enabled`]): the graph's argmax then feeds
     /// the next step's inputs.
     ahead: bool,
@@ -135,6 +148,11 @@ impl StepGraph {
             },
             token: dev.cuda_stream().alloc_zeros::<u32>(1).w()?,
             graph: None,
+            kept: None,
+            side: keep_enabled()
+                .then(|| dev.cuda_stream().context().new_stream())
+                .transpose()
+                .w()?,
             ahead,
             queued_ahead: None,
             last_pick: None,
@@ -264,16 +282,25 @@ impl StepGraph {
         self.at.max_len = band_end;
         self.cache_bytes = model.cache_bytes();
         let stream = self.token.stream().clone();
+        if self.kept.is_some() {
+            // The old graph's buffers go once no replay of it may still run.
+            stream.synchronize().w()?;
+            self.kept = None;
+        }
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
         let scope = crate::fused::capture_scope();
+        if let Some(side) = &self.side {
+            crate::fused::start_keeping(KeptBuffers::new(side.clone()));
+        }
         // With replays queued ahead, the argmax feeds the next step's token and position.
         let feed = self.ahead.then_some([&self.ids, &self.at.position]);
         let queued = model
             .forward_at(&self.ids, &self.at)
             .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token, feed));
         drop(scope);
+        let kept = crate::fused::stop_keeping();
         // A failed operation inside the capture leaves its error recorded for later (a buffer
         // freed in a drop cannot return one), and cudarc's `end_capture` would return that
         // error before ending the capture, leaving the stream capturing. Take it first; the
@@ -286,7 +313,13 @@ impl StepGraph {
         let Some(captured) = &self.graph else {
             candle_core::bail!("the decode step's capture produced no graph");
         };
-        report_edges(captured)
+        if let Some(side) = &self.side {
+            // The side stream's allocations are done before any replay reads them.
+            side.synchronize().w()?;
+        }
+        report_edges(captured, kept.as_ref().map_or(0, KeptBuffers::count))?;
+        self.kept = kept;
+        Ok(())
     }
 
     fn launch(&self) -> Result<()> {
@@ -306,17 +339,27 @@ impl StepGraph {
     }
 }
 
+impl Drop for StepGraph {
+    fn drop(&mut self) {
+        if self.kept.is_some() {
+            // The kept buffers are freed on the side stream, which does not wait for a replay
+            // still running on the graph's.
+            let _ = self.token.stream().synchronize();
+        }
+    }
+}
+
 /// With `HELEXA_ENGINE_GRAPH_REPORT=1`, prints the first captured step's kernel nodes and how
 /// many of its edges are programmatic (each kernel's blocks may start before the previous
 /// kernel drains) rather than full ones: a diagnostic for the device visits.
-fn report_edges(graph: &CudaGraph) -> Result<()> {
+fn report_edges(graph: &CudaGraph, kept: usize) -> Result<()> {
     static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if std::env::var("HELEXA_ENGINE_GRAPH_REPORT").is_ok_and(|v| v == "1")
         && !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         let e = crate::fused::graph_edges(graph.cu_graph())?;
         eprintln!(
-            "decode graph: {} nodes ({} kernels, {} allocations and frees), {} edges ({} programmatic)",
+            "decode graph: {} nodes ({} kernels, {} allocations and frees), {} edges ({} programmatic), {kept} buffers kept",
             e.nodes, e.kernel_nodes, e.memory_nodes, e.edges, e.programmatic_edges
         );
     }

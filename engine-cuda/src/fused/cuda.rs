@@ -245,7 +245,78 @@ fn row_stride(layout: &Layout) -> Result<i64> {
 
 fn wrap<T: CudaDType>(buf: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
-    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+    let t = Tensor::from_storage(storage, shape, BackpropOp::none(), false);
+    keep(Box::new(t.clone()));
+    t
+}
+
+thread_local! {
+    /// While this thread captures a decode step with its buffers kept ([`KeptBuffers`]).
+    static KEEPING: RefCell<Option<KeptBuffers>> = const { RefCell::new(None) };
+}
+
+/// The buffers a captured decode step's kernels allocated, allocated on a side stream outside
+/// the capture and kept until the graph goes (`step_graph.rs`).
+///
+/// Why: a buffer allocated on the capturing stream becomes an allocation node of the graph,
+/// and its free a free node, so the step's kernels never follow one another directly; the
+/// driver then captures each programmatic launch as a full edge, and every kernel waits for
+/// the previous one to drain before its first block starts (measured on the H200: a chain of
+/// small kernels 2.46 µs a launch so, 2.22 µs with kernel following kernel, twelfth session).
+/// Kept buffers are never reused within the graph, so nothing the overlap reorders can alias.
+pub struct KeptBuffers {
+    side: Arc<CudaStream>,
+    buffers: Vec<Box<dyn std::any::Any>>,
+}
+
+impl KeptBuffers {
+    /// Buffers allocated on `side` (a stream of the capturing device that is not capturing).
+    pub fn new(side: Arc<CudaStream>) -> Self {
+        Self {
+            side,
+            buffers: Vec::new(),
+        }
+    }
+
+    /// How many buffers are kept.
+    pub fn count(&self) -> usize {
+        self.buffers.len()
+    }
+}
+
+/// Keeps this thread's kernel buffers in `kept` until [`stop_keeping`] hands them back.
+pub fn start_keeping(kept: KeptBuffers) {
+    KEEPING.with_borrow_mut(|k| *k = Some(kept));
+}
+
+/// Ends [`start_keeping`]; the buffers kept since, which the caller keeps as long as any
+/// work queued with them may run.
+pub fn stop_keeping() -> Option<KeptBuffers> {
+    KEEPING.with_borrow_mut(Option::take)
+}
+
+/// Keeps `buffer` while keeping is on (else drops it).
+fn keep(buffer: Box<dyn std::any::Any>) {
+    KEEPING.with_borrow_mut(|k| {
+        if let Some(k) = k {
+            k.buffers.push(buffer);
+        }
+    });
+}
+
+/// `n` uninitialised elements for a kernel to write: on the device's stream, or while
+/// keeping is on, on the side stream (kept by [`wrap`], or by [`keep`] for scratch).
+///
+/// # Safety
+/// As `CudaDevice::alloc`: every element must be written before it is read.
+unsafe fn alloc_out<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    let side = KEEPING.with_borrow(|k| k.as_ref().map(|k| k.side.clone()));
+    match side {
+        // SAFETY: the caller's promise.
+        Some(side) => unsafe { side.alloc::<T>(n) }.w(),
+        // SAFETY: the caller's promise.
+        None => unsafe { dev.alloc::<T>(n) },
+    }
 }
 
 fn int(x: usize) -> Result<i32> {
@@ -295,9 +366,9 @@ fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
     let guards = [x, delta, weight].map(Tensor::storage_and_layout);
     let [xv, dv, wv] = views::<T, 3>(&guards)?;
     // SAFETY: uninitialised, and every element is written by the kernel below.
-    let mut sum = unsafe { dev.alloc::<T>(rows * cols) }?;
+    let mut sum = unsafe { alloc_out::<T>(dev, rows * cols) }?;
     // SAFETY: as `sum`.
-    let mut normed = unsafe { dev.alloc::<T>(rows * cols) }?;
+    let mut normed = unsafe { alloc_out::<T>(dev, rows * cols) }?;
     let cols_arg = int(cols)?;
     let (f, stream) = function(dev, &format!("add_rms_norm_{sfx}"))?;
     let mut b = Args::new(&stream);
@@ -339,7 +410,7 @@ fn silu_mul_t<T: CudaDType + DeviceRepr>(gate: &Tensor, up: &Tensor, sfx: &str) 
     let (g_stride, u_stride) = (row_stride(gl)?, row_stride(ul)?);
     let n = rows * cols;
     // SAFETY: every element is written by the kernel below.
-    let mut out = unsafe { dev.alloc::<T>(n) }?;
+    let mut out = unsafe { alloc_out::<T>(dev, n) }?;
     let (rows_arg, cols_arg) = (int(rows)?, int(cols)?);
     let (f, stream) = function(dev, &format!("silu_mul_{sfx}"))?;
     let mut b = Args::new(&stream);
@@ -403,7 +474,7 @@ fn qk_norm_rope_cache_t<T: CudaDType + DeviceRepr>(i: &QkvInputs<'_>, sfx: &str)
     let at = position_view(&at_guard)?;
     let units = len * (h + 2 * kvh);
     // SAFETY: every element is written by the kernel below (one warp per q head and token).
-    let mut q_out = unsafe { dev.alloc::<T>(h * len * hd) }?;
+    let mut q_out = unsafe { alloc_out::<T>(dev, h * len * hd) }?;
     let ints = [len, h, kvh, hd, cap, i.offset].map(int);
     let [len_a, h_a, kvh_a, hd_a, cap_a, off_a] = ints;
     let (len_a, h_a, kvh_a, hd_a, cap_a, off_a) = (len_a?, h_a?, kvh_a?, hd_a?, cap_a?, off_a?);
@@ -610,12 +681,12 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
     // SAFETY: every element is written: by the attention kernel with one split, by its
     // cluster's first block when clustered, else by the merge kernel; the partials (unused
     // when clustered) by the attention kernel for every (head, split).
-    let mut out = unsafe { dev.alloc::<T>(h * hd) }?;
+    let mut out = unsafe { alloc_out::<T>(dev, h * hd) }?;
     let parts = if splits > 1 { splits } else { 1 };
     // SAFETY: as `out`.
-    let mut part_o = unsafe { dev.alloc::<f32>(h * parts * hd) }?;
+    let mut part_o = unsafe { alloc_out::<f32>(dev, h * parts * hd) }?;
     // SAFETY: as `out`.
-    let mut part_ml = unsafe { dev.alloc::<f32>(h * parts * 2) }?;
+    let mut part_ml = unsafe { alloc_out::<f32>(dev, h * parts * 2) }?;
     let (cap_a, len_a, chunk_a, max_splits_a, one_split_a) = (
         int(cap)?,
         int(len)?,
@@ -720,6 +791,9 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         // ATTN_MAX_SPLITS, since splits ≤ ATTENTION_TARGET_BLOCKS); out holds heads × hd.
         unsafe { b.launch(&f, cfg) }?;
     }
+    // Scratch the replayed graph still writes (the partials).
+    keep(Box::new(part_o));
+    keep(Box::new(part_ml));
     Ok(wrap(out, dev, (1, 1, h * hd)))
 }
 
@@ -746,7 +820,7 @@ fn causal_softmax_t<T: CudaDType + DeviceRepr>(
     let (ss, sl) = scores.storage_and_layout();
     let sv = view::<T>(&ss, sl)?;
     // SAFETY: every element is written by the kernel below (a block per row).
-    let mut probs = unsafe { dev.alloc::<T>(n) }?;
+    let mut probs = unsafe { alloc_out::<T>(dev, n) }?;
     let (len_a, total_a, offset_a) = (int(len)?, int(total)?, int(offset)?);
     let (f, stream) = function(dev, &format!("causal_softmax_{sfx}"))?;
     let mut b = Args::new(&stream);
@@ -778,7 +852,7 @@ fn heads_to_rows_t<T: CudaDType + DeviceRepr>(x: &Tensor, sfx: &str) -> Result<T
     let xv = view::<T>(&xs, xl)?;
     let n = h * len * hd;
     // SAFETY: every element is written by the kernel below (each row by its 16-byte pieces).
-    let mut out = unsafe { dev.alloc::<T>(n) }?;
+    let mut out = unsafe { alloc_out::<T>(dev, n) }?;
     let [h_a, len_a, hd_a] = [h, len, hd].map(int);
     let (h_a, len_a, hd_a) = (h_a?, len_a?, hd_a?);
     let (f, stream) = function(dev, &format!("heads_to_rows_{sfx}"))?;
@@ -844,7 +918,7 @@ fn flash_prefill_t<T: CudaDType + DeviceRepr>(
     let [qv, kv, vv] = views::<T, 3>(&guards)?;
     // SAFETY: every element is written by the kernel below (each (query, head) row by the
     // block of its 64 queries and its head).
-    let mut out = unsafe { dev.alloc::<T>(len * h * hd) }?;
+    let mut out = unsafe { alloc_out::<T>(dev, len * h * hd) }?;
     let ints = [h, kvh, len, cap, offset].map(int);
     let [h_a, kvh_a, len_a, cap_a, off_a] = ints;
     let (h_a, kvh_a, len_a, cap_a, off_a) = (h_a?, kvh_a?, len_a?, cap_a?, off_a?);
@@ -1012,7 +1086,7 @@ fn norm_buffers<'g, T: CudaDType + DeviceRepr>(
     // SAFETY: uninitialised; block 0 of the kernel writes every element.
     let sum = norm
         .write_sum
-        .then(|| unsafe { dev.alloc::<T>(cols) })
+        .then(|| unsafe { alloc_out::<T>(dev, cols) })
         .transpose()?;
     Ok(NormBuffers { delta, weight, sum })
 }
@@ -1095,7 +1169,7 @@ fn gemv_t<T: CudaDType + DeviceRepr>(
         _ => None,
     };
     // SAFETY: every element is written by the kernel below (one warp or pair of warps per row).
-    let mut y = unsafe { dev.alloc::<T>(rows) }?;
+    let mut y = unsafe { alloc_out::<T>(dev, rows) }?;
     let (rows_a, cols_a) = (int(rows)?, int(cols)?);
     let eps = norm.map_or(0.0, |n| n.eps);
     let plain = match (norm.is_some(), swiglu) {
@@ -1348,7 +1422,7 @@ fn staged_gemv_t<T: CudaDType + DeviceRepr>(
         w => bail!("staged gemv: no build with {w} warps a block"),
     };
     // SAFETY: every element is written by the kernel below (one warp per row).
-    let mut y = unsafe { dev.alloc::<T>(rows) }?;
+    let mut y = unsafe { alloc_out::<T>(dev, rows) }?;
     // A split row takes two warps.
     let rows_per_block = if split {
         launch.warps / 2
@@ -1429,7 +1503,7 @@ fn gather_rows_t<T: CudaDType + DeviceRepr>(
     let tv = view::<T>(&ts, tl)?;
     let iv = view::<u32>(&is, il)?;
     // SAFETY: every element is written by the kernel below (one block per id).
-    let mut out = unsafe { dev.alloc::<T>(n * cols) }?;
+    let mut out = unsafe { alloc_out::<T>(dev, n * cols) }?;
     let cols_a = int(cols)?;
     let (f, stream) = function(dev, &format!("gather_rows_{sfx}"))?;
     let mut b = Args::new(&stream);

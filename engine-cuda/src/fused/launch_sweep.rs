@@ -125,10 +125,19 @@ fn time_launches<W>(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .w()?;
     let scope = super::capture_scope();
-    // Each output is freed inside the capture, as the decode step's are: a graph whose
-    // allocations outlive it cannot be launched again until they are freed.
+    // As the decode step's capture: the outputs kept outside the graph (so launches overlap,
+    // `HELEXA_ENGINE_GRAPH_KEEP`), or else freed inside it (a graph whose allocations outlive
+    // it cannot be launched again until they are freed).
+    let side = crate::step_graph::keep_enabled()
+        .then(|| stream.context().new_stream())
+        .transpose()
+        .w()?;
+    if let Some(side) = &side {
+        super::start_keeping(super::KeptBuffers::new(side.clone()));
+    }
     let queued: Result<()> =
         (0..LAUNCHES).try_for_each(|i| run(&weights[i % weights.len()]).map(drop));
+    let _kept = super::stop_keeping();
     drop(scope);
     // As the decode step's capture does: an error recorded during the capture is taken before
     // ending it (cudarc's `end_capture` would return it and leave the stream capturing).
@@ -137,6 +146,9 @@ fn time_launches<W>(
     queued?;
     pending?;
     let graph = graph?.ok_or_else(|| candle_core::Error::msg("the capture produced no graph"))?;
+    if let Some(side) = &side {
+        side.synchronize().w()?;
+    }
     graph.launch().w()?; // warm-up: first replay uploads the graph
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
     let start = stream.record_event(timing).w()?;
@@ -145,6 +157,7 @@ fn time_launches<W>(
     }
     let end = stream.record_event(timing).w()?;
     let ms = start.elapsed_ms(&end).w()?;
+    stream.synchronize().w()?; // before the kept outputs go
     Ok(f64::from(ms) * 1e3 / (REPLAYS * LAUNCHES) as f64)
 }
 
