@@ -72,6 +72,14 @@ pub(crate) fn tuning(
     })
 }
 
+/// Whether a capture allocates its kernels' buffers outside the graph and keeps them while the
+/// graph lives, so that kernel follows kernel in the graph and launches overlap (`KeptBuffers`
+/// in `fused/cuda.rs`): yes unless `HELEXA_ENGINE_GRAPH_KEEP=0`.
+pub(crate) fn graph_keep_enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    switch(&ON, "HELEXA_ENGINE_GRAPH_KEEP")
+}
+
 /// Whether the fused kernels are switched on (`HELEXA_ENGINE_KERNELS=0` turns them off).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -257,7 +265,8 @@ struct QuantLaunchEntry {
     shape: QuantLaunchShape,
 }
 
-/// The launch table used unless `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` is set: the launch sweep's
+/// The launch table for a decode graph whose kernels do not overlap (`HELEXA_ENGINE_GRAPH_KEEP=0`,
+/// the default unless `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` is set): the launch sweep's
 /// choices on the H200 (`gpu-check.sh tune`) for the 8B weights where one beat the default
 /// launch by over 2% alone. Eleventh session, with the SwiGLU kernels at three and four stages
 /// and the wide build (`…x16`: 16 warps a block) swept too: e.g. Q8_0 down 16.75 → 15.69 µs
@@ -266,12 +275,19 @@ struct QuantLaunchEntry {
 /// session's table: Q4_K_M 2.11 → 2.06 ms (visit 1, 8 warps) → 2.01 ms (visit 4, with the wide
 /// build), Q8_0 2.64 → 2.61 ms; same tokens. Q8_0's gate/up at 3×2 (28.67 → 28.10 µs, under
 /// the margin alone) was tried in the step too: 2.64 → 2.62 ms, same tokens (visit 3).
-const DEFAULT_QUANT_LAUNCH: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16,\
+///
+/// Once the graph's launches overlap (programmatic edges, the default since the twelfth
+/// session) it loses: those shapes leave room on an SM, and the next kernel's blocks take it
+/// early. With no table there (every weight at two stages, four blocks of 8 warps per SM) the
+/// H200 read Q8_0 2.70 → 2.50 ms and Q4_K_M 2.08 → 1.99 ms a token, BF16 unchanged, same
+/// tokens (twelfth session, visit 6).
+const SEQUENTIAL_LAUNCH_TABLE: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16,\
      q8_0:24576x4096=3x2,q4k:5120x4096=3x1,q4k:4096x4096=2x2x16,q4k:24576x4096=3x2x16,\
      q6k:4096x12288=2x1x16,q4k:4096x12288=4x1x16";
 
-/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset:
-/// [`DEFAULT_QUANT_LAUNCH`]; empty or `none`: no table): entries
+/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset: none while
+/// the decode graph's launches overlap, else [`SEQUENTIAL_LAUNCH_TABLE`]; empty or `none`: no
+/// table): entries
 /// `FORMAT:ROWSxCOLS=STAGESxBLOCKS[xWARPS]` separated by commas, e.g. `q8_0:4096x12288=3x3` or
 /// `q8_0:4096x12288=2x2x16` (the weight as stored: a stacked gate/up weight has twice the output
 /// rows; WARPS a block, 8 unless 16 asks for the wide build). A weight without an entry
@@ -281,8 +297,13 @@ const DEFAULT_QUANT_LAUNCH: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16,\
 fn quant_launch_table() -> &'static [QuantLaunchEntry] {
     static TABLE: OnceLock<Vec<QuantLaunchEntry>> = OnceLock::new();
     TABLE.get_or_init(|| {
-        let spec = std::env::var("HELEXA_ENGINE_QUANT_GEMV_LAUNCH")
-            .unwrap_or_else(|_| DEFAULT_QUANT_LAUNCH.to_owned());
+        let spec = std::env::var("HELEXA_ENGINE_QUANT_GEMV_LAUNCH").unwrap_or_else(|_| {
+            if graph_keep_enabled() {
+                String::new()
+            } else {
+                SEQUENTIAL_LAUNCH_TABLE.to_owned()
+            }
+        });
         parse_quant_launch_table(&spec).unwrap_or_else(|bad| {
             eprintln!("helexa-engine-cuda: HELEXA_ENGINE_QUANT_GEMV_LAUNCH ignored: malformed entry {bad:?}");
             Vec::new()
@@ -1125,9 +1146,9 @@ mod cpu_tests {
         assert_eq!(parse_quant_launch_table(""), Ok(Vec::new()));
         assert_eq!(parse_quant_launch_table("none"), Ok(Vec::new()));
         assert_eq!(
-            parse_quant_launch_table(DEFAULT_QUANT_LAUNCH).map(|t| t.len()),
+            parse_quant_launch_table(SEQUENTIAL_LAUNCH_TABLE).map(|t| t.len()),
             Ok(8),
-            "the default table"
+            "the table for launches that do not overlap"
         );
         for bad in [
             "q8_0:4096x12288=5x3",

@@ -54,14 +54,6 @@ pub fn enabled() -> bool {
     crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH")
 }
 
-/// Whether a capture allocates its kernels' buffers outside the graph and keeps them while the
-/// graph lives, so that kernel follows kernel in the graph and launches overlap
-/// ([`crate::fused::KeptBuffers`]): yes unless `HELEXA_ENGINE_GRAPH_KEEP=0`.
-pub fn keep_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    crate::fused::switch(&ON, "HELEXA_ENGINE_GRAPH_KEEP")
-}
-
 /// Whether the next step's replay is queued before this step's token is read: yes unless
 /// `HELEXA_ENGINE_GRAPH_AHEAD=0`.
 pub fn ahead_enabled() -> bool {
@@ -99,7 +91,7 @@ pub struct StepGraph {
     /// The greedy pick, written by the graph's last kernel.
     token: CudaSlice<u32>,
     graph: Option<CudaGraph>,
-    /// The buffers the graph's kernels use, kept while it may run ([`keep_enabled`]), and the
+    /// The buffers the graph's kernels use, kept while it may run ([`crate::fused::graph_keep_enabled`]), and the
     /// stream they were allocated (and are freed) on.
     kept: Option<KeptBuffers>,
     side: Option<Arc<CudaStream>>,
@@ -149,7 +141,7 @@ impl StepGraph {
             token: dev.cuda_stream().alloc_zeros::<u32>(1).w()?,
             graph: None,
             kept: None,
-            side: keep_enabled()
+            side: crate::fused::graph_keep_enabled()
                 .then(|| dev.cuda_stream().context().new_stream())
                 .transpose()
                 .w()?,

@@ -125,7 +125,7 @@ fn time_launches<W>(
     // `HELEXA_ENGINE_GRAPH_KEEP`), or else freed inside it (a graph whose allocations outlive
     // it cannot be launched again until they are freed). The side stream is made before the
     // capture: the driver refuses to create one during it.
-    let side = crate::step_graph::keep_enabled()
+    let side = super::graph_keep_enabled()
         .then(|| stream.context().new_stream())
         .transpose()
         .w()?;
