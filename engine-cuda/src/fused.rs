@@ -39,7 +39,7 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{KeptBuffers, start_keeping, stop_keeping};
+pub(crate) use cuda::{Keeping, KeptBuffers, start_keeping};
 #[cfg(feature = "cuda")]
 pub(crate) use launch::graph_edges;
 #[cfg(all(test, feature = "cuda"))]

@@ -283,16 +283,17 @@ impl StepGraph {
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
             .w()?;
         let scope = crate::fused::capture_scope();
-        if let Some(side) = &self.side {
-            crate::fused::start_keeping(KeptBuffers::new(side.clone()));
-        }
+        let keeping = self
+            .side
+            .as_ref()
+            .map(|side| crate::fused::start_keeping(KeptBuffers::new(side.clone())));
         // With replays queued ahead, the argmax feeds the next step's token and position.
         let feed = self.ahead.then_some([&self.ids, &self.at.position]);
         let queued = model
             .forward_at(&self.ids, &self.at)
             .and_then(|logits| crate::fused::argmax_into(&logits, &mut self.token, feed));
         drop(scope);
-        let kept = crate::fused::stop_keeping();
+        let kept = keeping.and_then(crate::fused::Keeping::finish);
         // A failed operation inside the capture leaves its error recorded for later (a buffer
         // freed in a drop cannot return one), and cudarc's `end_capture` would return that
         // error before ending the capture, leaving the stream capturing. Take it first; the

@@ -284,15 +284,29 @@ impl KeptBuffers {
     }
 }
 
-/// Keeps this thread's kernel buffers in `kept` until [`stop_keeping`] hands them back.
-pub fn start_keeping(kept: KeptBuffers) {
+/// Keeps this thread's kernel buffers in `kept` until [`Keeping::finish`] hands them back (or
+/// the guard drops: an error or a panic inside the capture, whose work never runs).
+pub fn start_keeping(kept: KeptBuffers) -> Keeping {
     KEEPING.with_borrow_mut(|k| *k = Some(kept));
+    Keeping
 }
 
-/// Ends [`start_keeping`]; the buffers kept since, which the caller keeps as long as any
-/// work queued with them may run.
-pub fn stop_keeping() -> Option<KeptBuffers> {
-    KEEPING.with_borrow_mut(Option::take)
+/// While it lives, this thread's kernel buffers are kept ([`start_keeping`]).
+pub struct Keeping;
+
+impl Keeping {
+    /// Stops keeping; the buffers kept since, which the caller keeps as long as any work
+    /// queued with them may run.
+    pub fn finish(self) -> Option<KeptBuffers> {
+        KEEPING.with_borrow_mut(Option::take)
+    }
+}
+
+impl Drop for Keeping {
+    fn drop(&mut self) {
+        // After `finish`, already none.
+        KEEPING.with_borrow_mut(Option::take);
+    }
 }
 
 /// Keeps `buffer` while keeping is on (else drops it).

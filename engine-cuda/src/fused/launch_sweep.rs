@@ -133,12 +133,12 @@ fn time_launches<W>(
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .w()?;
     let scope = super::capture_scope();
-    if let Some(side) = &side {
-        super::start_keeping(super::KeptBuffers::new(side.clone()));
-    }
+    let keeping = side
+        .as_ref()
+        .map(|side| super::start_keeping(super::KeptBuffers::new(side.clone())));
     let queued: Result<()> =
         (0..LAUNCHES).try_for_each(|i| run(&weights[i % weights.len()]).map(drop));
-    let _kept = super::stop_keeping();
+    let _kept = keeping.and_then(super::Keeping::finish);
     drop(scope);
     // As the decode step's capture does: an error recorded during the capture is taken before
     // ending it (cudarc's `end_capture` would return it and leave the stream capturing).
