@@ -364,6 +364,23 @@ pub fn add_rms_norm(
     by_dtype!(x.dtype(), add_rms_norm_t(x, delta, weight, eps))
 }
 
+/// `add_rms_norm_<T>`'s arguments in order: `[x, delta, weight]`, `[sum, normed]` (written),
+/// cols and eps.
+fn add_rms_norm_args<'a, T>(
+    b: &mut Args<'a>,
+    [x, delta, weight]: [&'a CudaView<'_, T>; 3],
+    [sum, normed]: [&'a mut CudaSlice<T>; 2],
+    cols: &'a i32,
+    eps: &'a f32,
+) {
+    b.input(x)
+        .input(delta)
+        .output(sum)
+        .output(normed)
+        .input(weight);
+    b.value(cols).value(eps);
+}
+
 fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
     x: &Tensor,
     delta: &Tensor,
@@ -386,12 +403,13 @@ fn add_rms_norm_t<T: CudaDType + DeviceRepr>(
     let cols_arg = int(cols)?;
     let (f, stream) = function(dev, &format!("add_rms_norm_{sfx}"))?;
     let mut b = Args::new(&stream);
-    b.input(&xv)
-        .input(&dv)
-        .output(&mut sum)
-        .output(&mut normed)
-        .input(&wv);
-    b.value(&cols_arg).value(&eps);
+    add_rms_norm_args(
+        &mut b,
+        [&xv, &dv, &wv],
+        [&mut sum, &mut normed],
+        &cols_arg,
+        &eps,
+    );
     // One block per row: up to 1024 threads, each keeping ≤ 8 elements in registers.
     if cols > 8 * 1024 {
         bail!("add_rms_norm: rows of {cols} exceed 8 × 1024 elements");
@@ -1758,6 +1776,16 @@ mod graph_boundary {
         };
         let cols_arg = int(cols).expect("cols");
         let eps = 1e-6f32;
+        let launch =
+            |inputs: [&CudaView<'_, f32>; 3], outputs: [&mut CudaSlice<f32>; 2], plain: bool| {
+                let mut b = Args::new(&stream);
+                if plain {
+                    b.plain();
+                }
+                add_rms_norm_args(&mut b, inputs, outputs, &cols_arg, &eps);
+                // SAFETY: x, delta, sum, normed and the weight hold cols f32 each.
+                unsafe { b.launch(&f, cfg) }.expect("launch");
+            };
         for plain in [false, true] {
             let pdl = if plain { "plain" } else { "programmatic" };
             let allocating = capture(&stream, &mut || {
@@ -1768,18 +1796,7 @@ mod graph_boundary {
                     // SAFETY: every element is written by the kernel.
                     let (mut sum, mut normed) =
                         unsafe { (dev_alloc(cuda, cols), dev_alloc(cuda, cols)) };
-                    let mut b = Args::new(&stream);
-                    if plain {
-                        b.plain();
-                    }
-                    b.input(&xv)
-                        .input(&dv)
-                        .output(&mut sum)
-                        .output(&mut normed)
-                        .input(&wv);
-                    b.value(&cols_arg).value(&eps);
-                    // SAFETY: x, delta, sum, normed and the weight hold cols f32 each.
-                    unsafe { b.launch(&f, cfg) }.expect("launch");
+                    launch([&xv, &dv, &wv], [&mut sum, &mut normed], plain);
                     drop(g);
                     cur = wrap(sum, cuda, x.shape().clone());
                     drop(normed);
@@ -1799,18 +1816,7 @@ mod graph_boundary {
                         0 => (&a[0], &mut b1[0], &mut b2[0]),
                         _ => (&b1[0], &mut a[0], &mut b2[0]),
                     };
-                    let mut b = Args::new(&stream);
-                    if plain {
-                        b.plain();
-                    }
-                    b.input(src)
-                        .input(&dv)
-                        .output(sum)
-                        .output(normed)
-                        .input(&wv);
-                    b.value(&cols_arg).value(&eps);
-                    // SAFETY: as above.
-                    unsafe { b.launch(&f, cfg) }.expect("launch");
+                    launch([&src.slice(..), &dv, &wv], [sum, normed], plain);
                 }
             });
             let e = graph_edges(preallocated.cu_graph()).expect("edges");
