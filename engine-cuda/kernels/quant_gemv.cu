@@ -356,7 +356,7 @@ __device__ void quantize_x_at_once(const T *x, int cols, int8_t *q, float *d, fl
     }
 }
 
-// The staged kernel's `prologue` argument (the launcher packs it: cuda.rs, StagedPrologue): bit 0
+// The staged kernel's `prologue` argument (packed by `WeightPrefetch::prologue` in cuda.rs): bit 0
 // x quantized at once; bits 1-3 the chunks per warp requested before the wait; bits 4-7 the
 // chunks per warp asked of L2 after it.
 #define PROLOGUE_X_AT_ONCE 1
