@@ -24,12 +24,13 @@
 #   scripts/device/gpu-check.sh omit-sweep   # decode step time (graph on) with each kernel
 #                                       # class left out in turn (OMIT_VARIANTS), and without
 #                                       # PDL (~5 min; ALL_CONTEXTS=0 halves it)
-#   scripts/device/gpu-check.sh switches  # decode-only benches of the three formats @0 and
-#                                       # @4096 (ALL_CONTEXTS) with the defaults, then with
-#                                       # each setting of ALL_SWITCHES (default: the
-#                                       # attention split every 32 positions, no launch
-#                                       # table, no step queued ahead, the cluster merge
-#                                       # and the GEMVs' shared rows on;
+#   scripts/device/gpu-check.sh switches  # decode-only benches of the three formats
+#                                       # (SWITCH_FORMATS) @0 and @4096 (ALL_CONTEXTS) with
+#                                       # the defaults, then with each setting of
+#                                       # ALL_SWITCHES (default: the attention split every 32
+#                                       # positions, launches not overlapping in the graph,
+#                                       # no step queued ahead, the cluster merge and the
+#                                       # GEMVs' shared rows on;
 #                                       # VAR=VALUE+VAR=VALUE flips two), greedy
 #                                       # tokens compared with the defaults' (where they part, both
 #                                       # builds' logit margins: parting_margins.py); outputs
@@ -84,20 +85,24 @@ switches)
   # at a time (ALL_SWITCHES, space-separated VAR=VALUE settings): speed, and greedy tokens
   # against the defaults'. The first bench also synthesizes the models (~70 s).
   decode="--prefill 512 --decode-context ${ALL_CONTEXTS:-0,4096}"
-  BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench > /dev/null || status=1
-  grep -E "^model|decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-defaults.txt"
+  # SWITCH_FORMATS (default all three): e.g. q8_0 alone, a third of the device time a setting.
+  formats=${SWITCH_FORMATS:-bf16,q8_0,q4_k_m}
+  runs="$OUT/bench-${formats//,/-}"
+  BENCH_ARGS="$decode" BENCH_TAG=defaults timeout 200 "$0" bench "$formats" > /dev/null || status=1
+  grep -E "^model|decode 128|host queuing" "$runs-defaults.txt"
   # .carry/ref-switches.json (optional): an earlier build's defaults report from this mode (the
   # same bench arguments, so the same prompts), to check that changes meant to keep the
   # arithmetic kept the greedy tokens. (.carry/ref.json is a full bench's, for `bench` runs.)
   if [ -f .carry/ref-switches.json ]; then
     python3 scripts/device/compare_greedy.py .carry/ref-switches.json \
-      "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" > "$OUT/greedy-defaults-vs-ref.txt" 2>&1
+      "$runs-defaults.json" > "$OUT/greedy-defaults-vs-ref.txt" 2>&1
     tail -1 "$OUT/greedy-defaults-vs-ref.txt" | sed "s/^/defaults greedy vs .carry\/ref-switches.json: /"
   fi
   # By default each optional switch against the defaults: the attention split every 32
-  # positions from the start, no launch table and no step queued ahead (the paths before the
-  # tenth session), the cluster merge and the shared rows of both GEMVs (off by default) on.
-  default_settings="HELEXA_ENGINE_ATTENTION_ONE_SPLIT=32 HELEXA_ENGINE_QUANT_GEMV_LAUNCH=none"
+  # positions from the start, no step queued ahead and the graph's launches not overlapping
+  # (the paths before the tenth and twelfth sessions), the cluster merge and the shared rows
+  # of both GEMVs (off by default) on.
+  default_settings="HELEXA_ENGINE_ATTENTION_ONE_SPLIT=32 HELEXA_ENGINE_GRAPH_KEEP=0"
   default_settings+=" HELEXA_ENGINE_ATTENTION_CLUSTER=1 HELEXA_ENGINE_QUANT_GEMV_SPLIT=1"
   default_settings+=" HELEXA_ENGINE_GEMV_SPLIT=1 HELEXA_ENGINE_GRAPH_AHEAD=0"
   for setting in ${ALL_SWITCHES:-$default_settings}; do
@@ -105,15 +110,15 @@ switches)
     # launch table). Its tag names the files; a long one is cut and told apart by a checksum.
     tag=$(echo "$setting" | sed 's/HELEXA_ENGINE_//g; s/+/-and-/g; s/[^A-Za-z0-9-]/-/g' | tr 'A-Z' 'a-z')
     [ ${#tag} -gt 48 ] && tag="${tag:0:40}-$(echo "$setting" | md5sum | cut -c1-6)"
-    env ${setting//+/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench > /dev/null || status=1
-    grep -E "decode 128|host queuing" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.txt" | sed "s/^/$tag: /"
-    python3 scripts/device/compare_greedy.py "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" \
-      "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" > "$OUT/greedy-$tag.txt" 2>&1
+    env ${setting//+/ } BENCH_ARGS="$decode" BENCH_TAG="$tag" timeout 100 "$0" bench "$formats" > /dev/null || status=1
+    grep -E "decode 128|host queuing" "$runs-$tag.txt" | sed "s/^/$tag: /"
+    python3 scripts/device/compare_greedy.py "$runs-defaults.json" \
+      "$runs-$tag.json" > "$OUT/greedy-$tag.txt" 2>&1
     if [ $? -eq 1 ]; then
       # Where the tokens part, both builds' logit margins there (teacher-forced replays).
       mkdir -p /tmp/margins
       timeout 240 python3 scripts/device/parting_margins.py \
-        "$OUT/bench-bf16-q8_0-q4_k_m-defaults.json" "$OUT/bench-bf16-q8_0-q4_k_m-$tag.json" \
+        "$runs-defaults.json" "$runs-$tag.json" \
         "${setting//+/ }" /tmp/bench-models "$bin/engine-cuda-tests" /tmp/margins \
         >> "$OUT/greedy-$tag.txt" 2>&1
     fi
