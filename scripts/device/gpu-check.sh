@@ -17,6 +17,9 @@
 #                                       # per warp, blocks per SM), replayed from a CUDA graph,
 #                                       # then the dense BF16 products on the plain, rows-split
 #                                       # and staged kernels (src/fused/launch_sweep.rs; ~2-3 min)
+#   scripts/device/gpu-check.sh layer-sweep  # µs per Q8_0 layer (its four products in the
+#                                       # step's order, launches overlapping as in the step)
+#                                       # with one product's launch shape varied at a time
 #   scripts/device/gpu-check.sh tests NAME...  # the GPU tests whose names hold any NAME
 #   scripts/device/gpu-check.sh tune    # gemv-sweep, its choices as a launch table
 #                                       # (launch_table.py), then switches at @0 over the
@@ -158,6 +161,14 @@ gemv-sweep)
       --nocapture --test-threads 1 >> "$OUT/gemv-sweep.txt" 2>&1 || status=1
   fi
   grep -E "µs|test result|panicked" "$OUT/gemv-sweep.txt"
+  ;;
+layer-sweep)
+  # Q8_0's layer products launched in the step's order, one product's launch shape varied at a
+  # time, µs per layer (src/fused/launch_sweep.rs, quant_layer_launch_sweep).
+  timeout 300 "$bin/engine-cuda-tests" --ignored --exact fused::launch_sweep::quant_layer_launch_sweep \
+    --nocapture --test-threads 1 > "$OUT/layer-sweep.txt" 2>&1
+  status=$?
+  grep -E "µs|test result|panicked" "$OUT/layer-sweep.txt"
   ;;
 omit-sweep)
   # What each kernel class costs inside a decode step replayed from a CUDA graph (the

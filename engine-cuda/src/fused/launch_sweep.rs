@@ -18,7 +18,7 @@
 //! the same way: the plain kernel, its rows shared, and the staged kernel.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::sys;
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, sys};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -85,6 +85,53 @@ const PRODUCTS: [Product; 12] = {
         product("output", Q6K, (151_936, 4096), false, false),
     ]
 };
+
+/// `p`'s quantized GEMV launch at `stages` chunks in flight, at most `blocks_per_sm` resident
+/// blocks of `warps` warps.
+fn launch_for(p: &Product, stages: usize, blocks_per_sm: usize, warps: usize) -> QuantGemv {
+    QuantGemv {
+        format: quant_gemv_format(p.dtype).expect("a format the kernel reads"),
+        row_bytes: quant_row_bytes(p.dtype, p.cols),
+        shared_bytes: quant_gemv_shared_bytes(p.dtype, p.cols, stages, warps),
+        warps,
+        stages,
+        swiglu: p.swiglu,
+        blocks_per_sm,
+        split_rows: false,
+        x_at_once: true,
+        prefetch: weight_prefetch(),
+    }
+}
+
+/// Every launch shape of `p` the kernels have, once per grid as launched: (warps, stages,
+/// resident blocks per SM). Shared memory may hold fewer blocks than asked for, and then larger
+/// asks launch the same grid again.
+fn launch_shapes(p: &Product, ctx: &CudaContext) -> Vec<(usize, usize, usize)> {
+    let mut shapes = Vec::new();
+    for (warps, stages) in [8, 16].into_iter().flat_map(|w| [2, 3, 4].map(|s| (w, s))) {
+        if quant_gemv_shared_bytes(p.dtype, p.cols, stages, warps) > QUANT_GEMV_SHARED_MAX {
+            continue;
+        }
+        for blocks in 1..=quant_gemv_max_blocks(warps) {
+            let launch = launch_for(p, stages, blocks, warps);
+            let resident = cuda::quant_gemv_blocks_per_sm(ctx, &launch).expect("blocks");
+            if !shapes.contains(&(warps, stages, resident)) {
+                shapes.push((warps, stages, resident));
+            }
+        }
+    }
+    shapes
+}
+
+/// A launch shape as the sweeps print it (` warps 16` for the wide build).
+fn shape_name(warps: usize, stages: usize, blocks: usize) -> String {
+    let wide = if warps == QUANT_GEMV_WARPS {
+        String::new()
+    } else {
+        format!(" warps {warps}")
+    };
+    format!("stages {stages} blocks/SM {blocks}{wide}")
+}
 
 /// `copies` weights of `rows × cols` in `dtype`, each on its own device memory: 256 random
 /// rows quantized once, their bytes tiled (quantizing 100M weights per copy would take minutes).
@@ -193,18 +240,7 @@ fn quant_gemv_launch_sweep() {
             eps: 1e-6,
             write_sum: false,
         });
-        let launch_at = |stages: usize, blocks_per_sm: usize, warps: usize| QuantGemv {
-            format,
-            row_bytes: quant_row_bytes(p.dtype, p.cols),
-            shared_bytes: quant_gemv_shared_bytes(p.dtype, p.cols, stages, warps),
-            warps,
-            stages,
-            swiglu: p.swiglu,
-            blocks_per_sm,
-            split_rows: false,
-            x_at_once: true,
-            prefetch: weight_prefetch(),
-        };
+        let launch_at = |stages, blocks_per_sm, warps| launch_for(p, stages, blocks_per_sm, warps);
         let launch_with = |stages, blocks| launch_at(stages, blocks, QUANT_GEMV_WARPS);
         let product = |launch: &QuantGemv, w: &QTensor| {
             cuda::quant_gemv_with(&x, w, launch, norm.as_ref()).map(|(y, _)| y)
@@ -212,40 +248,22 @@ fn quant_gemv_launch_sweep() {
         let want = product(&launch_with(2, QUANT_GEMV_BLOCKS_PER_SM), &weights[0])
             .expect("default launch");
         let name = format!("{format} {} {}×{}", p.name, p.rows, p.cols);
-        for (warps, s) in [8, 16].into_iter().flat_map(|w| [2, 3, 4].map(|s| (w, s))) {
-            if quant_gemv_shared_bytes(p.dtype, p.cols, s, warps) > QUANT_GEMV_SHARED_MAX {
-                continue;
+        for (warps, stages, blocks) in launch_shapes(p, &ctx) {
+            let launch = launch_at(stages, blocks, warps);
+            let case = format!("{name} {}", shape_name(warps, stages, blocks));
+            let got = product(&launch, &weights[0]).expect("launch");
+            // A norm formed by 16 warps sums its squares in another order.
+            if p.norm && warps != QUANT_GEMV_WARPS {
+                let e = rel_diff(&got, &want);
+                assert!(e < 1e-2, "{case}: {e} from the default launch");
+            } else {
+                assert!(
+                    same_bits(&got, &want),
+                    "{case}: not the default launch's bits"
+                );
             }
-            // Blocks per SM as launched: shared memory may hold fewer than asked for, and
-            // then larger asks launch the same grid again (not timed twice).
-            let mut timed = Vec::new();
-            for blocks in 1..=quant_gemv_max_blocks(warps) {
-                let launch = launch_at(s, blocks, warps);
-                let resident = cuda::quant_gemv_blocks_per_sm(&ctx, &launch).expect("blocks");
-                if timed.contains(&resident) {
-                    continue;
-                }
-                timed.push(resident);
-                let wide = if warps == QUANT_GEMV_WARPS {
-                    String::new()
-                } else {
-                    format!(" warps {warps}")
-                };
-                let case = format!("{name} stages {s} blocks/SM {resident}{wide}");
-                let got = product(&launch, &weights[0]).expect("launch");
-                // A norm formed by 16 warps sums its squares in another order.
-                if p.norm && warps != QUANT_GEMV_WARPS {
-                    let e = rel_diff(&got, &want);
-                    assert!(e < 1e-2, "{case}: {e} from the default launch");
-                } else {
-                    assert!(
-                        same_bits(&got, &want),
-                        "{case}: not the default launch's bits"
-                    );
-                }
-                let us = time_launches(&dev, &weights, &|w| product(&launch, w)).expect("timed");
-                report(&case, us, weight_bytes);
-            }
+            let us = time_launches(&dev, &weights, &|w| product(&launch, w)).expect("timed");
+            report(&case, us, weight_bytes);
         }
         // A ready x quantized in steps, two at a time (HELEXA_ENGINE_QUANT_X_AT_ONCE=0), where
         // that is more than one round trip: the same bits.
@@ -294,6 +312,83 @@ fn quant_gemv_launch_sweep() {
                 &format!("{name} stages 2 blocks/SM {resident} rows split"),
                 us,
                 weight_bytes,
+            );
+        }
+    }
+}
+
+/// Q8_0's layer in the step's order, its products launched one after another as a decode
+/// step launches them (q/k/v forming its norm, o, gate/up forming its norm with the SwiGLU
+/// gate folded in, down), replayed from a graph as the step is (so with its launches
+/// overlapping unless `HELEXA_ENGINE_GRAPH_KEEP=0`), with one product's launch shape varied at
+/// a time and the others at the default: what a shape costs where its product follows another
+/// and is followed, which the sweep above (one product launched again and again) does not see.
+/// With overlap, the table the sweep above chose made the step slower (twelfth session). The
+/// attention between q/k/v and o is left out. Prints µs per layer.
+#[test]
+#[ignore = "a measurement aid run by scripts/device/gpu-check.sh layer-sweep"]
+fn quant_layer_launch_sweep() {
+    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let randn = |n: usize| {
+        Tensor::randn(0f32, 1f32, (1, 1, n), &dev)
+            .and_then(|t| t.to_dtype(DType::BF16))
+            .expect("row")
+    };
+    let ctx = cuda_context(&dev);
+    let layer = &PRODUCTS[..4];
+    let layer_bytes: usize = layer
+        .iter()
+        .map(|p| (if p.swiglu { 2 } else { 1 }) * p.rows * quant_row_bytes(p.dtype, p.cols))
+        .sum();
+    let copies = ROTATION_BYTES.div_ceil(layer_bytes).max(2);
+    let weights: Vec<Vec<QTensor>> = layer
+        .iter()
+        .map(|p| {
+            let rows = if p.swiglu { 2 * p.rows } else { p.rows };
+            rotated_weights(p.dtype, rows, p.cols, copies, &dev)
+        })
+        .collect();
+    // Each product's x, and with a norm its delta and norm weight.
+    let inputs: Vec<[Tensor; 3]> = layer
+        .iter()
+        .map(|p| {
+            let w = randn(p.cols).flatten_all().expect("norm weight");
+            [randn(p.cols), randn(p.cols), w]
+        })
+        .collect();
+    let run_layer = |launches: &[QuantGemv], copy: &usize| -> Result<Tensor> {
+        let mut last = None;
+        for (k, p) in layer.iter().enumerate() {
+            let [x, delta, weight] = &inputs[k];
+            let norm = p.norm.then_some(NormInput {
+                delta,
+                weight,
+                eps: 1e-6,
+                write_sum: false,
+            });
+            let w = &weights[k][copy % copies];
+            last = Some(cuda::quant_gemv_with(x, w, &launches[k], norm.as_ref())?.0);
+        }
+        last.ok_or_else(|| candle_core::Error::msg("an empty layer"))
+    };
+    let order: Vec<usize> = (0..copies).collect();
+    let defaults = || -> Vec<QuantGemv> {
+        layer
+            .iter()
+            .map(|p| launch_for(p, 2, QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_WARPS))
+            .collect()
+    };
+    let us = time_launches(&dev, &order, &|c| run_layer(&defaults(), c)).expect("timed");
+    println!("q8_0 layer, every product at the default shape: {us:.2} µs");
+    for (k, p) in layer.iter().enumerate() {
+        for (warps, stages, blocks) in launch_shapes(p, &ctx) {
+            let mut launches = defaults();
+            launches[k] = launch_for(p, stages, blocks, warps);
+            let us = time_launches(&dev, &order, &|c| run_layer(&launches, c)).expect("timed");
+            println!(
+                "q8_0 layer, {} at {}: {us:.2} µs",
+                p.name,
+                shape_name(warps, stages, blocks)
             );
         }
     }
