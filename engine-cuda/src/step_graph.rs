@@ -352,8 +352,9 @@ impl Drop for StepGraph {
 /// many of its edges are programmatic (each kernel's blocks may start before the previous
 /// kernel drains) rather than full ones: a diagnostic for the device visits.
 fn report_edges(graph: &CudaGraph, kept: usize) -> Result<()> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if std::env::var("HELEXA_ENGINE_GRAPH_REPORT").is_ok_and(|v| v == "1")
+    if crate::fused::opt_in(&ON, "HELEXA_ENGINE_GRAPH_REPORT")
         && !REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {
         let e = crate::fused::graph_edges(graph.cu_graph())?;

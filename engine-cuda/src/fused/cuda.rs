@@ -246,7 +246,7 @@ fn row_stride(layout: &Layout) -> Result<i64> {
 fn wrap<T: CudaDType>(buf: CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(buf, dev.clone()));
     let t = Tensor::from_storage(storage, shape, BackpropOp::none(), false);
-    keep(Box::new(t.clone()));
+    keep(|| t.clone());
     t
 }
 
@@ -309,11 +309,12 @@ impl Drop for Keeping {
     }
 }
 
-/// Keeps `buffer` while keeping is on (else drops it).
-fn keep(buffer: Box<dyn std::any::Any>) {
+/// Keeps the buffer `buffer` gives while keeping is on; otherwise it is not asked for (a
+/// launch outside a capture pays one thread-local read).
+fn keep<B: 'static>(buffer: impl FnOnce() -> B) {
     KEEPING.with_borrow_mut(|k| {
         if let Some(k) = k {
-            k.buffers.push(buffer);
+            k.buffers.push(Box::new(buffer()));
         }
     });
 }
@@ -824,8 +825,8 @@ fn decode_attention_t<T: CudaDType + DeviceRepr>(
         unsafe { b.launch(&f, cfg) }?;
     }
     // Scratch the replayed graph still writes (the partials).
-    keep(Box::new(part_o));
-    keep(Box::new(part_ml));
+    keep(|| part_o);
+    keep(|| part_ml);
     Ok(wrap(out, dev, (1, 1, h * hd)))
 }
 

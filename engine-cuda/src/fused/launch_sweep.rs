@@ -48,6 +48,29 @@ struct Product {
     swiglu: bool,
 }
 
+impl Product {
+    /// Rows of the weight as stored: a stacked gate/up weight has twice the product's.
+    fn weight_rows(&self) -> usize {
+        if self.swiglu {
+            2 * self.rows
+        } else {
+            self.rows
+        }
+    }
+
+    /// Bytes of the weight as stored.
+    fn weight_bytes(&self) -> usize {
+        self.weight_rows() * quant_row_bytes(self.dtype, self.cols)
+    }
+}
+
+/// A random bf16 activation row `(1, 1, n)`.
+fn random_row(n: usize, dev: &Device) -> Tensor {
+    Tensor::randn(0f32, 1f32, (1, 1, n), dev)
+        .and_then(|t| t.to_dtype(DType::BF16))
+        .expect("row")
+}
+
 const fn product(
     name: &'static str,
     dtype: GgmlDType,
@@ -219,17 +242,12 @@ fn report(case: &str, us: f64, weight_bytes: usize) {
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh gemv-sweep"]
 fn quant_gemv_launch_sweep() {
     let dev = Device::new_cuda(0).expect("a CUDA device");
-    let randn = |n: usize| {
-        Tensor::randn(0f32, 1f32, (1, 1, n), &dev)
-            .and_then(|t| t.to_dtype(DType::BF16))
-            .expect("row")
-    };
+    let randn = |n: usize| random_row(n, &dev);
     let ctx = cuda_context(&dev);
     println!("format product rows×cols stages blocks/SM: µs per launch, share of 4.4 TB/s");
     for p in &PRODUCTS {
         let format = quant_gemv_format(p.dtype).expect("a format the kernel reads");
-        let w_rows = if p.swiglu { 2 * p.rows } else { p.rows };
-        let weight_bytes = w_rows * quant_row_bytes(p.dtype, p.cols);
+        let (w_rows, weight_bytes) = (p.weight_rows(), p.weight_bytes());
         let copies = ROTATION_BYTES.div_ceil(weight_bytes).max(2);
         let weights = rotated_weights(p.dtype, w_rows, p.cols, copies, &dev);
         let (x, delta) = (randn(p.cols), randn(p.cols));
@@ -329,24 +347,14 @@ fn quant_gemv_launch_sweep() {
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh layer-sweep"]
 fn quant_layer_launch_sweep() {
     let dev = Device::new_cuda(0).expect("a CUDA device");
-    let randn = |n: usize| {
-        Tensor::randn(0f32, 1f32, (1, 1, n), &dev)
-            .and_then(|t| t.to_dtype(DType::BF16))
-            .expect("row")
-    };
+    let randn = |n: usize| random_row(n, &dev);
     let ctx = cuda_context(&dev);
     let layer = &PRODUCTS[..4];
-    let layer_bytes: usize = layer
-        .iter()
-        .map(|p| (if p.swiglu { 2 } else { 1 }) * p.rows * quant_row_bytes(p.dtype, p.cols))
-        .sum();
+    let layer_bytes: usize = layer.iter().map(Product::weight_bytes).sum();
     let copies = ROTATION_BYTES.div_ceil(layer_bytes).max(2);
     let weights: Vec<Vec<QTensor>> = layer
         .iter()
-        .map(|p| {
-            let rows = if p.swiglu { 2 * p.rows } else { p.rows };
-            rotated_weights(p.dtype, rows, p.cols, copies, &dev)
-        })
+        .map(|p| rotated_weights(p.dtype, p.weight_rows(), p.cols, copies, &dev))
         .collect();
     // Each product's x, and with a norm its delta and norm weight.
     let inputs: Vec<[Tensor; 3]> = layer
