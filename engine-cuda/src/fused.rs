@@ -211,13 +211,40 @@ fn quant_gemv_max_blocks(warps: usize) -> usize {
     QUANT_GEMV_BLOCKS_PER_SM * QUANT_GEMV_WARPS / warps.max(1)
 }
 
-/// Chunks each warp of [`quant_gemv`] has in flight: 2 to 4, from
-/// `HELEXA_ENGINE_QUANT_GEMV_STAGES` (a tuning knob; more stages hide more memory latency but
-/// take more shared memory, so fewer blocks fit on an SM; with the decode step GPU-bound, three
-/// and four were slower than two on the H200, eighth session).
-fn quant_gemv_stages() -> usize {
+/// Chunks each warp of [`quant_gemv`] has in flight over a `dtype` weight of `cols` columns at
+/// 8 warps a block: 2 to 4 for every weight from `HELEXA_ENGINE_QUANT_GEMV_STAGES`, else the
+/// block type's [`default_quant_gemv_stages`], or fewer where x is too wide for those to fit
+/// the shared memory (Q8_0 at four stages holds up to ~19k columns, at two ~42k; a product
+/// that does not fit would leave for candle's MMVQ). More stages hide more memory latency but
+/// take more shared memory, so fewer blocks fit on an SM.
+fn quant_gemv_stages(dtype: GgmlDType, cols: usize) -> usize {
     static STAGES: OnceLock<usize> = OnceLock::new();
-    tuning(&STAGES, "HELEXA_ENGINE_QUANT_GEMV_STAGES", 2..=4, 2)
+    // 0: unset (outside the knob's range), so the block type's own default.
+    match tuning(&STAGES, "HELEXA_ENGINE_QUANT_GEMV_STAGES", 2..=4, 0) {
+        0 => {
+            let fits = |stages| {
+                quant_gemv_shared_bytes(dtype, cols, stages, QUANT_GEMV_WARPS)
+                    <= QUANT_GEMV_SHARED_MAX
+            };
+            let preferred = quant_gemv_format(dtype).map_or(2, default_quant_gemv_stages);
+            (3..=preferred).rev().find(|&s| fits(s)).unwrap_or(2)
+        }
+        n => n,
+    }
+}
+
+/// Chunks in flight per warp by block type (the kernel name part): four for Q8_0, two for the
+/// K-quants.
+///
+/// Measured in whole decode steps on the H200 (thirteenth session, visit 2, step ms @0, with
+/// the graph's launches overlapping): every weight at four stages took Q8_0 from 2.49 to
+/// 2.41 ms (400.9 → 414.8 tok/s; @4096 355.5 → 364.3), at three 2.48; Q4_K_M went the other
+/// way, 1.98 → 2.06 ms at four and 2.04 at three; same tokens in all. (Before launches
+/// overlapped, three and four stages were slower than two for every format: eighth session.)
+/// Q8_0's blocks are the widest read per weight (34 bytes per 32, no shared scale tables to
+/// load first), so its warps have the least work to cover a chunk's latency with.
+fn default_quant_gemv_stages(format: &str) -> usize {
+    if format == "q8_0" { 4 } else { 2 }
 }
 
 /// Whether a product of `rows` × `cols` gains from sharing each row between two warps (the
@@ -280,7 +307,8 @@ struct QuantLaunchEntry {
 /// session) it loses: those shapes leave room on an SM, and the next kernel's blocks take it
 /// early. With no table there (every weight at two stages, four blocks of 8 warps per SM) the
 /// H200 read Q8_0 2.70 → 2.50 ms and Q4_K_M 2.08 → 1.99 ms a token, BF16 unchanged, same
-/// tokens (twelfth session, visit 6).
+/// tokens (twelfth session, visit 6). A weight without an entry here takes its block type's
+/// default stages ([`default_quant_gemv_stages`]), chosen with launches overlapping.
 const SEQUENTIAL_LAUNCH_TABLE: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16,\
      q8_0:24576x4096=3x2,q4k:5120x4096=3x1,q4k:4096x4096=2x2x16,q4k:24576x4096=3x2x16,\
      q6k:4096x12288=2x1x16,q4k:4096x12288=4x1x16";
@@ -358,12 +386,14 @@ fn parse_quant_launch_table(spec: &str) -> std::result::Result<Vec<QuantLaunchEn
 
 /// The launch shape of the quantized product over `w`: its table entry, else the default.
 fn quant_launch_shape(w: &QTensor) -> QuantLaunchShape {
+    // Not a matrix: no product takes it (`quant_gemv_applies`), and no entry matches.
+    let (rows, cols) = w.shape().dims2().unwrap_or((0, 0));
     let default = QuantLaunchShape {
-        stages: quant_gemv_stages(),
+        stages: quant_gemv_stages(w.dtype(), cols),
         blocks_per_sm: QUANT_GEMV_BLOCKS_PER_SM,
         warps: QUANT_GEMV_WARPS,
     };
-    let (Some(format), Ok((rows, cols))) = (quant_gemv_format(w.dtype()), w.shape().dims2()) else {
+    let Some(format) = quant_gemv_format(w.dtype()) else {
         return default;
     };
     quant_launch_table()
@@ -1088,6 +1118,31 @@ mod cpu_tests {
             quant_gemv_shared_bytes(GgmlDType::Q8_0, 12288, 4, QUANT_GEMV_WARPS)
                 <= QUANT_GEMV_SHARED_MAX
         );
+    }
+
+    #[test]
+    fn default_stages_follow_the_block_type_and_fit_the_shared_memory() {
+        // CI leaves HELEXA_ENGINE_QUANT_GEMV_STAGES unset; with it set this checks the knob.
+        if std::env::var_os("HELEXA_ENGINE_QUANT_GEMV_STAGES").is_some() {
+            return;
+        }
+        // An 8B model's widths: Q8_0 at four stages, the K-quants at two.
+        for cols in [4096, 12288] {
+            assert_eq!(quant_gemv_stages(GgmlDType::Q8_0, cols), 4, "{cols}");
+            assert_eq!(quant_gemv_stages(GgmlDType::Q4K, cols), 2, "{cols}");
+            assert_eq!(quant_gemv_stages(GgmlDType::Q6K, cols), 2, "{cols}");
+        }
+        // A 32B or 70B model's down product (25600 or 28672 columns): fewer stages, so it
+        // still fits rather than leaving for MMVQ.
+        for cols in [25600, 28672] {
+            let stages = quant_gemv_stages(GgmlDType::Q8_0, cols);
+            assert!(stages < 4, "{cols}: {stages}");
+            assert!(
+                quant_gemv_shared_bytes(GgmlDType::Q8_0, cols, stages, QUANT_GEMV_WARPS)
+                    <= QUANT_GEMV_SHARED_MAX,
+                "{cols}"
+            );
+        }
     }
 
     #[test]

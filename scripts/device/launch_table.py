@@ -5,7 +5,8 @@ Reads `gpu-check.sh gemv-sweep`'s output (lines like
 `q8_0 down 4096×12288 stages 3 blocks/SM 2: 18.10 µs, 69%`, with ` warps 16` before the colon
 for the wide build) and, for each weight, picks the
 fastest launch shape; the weight gets an entry only where that beats the default launch
-(stages 2, the most blocks an SM holds, 8 warps) by more than MARGIN, so noise does not make the table.
+(the block type's stages, the most blocks an SM holds, 8 warps) by more than MARGIN, so noise
+does not make the table.
 Rows are the weight's as stored: a stacked gate/up weight has twice the product's rows.
 
     launch_table.py gemv-sweep.txt [MARGIN]   # prints the value (empty when nothing pays),
@@ -18,6 +19,9 @@ LINE = re.compile(
     r"^(?P<fmt>\S+) (?P<name>\S+) (?P<rows>\d+)×(?P<cols>\d+) stages (?P<stages>\d) "
     r"blocks/SM (?P<blocks>\d)(?: warps (?P<warps>\d+))?: (?P<us>[\d.]+) µs"
 )
+
+# Chunks in flight per warp by default, by block type (`default_quant_gemv_stages`).
+DEFAULT_STAGES = {"q8_0": 4}
 
 
 def main() -> None:
@@ -36,9 +40,13 @@ def main() -> None:
             weights.setdefault(key, []).append(shape)
     entries = []
     for (fmt, rows, cols), shapes in weights.items():
-        # The default: two stages at the most blocks the sweep launched with two stages and
-        # eight warps a block.
-        default = max((s for s in shapes if s[1] == 2 and s[3] == 8), key=lambda s: s[2], default=None)
+        # The default: the block type's stages (`default_quant_gemv_stages` in
+        # engine-cuda/src/fused.rs; fewer where they do not fit, then not swept either) at the
+        # most blocks the sweep launched with them and eight warps a block.
+        stages = max(
+            (s[1] for s in shapes if s[1] <= DEFAULT_STAGES.get(fmt, 2) and s[3] == 8), default=2
+        )
+        default = max((s for s in shapes if s[1] == stages and s[3] == 8), key=lambda s: s[2], default=None)
         best = min(shapes)
         if default is None:
             continue

@@ -18,14 +18,17 @@
 //! the same way: the plain kernel, its rows shared, and the staged kernel.
 
 use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, sys};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaStream, sys};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::cuda::{self, NormInput, QuantGemv};
 use super::{
     QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_SHARED_MAX, QUANT_GEMV_WARPS, quant_gemv_format,
-    quant_gemv_max_blocks, quant_gemv_shared_bytes, quant_row_bytes, weight_prefetch,
+    quant_gemv_max_blocks, quant_gemv_shared_bytes, quant_gemv_stages, quant_row_bytes,
+    weight_prefetch,
 };
 use crate::test_support::{cuda_context, rel_diff, same_bits};
 
@@ -191,14 +194,21 @@ fn time_launches<W>(
 ) -> Result<f64> {
     let stream = dev.as_cuda_device()?.cuda_stream();
     stream.synchronize().w()?;
+    // An error a drop recorded since the last call (it cannot return one) would otherwise
+    // surface at this capture's end as if this launch shape had failed.
+    stream
+        .context()
+        .check_err()
+        .w()
+        .map_err(|e| e.context("an error left from before this capture"))?;
     // As the decode step's capture: the outputs kept outside the graph (so launches overlap,
     // `HELEXA_ENGINE_GRAPH_KEEP`), or else freed inside it (a graph whose allocations outlive
-    // it cannot be launched again until they are freed). The side stream is made before the
-    // capture: the driver refuses to create one during it.
+    // it cannot be launched again until they are freed). One side stream for the thread's
+    // captures, made before any (the driver refuses to create one during a capture), as the
+    // step graph holds one for its life.
     let side = super::graph_keep_enabled()
-        .then(|| stream.context().new_stream())
-        .transpose()
-        .w()?;
+        .then(|| side_stream(&stream))
+        .transpose()?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .w()?;
@@ -230,6 +240,22 @@ fn time_launches<W>(
     let ms = start.elapsed_ms(&end).w()?;
     stream.synchronize().w()?; // before the kept outputs go
     Ok(f64::from(ms) * 1e3 / (REPLAYS * LAUNCHES) as f64)
+}
+
+thread_local! {
+    static SIDE: std::cell::RefCell<Option<Arc<CudaStream>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// This thread's side stream for kept buffers, made on first use.
+fn side_stream(stream: &Arc<CudaStream>) -> Result<Arc<CudaStream>> {
+    SIDE.with_borrow_mut(|side| match side {
+        Some(s) => Ok(s.clone()),
+        None => {
+            let s = stream.context().new_stream().w()?;
+            *side = Some(s.clone());
+            Ok(s)
+        }
+    })
 }
 
 /// Prints one timed case: µs per launch and the share of [`BANDWIDTH`] its weight's bytes take.
@@ -383,7 +409,10 @@ fn quant_layer_launch_sweep() {
     let defaults = || -> Vec<QuantGemv> {
         layer
             .iter()
-            .map(|p| launch_for(p, 2, QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_WARPS))
+            .map(|p| {
+                let stages = quant_gemv_stages(p.dtype, p.cols);
+                launch_for(p, stages, QUANT_GEMV_BLOCKS_PER_SM, QUANT_GEMV_WARPS)
+            })
             .collect()
     };
     let us = time_launches(&dev, &order, &|c| run_layer(&defaults(), c)).expect("timed");
@@ -392,12 +421,13 @@ fn quant_layer_launch_sweep() {
         for (warps, stages, blocks) in launch_shapes(p, &ctx) {
             let mut launches = defaults();
             launches[k] = launch_for(p, stages, blocks, warps);
-            let us = time_launches(&dev, &order, &|c| run_layer(&launches, c)).expect("timed");
-            println!(
-                "q8_0 layer, {} at {}: {us:.2} µs",
-                p.name,
-                shape_name(warps, stages, blocks)
-            );
+            // A shape that fails is reported, and the sweep goes on to the next.
+            let timed = time_launches(&dev, &order, &|c| run_layer(&launches, c));
+            let shape = shape_name(warps, stages, blocks);
+            match timed {
+                Ok(us) => println!("q8_0 layer, {} at {shape}: {us:.2} µs", p.name),
+                Err(e) => println!("q8_0 layer, {} at {shape}: failed: {e}", p.name),
+            }
         }
     }
 }
