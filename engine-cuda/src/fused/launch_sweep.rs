@@ -192,15 +192,18 @@ fn time_launches<W>(
     weights: &[W],
     run: &dyn Fn(&W) -> Result<Tensor>,
 ) -> Result<f64> {
+    // Each driver call names its step in an error: the layer sweep reports a failing shape
+    // and goes on, and the step is what tells a refused launch from a broken capture.
+    let at = |step: &'static str| move |e: candle_core::Error| e.context(step);
     let stream = dev.as_cuda_device()?.cuda_stream();
-    stream.synchronize().w()?;
+    stream.synchronize().w().map_err(at("before the capture"))?;
     // An error a drop recorded since the last call (it cannot return one) would otherwise
     // surface at this capture's end as if this launch shape had failed.
     stream
         .context()
         .check_err()
         .w()
-        .map_err(|e| e.context("an error left from before this capture"))?;
+        .map_err(at("an error left from before this capture"))?;
     // As the decode step's capture: the outputs kept outside the graph (so launches overlap,
     // `HELEXA_ENGINE_GRAPH_KEEP`), or else freed inside it (a graph whose allocations outlive
     // it cannot be launched again until they are freed). One side stream for the thread's
@@ -211,34 +214,44 @@ fn time_launches<W>(
         .transpose()?;
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-        .w()?;
+        .w()
+        .map_err(at("beginning the capture"))?;
     let scope = super::capture_scope();
     let keeping = side
         .as_ref()
         .map(|side| super::start_keeping(super::KeptBuffers::new(side.clone())));
     let queued: Result<()> =
         (0..LAUNCHES).try_for_each(|i| run(&weights[i % weights.len()]).map(drop));
-    let _kept = keeping.and_then(super::Keeping::finish);
+    let kept = keeping.and_then(super::Keeping::finish);
     drop(scope);
     // As the decode step's capture does: an error recorded during the capture is taken before
     // ending it (cudarc's `end_capture` would return it and leave the stream capturing).
     let pending = stream.context().check_err().w();
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
-    queued?;
-    pending?;
-    let graph = graph?.ok_or_else(|| candle_core::Error::msg("the capture produced no graph"))?;
+    queued.map_err(at("queuing the launches"))?;
+    pending.map_err(at("an error recorded during the capture"))?;
+    let graph = graph
+        .map_err(at("ending the capture"))?
+        .ok_or_else(|| candle_core::Error::msg("the capture produced no graph"))?;
     if let Some(side) = &side {
-        side.synchronize().w()?;
+        side.synchronize()
+            .w()
+            .map_err(at("the kept buffers' allocation"))?;
     }
-    graph.launch().w()?; // warm-up: first replay uploads the graph
+    // Warm-up: the first replay uploads the graph.
+    graph.launch().w().map_err(at("the first replay"))?;
     let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
     let start = stream.record_event(timing).w()?;
     for _ in 0..REPLAYS {
-        graph.launch().w()?;
+        graph.launch().w().map_err(at("a timed replay"))?;
     }
     let end = stream.record_event(timing).w()?;
-    let ms = start.elapsed_ms(&end).w()?;
-    stream.synchronize().w()?; // before the kept outputs go
+    let ms = start.elapsed_ms(&end).w().map_err(at("reading the time"))?;
+    // The kept buffers go once no replay may still run, after the graph, as the step graph
+    // lets them go.
+    stream.synchronize().w().map_err(at("the replays"))?;
+    drop(graph);
+    drop(kept);
     Ok(f64::from(ms) * 1e3 / (REPLAYS * LAUNCHES) as f64)
 }
 
