@@ -1754,7 +1754,8 @@ mod graph_boundary {
     #[test]
     #[ignore = "a measurement on a GPU"]
     fn graph_boundary_cost() {
-        let dev = Device::new_cuda(0).expect("a CUDA device");
+        // Opened as the engine opens it (no per-buffer event tracking).
+        let dev = crate::open_cuda(0).expect("a CUDA device");
         let cuda = dev.as_cuda_device().expect("cuda");
         let stream = cuda.cuda_stream();
         let cols = 4096;

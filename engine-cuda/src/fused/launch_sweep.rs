@@ -291,7 +291,7 @@ fn report(case: &str, us: f64, weight_bytes: usize) {
 #[test]
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh gemv-sweep"]
 fn quant_gemv_launch_sweep() {
-    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let dev = crate::open_cuda(0).expect("a CUDA device");
     let randn = |n: usize| random_row(n, &dev);
     let ctx = cuda_context(&dev);
     println!("format product rows×cols stages blocks/SM: µs per launch, share of 4.4 TB/s");
@@ -396,7 +396,7 @@ fn quant_gemv_launch_sweep() {
 #[test]
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh layer-sweep"]
 fn quant_layer_launch_sweep() {
-    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let dev = crate::open_cuda(0).expect("a CUDA device");
     let randn = |n: usize| random_row(n, &dev);
     let ctx = cuda_context(&dev);
     let layer = &PRODUCTS[..4];
@@ -475,7 +475,7 @@ const DENSE_PRODUCTS: [(&str, usize, usize, bool, bool); 5] = [
 #[ignore = "a measurement aid run by scripts/device/gpu-check.sh gemv-sweep"]
 fn dense_gemv_launch_sweep() {
     use cuda::{DenseGemv, StagedDense};
-    let dev = Device::new_cuda(0).expect("a CUDA device");
+    let dev = crate::open_cuda(0).expect("a CUDA device");
     let randn = |shape: &[usize]| {
         Tensor::randn(0f32, 1f32, shape, &dev)
             .and_then(|t| t.to_dtype(DType::BF16))
