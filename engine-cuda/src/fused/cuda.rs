@@ -1721,7 +1721,6 @@ pub fn sample(
 mod graph_boundary {
     use super::*;
     use crate::fused::graph_edges;
-    use candle_core::Device;
     use candle_core::cuda_backend::cudarc::driver::{CudaGraph, sys};
 
     const CHAIN: usize = 200;
