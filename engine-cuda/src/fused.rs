@@ -313,9 +313,20 @@ const SEQUENTIAL_LAUNCH_TABLE: &str = "q8_0:6144x4096=3x1,q8_0:4096x12288=2x2x16
      q8_0:24576x4096=3x2,q4k:5120x4096=3x1,q4k:4096x4096=2x2x16,q4k:24576x4096=3x2x16,\
      q6k:4096x12288=2x1x16,q4k:4096x12288=4x1x16";
 
-/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset: none while
-/// the decode graph's launches overlap, else [`SEQUENTIAL_LAUNCH_TABLE`]; empty or `none`: no
-/// table): entries
+/// The launch table while the decode graph's launches overlap (the default): the MLP's down
+/// product of an 8B model in the K-quants (Q4_K_M stores it as Q4_K in some layers, Q6_K in
+/// the others) on the wide build (16 warps a block, two blocks per SM): one input prologue per
+/// 16 warps over its 12288-value x. Measured in whole decode steps on the H200 (thirteenth
+/// session, call 9, each setting a process on one machine): Q4_K_M 1.99 → 1.91 ms a token
+/// (502.5 → 522.8 tok/s), same tokens. The launch sweep's whole table (call 8, every weight's
+/// fastest shape launched alone) made Q4_K_M slower (2.21 ms) and moved Q8_0 by 0.7%, within
+/// what machines differ by; Q8_0's down at three stages instead of its four was slower
+/// (2.41 → 2.53 ms, call 3).
+const OVERLAPPING_LAUNCH_TABLE: &str = "q4k:4096x12288=3x2x16,q6k:4096x12288=2x2x16";
+
+/// Launch shapes chosen per weight, from `HELEXA_ENGINE_QUANT_GEMV_LAUNCH` (unset:
+/// [`OVERLAPPING_LAUNCH_TABLE`] while the decode graph's launches overlap, else
+/// [`SEQUENTIAL_LAUNCH_TABLE`]; empty or `none`: no table): entries
 /// `FORMAT:ROWSxCOLS=STAGESxBLOCKS[xWARPS]` separated by commas, e.g. `q8_0:4096x12288=3x3` or
 /// `q8_0:4096x12288=2x2x16` (the weight as stored: a stacked gate/up weight has twice the output
 /// rows; WARPS a block, 8 unless 16 asks for the wide build). A weight without an entry
@@ -327,7 +338,7 @@ fn quant_launch_table() -> &'static [QuantLaunchEntry] {
     TABLE.get_or_init(|| {
         let spec = std::env::var("HELEXA_ENGINE_QUANT_GEMV_LAUNCH").unwrap_or_else(|_| {
             if graph_keep_enabled() {
-                String::new()
+                OVERLAPPING_LAUNCH_TABLE.to_owned()
             } else {
                 SEQUENTIAL_LAUNCH_TABLE.to_owned()
             }
@@ -1204,6 +1215,11 @@ mod cpu_tests {
             parse_quant_launch_table(SEQUENTIAL_LAUNCH_TABLE).map(|t| t.len()),
             Ok(8),
             "the table for launches that do not overlap"
+        );
+        assert_eq!(
+            parse_quant_launch_table(OVERLAPPING_LAUNCH_TABLE).map(|t| t.len()),
+            Ok(2),
+            "the table for overlapping launches"
         );
         for bad in [
             "q8_0:4096x12288=5x3",
