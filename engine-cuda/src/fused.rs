@@ -236,13 +236,15 @@ fn quant_gemv_stages(dtype: GgmlDType, cols: usize) -> usize {
 /// Chunks in flight per warp by block type (the kernel name part): four for Q8_0, two for the
 /// K-quants.
 ///
-/// Measured in whole decode steps on the H200 (thirteenth session, visit 2, step ms @0, with
+/// Measured in whole decode steps on the H200 (thirteenth session, call 2, step ms @0, with
 /// the graph's launches overlapping): every weight at four stages took Q8_0 from 2.49 to
 /// 2.41 ms (400.9 → 414.8 tok/s; @4096 355.5 → 364.3), at three 2.48; Q4_K_M went the other
-/// way, 1.98 → 2.06 ms at four and 2.04 at three; same tokens in all. (Before launches
+/// way, 1.98 → 2.06 ms at four and 2.04 at three; same tokens in all. Most of Q8_0's gain is
+/// its down product's (that one at three stages: 2.53 ms, call 3). (Before launches
 /// overlapped, three and four stages were slower than two for every format: eighth session.)
-/// Q8_0's blocks are the widest read per weight (34 bytes per 32, no shared scale tables to
-/// load first), so its warps have the least work to cover a chunk's latency with.
+/// Why the K-quants do not gain was not measured; a guess: their blocks carry more arithmetic
+/// per byte (scales unpacked per sub-block), which already covers a chunk's latency, while
+/// Q8_0's warps have the least work per byte.
 fn default_quant_gemv_stages(format: &str) -> usize {
     if format == "q8_0" { 4 } else { 2 }
 }

@@ -524,9 +524,9 @@ pub(crate) fn open_cuda(index: u32) -> Result<Device, String> {
         // on each allocation and two on each free, ~4 per kernel at batch 1. A device's work all
         // runs on its worker thread's one stream, so there is nothing to order. (The one other
         // stream, where a captured decode step's kept buffers are allocated and freed, is
-        // synchronised with by hand: `step_graph.rs`.) With tracking on, those buffers'
-        // frees wait on events recorded inside the capture, which the driver refuses
-        // (CUDA_ERROR_INVALID_VALUE, seen in the launch sweeps, thirteenth session).
+        // synchronised with by hand: `step_graph.rs`.) With tracking on, releasing those
+        // buffers failed (CUDA_ERROR_INVALID_VALUE in the launch sweeps, thirteenth session;
+        // their frees would wait on events recorded inside the capture).
         // SAFETY: no buffer of this device is used on another stream unordered (see above).
         unsafe { cuda.disable_event_tracking() };
     }

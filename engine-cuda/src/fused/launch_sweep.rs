@@ -252,8 +252,9 @@ fn time_launches<W>(
     stream.synchronize().w().map_err(at("the replays"))?;
     // An error recorded while releasing (a drop cannot return one) cannot change this timing,
     // since the replays are done: it is printed with its step and taken here, so that the next
-    // capture does not fail on it. (The layer sweep's shapes failed every other time on such
-    // an error before the capture, thirteenth session.)
+    // capture does not fail on it. (With the device opened with cudarc's event tracking on,
+    // every release of the kept buffers failed so, and the next shape with it: thirteenth
+    // session. The sweeps now open it as the engine does.)
     let released = |step: &str| {
         if let Err(e) = stream.context().check_err() {
             println!("  (releasing {step}: {e:?})");
